@@ -1,0 +1,45 @@
+"""The ``facerec`` command: one entry point, one module per sub-command.
+
+Each sub-command module defines ``add_arguments(parser)`` and ``run(args) -> int``. Modules are
+imported only when their sub-command runs, so ``facerec --help`` stays fast and a sub-command's
+heavy imports (torch, cv2) do not slow the others.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# name -> (module, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "demo": ("facerec.cli.demo", "train a small model for a few steps on synthetic data"),
+    "align": ("facerec.cli.align", "detect and align faces of a folder tree into 112x112 crops"),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="facerec",
+        description="facerec: train, evaluate, export and serve face recognition models.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (_, help_text) in COMMANDS.items():
+        sub.add_parser(name, help=help_text, description=help_text)
+    argv = sys.argv[1:] if argv is None else argv
+    # The sub-command is the first bare word; only its module is imported, and it adds its own
+    # arguments before parsing (so `facerec align --help` shows align's options).
+    command = next((a for a in argv if not a.startswith("-")), None)
+    module = None
+    if command in COMMANDS:
+        module = importlib.import_module(COMMANDS[command][0])
+        module.add_arguments(sub.choices[command])
+    args = parser.parse_args(argv)
+    if module is None:
+        parser.print_help()
+        return 2
+    return int(module.run(args) or 0)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
