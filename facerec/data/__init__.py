@@ -1,0 +1,1 @@
+"""Face data: detection, alignment, datasets and the file formats of the field."""
