@@ -1,0 +1,17 @@
+"""Class centres and margins (margins are pure transforms of cosine logits)."""
+
+from facerec.heads.margins import (
+    ArcFace,
+    CosFace,
+    ElasticArcFace,
+    ElasticCosFace,
+    create_margin,
+    list_margins,
+    register_margin,
+)
+from facerec.heads.partial_fc import CentreOutput, PartialFC, shard_bounds
+
+__all__ = [
+    "ArcFace", "CosFace", "ElasticArcFace", "ElasticCosFace", "create_margin", "list_margins",
+    "register_margin", "CentreOutput", "PartialFC", "shard_bounds",
+]
