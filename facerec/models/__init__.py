@@ -5,6 +5,7 @@ from facerec.models.registry import create_model, list_models, register_model
 
 # Importing the backbone modules registers their variants.
 from facerec.models import iresnet as _iresnet  # noqa: E402,F401
+from facerec.models import mobilefacenet as _mobilefacenet  # noqa: E402,F401
 from facerec.models import vit as _vit  # noqa: E402,F401
 
 __all__ = ["FaceOutput", "create_model", "list_models", "register_model"]
