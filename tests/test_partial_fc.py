@@ -70,3 +70,16 @@ def test_bad_arguments_are_refused():
         PartialFC(10, 4, sample_rate=0.0)
     with pytest.raises(ValueError, match="expected embeddings"):
         PartialFC(10, 4)(torch.randn(3, 5), torch.zeros(3, dtype=torch.long))
+
+
+def test_sampling_stream_survives_the_state_dict():
+    centres = PartialFC(500, 4, sample_rate=0.1, seed=3)
+    labels = torch.randint(0, 500, (8,))
+    centres(torch.randn(8, 4), labels)
+    state = centres.state_dict()
+    centres(torch.randn(8, 4), labels)
+    expected = centres.last_sampled
+    resumed = PartialFC(500, 4, sample_rate=0.1, seed=99)
+    resumed.load_state_dict(state)
+    resumed(torch.randn(8, 4), labels)
+    assert torch.equal(resumed.last_sampled, expected)

@@ -12,6 +12,14 @@ from facerec.heads.margins import (
 from facerec.heads.partial_fc import CentreOutput, PartialFC, shard_bounds
 
 __all__ = [
-    "ArcFace", "CosFace", "ElasticArcFace", "ElasticCosFace", "create_margin", "list_margins",
-    "register_margin", "CentreOutput", "PartialFC", "shard_bounds",
+    "ArcFace",
+    "CentreOutput",
+    "CosFace",
+    "ElasticArcFace",
+    "ElasticCosFace",
+    "PartialFC",
+    "create_margin",
+    "list_margins",
+    "register_margin",
+    "shard_bounds",
 ]

@@ -16,36 +16,29 @@ Numerics, which the published code gets wrong (see shared/reference/methods.md):
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
 
-_MARGINS: dict[str, Callable[..., nn.Module]] = {}
+from facerec.registry import Registry
+from facerec.rng import SeededRNG
+
+_MARGINS: Registry[nn.Module] = Registry("margin")
+
+register_margin = _MARGINS.register
+
 
 COS_EPS = 1e-6
 
 
-def register_margin(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
-    if fn.__name__ in _MARGINS:
-        raise ValueError(f"margin {fn.__name__!r} is registered twice")
-    _MARGINS[fn.__name__] = fn
-    return fn
-
-
 def create_margin(name: str, **kwargs) -> nn.Module:
     """Build a registered margin, e.g. ``create_margin("elastic_arcface_plus", s=64.0)``."""
-    try:
-        factory = _MARGINS[name]
-    except KeyError:
-        raise ValueError(
-            f"unknown margin {name!r}; registered margins: {', '.join(sorted(_MARGINS))}"
-        ) from None
-    return factory(**kwargs)
+    return _MARGINS.create(name, **kwargs)
 
 
 def list_margins() -> list[str]:
-    return sorted(_MARGINS)
+    return _MARGINS.names()
 
 
 def arc_target_logit(cos_target: Tensor, margin: Tensor) -> Tensor:
@@ -127,7 +120,7 @@ class CosFace(MarginHead):
     target_transform = staticmethod(cos_target_logit)
 
 
-class _Elastic(MarginHead):
+class _Elastic(MarginHead, SeededRNG):
     """ElasticFace (Boutros et al. 2022): a fresh margin per sample per step from N(m, sigma).
 
     plus=False: margins are assigned to rows at random (the draw order).
@@ -158,31 +151,11 @@ class _Elastic(MarginHead):
         self.sigma = float(sigma)
         self.plus = bool(plus)
         self.official_plus_bug = bool(official_plus_bug)
-        self.seed = int(seed)
-        self._generator: torch.Generator | None = None
-        self._pending_state: Tensor | None = None
-
-    def _rng(self, device: torch.device) -> torch.Generator:
-        if self._generator is None or self._generator.device != device:
-            gen = torch.Generator(device=device)
-            gen.manual_seed(self.seed)
-            if self._pending_state is not None:
-                gen.set_state(self._pending_state)
-                self._pending_state = None
-            self._generator = gen
-        return self._generator
-
-    def get_extra_state(self):
-        state = self._generator.get_state() if self._generator is not None else None
-        return {"generator": state if state is not None else self._pending_state}
-
-    def set_extra_state(self, state) -> None:
-        self._generator = None
-        self._pending_state = state.get("generator") if state else None
+        self.init_rng(seed)
 
     def draw(self, n: int, device: torch.device) -> Tensor:
         """n margins from N(m, sigma) (float32)."""
-        noise = torch.randn(n, generator=self._rng(device), device=device)
+        noise = torch.randn(n, generator=self.generator(device), device=device)
         return self.m + self.sigma * noise
 
     def margins(self, cos_target: Tensor, valid: Tensor) -> Tensor:

@@ -15,7 +15,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from facerec.distributed import all_gather_no_grad, all_gather_with_grad, get_rank, get_world_size
+from facerec.distributed import (
+    all_gather_no_grad,
+    all_gather_with_grad,
+    get_rank,
+    get_world_size,
+)
+from facerec.rng import SeededRNG
 
 
 def shard_bounds(num_classes: int, rank: int, world_size: int) -> tuple[int, int]:
@@ -43,7 +49,7 @@ class CentreOutput:
     local_slice: slice
 
 
-class PartialFC(nn.Module):
+class PartialFC(SeededRNG):
     """Sharded, optionally sampled, class centres (see the module docstring).
 
     The shard is decided at construction from the process group in force then, so build it after
@@ -72,29 +78,9 @@ class PartialFC(nn.Module):
         self.num_local = self.class_end - self.class_start
         self.weight = nn.Parameter(torch.empty(self.num_local, embedding_size))
         nn.init.normal_(self.weight, std=init_std)
-        self.seed = int(seed)
-        self._generator: torch.Generator | None = None
-        self._pending_state: Tensor | None = None
+        # Each rank samples its own shard, so its stream is seeded by the rank too.
+        self.init_rng(int(seed) * 1000003 + self.rank)
         self.last_sampled: Tensor | None = None  # indices into the shard, for inspection
-
-    # --- generator plumbing (same pattern as the ElasticFace margins) ---
-    def _rng(self, device: torch.device) -> torch.Generator:
-        if self._generator is None or self._generator.device != device:
-            gen = torch.Generator(device=device)
-            gen.manual_seed(self.seed * 1000003 + self.rank)
-            if self._pending_state is not None:
-                gen.set_state(self._pending_state)
-                self._pending_state = None
-            self._generator = gen
-        return self._generator
-
-    def get_extra_state(self):
-        state = self._generator.get_state() if self._generator is not None else None
-        return {"generator": state if state is not None else self._pending_state}
-
-    def set_extra_state(self, state) -> None:
-        self._generator = None
-        self._pending_state = state.get("generator") if state else None
 
     def _sample(self, local_labels: Tensor) -> tuple[Tensor | None, Tensor]:
         """Pick the shard's centres to score; return (index or None for all, remapped labels)."""
@@ -106,7 +92,7 @@ class PartialFC(nn.Module):
         positive[local_labels[local_labels >= 0]] = True
         # Positives must all be kept, so the sample grows when the batch has more of them.
         num_sample = max(num_sample, int(positive.sum()))
-        score = torch.rand(self.num_local, generator=self._rng(device), device=device)
+        score = torch.rand(self.num_local, generator=self.generator(device), device=device)
         score = torch.where(positive, torch.full_like(score, 2.0), score)
         index = torch.topk(score, k=num_sample).indices.sort().values
         remapped = torch.searchsorted(index, local_labels.clamp_min(0))

@@ -6,6 +6,11 @@ from facerec.losses.softmax import sharded_cross_entropy
 from facerec.losses.unpg import negatives_logsumexp, unpg_negatives
 
 __all__ = [
-    "FaceRecognitionLoss", "LossOutput", "cr_target", "quality_regression_loss",
-    "sharded_cross_entropy", "negatives_logsumexp", "unpg_negatives",
+    "FaceRecognitionLoss",
+    "LossOutput",
+    "cr_target",
+    "negatives_logsumexp",
+    "quality_regression_loss",
+    "sharded_cross_entropy",
+    "unpg_negatives",
 ]
