@@ -1,0 +1,132 @@
+"""Face alignment to the ArcFace 5-point template.
+
+Every model of the project is trained and served on crops made here, so train and serve cannot
+drift: the template, the transform estimate and the warp are the same code everywhere. The
+numbers reproduce insightface's ``norm_crop`` (``face_align.py``): a least-squares similarity
+transform (Umeyama 1991) from the five detected landmarks to the template, applied with
+``cv2.warpAffine`` and a black border.
+"""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+
+#: ArcFace template for a 112x112 crop, (x, y) in pixels. Order: left eye, right eye, nose tip,
+#: left mouth corner, right mouth corner ("left" = the viewer's left). It is the 96x112 template
+#: of SphereFace/insightface with 8 px added to every x.
+ARCFACE_TEMPLATE = np.array(
+    [
+        [38.2946, 51.6963],
+        [73.5318, 51.5014],
+        [56.0252, 71.7366],
+        [41.5493, 92.3655],
+        [70.7299, 92.2041],
+    ],
+    dtype=np.float64,
+)
+
+#: Identifier stored in the embedding contract; change it whenever the template or the rule for
+#: other sizes changes, so artifacts made with different crops refuse to mix.
+from facerec.contract import ARCFACE_TEMPLATE_112 as TEMPLATE_ID  # noqa: E402
+
+
+def umeyama(src: np.ndarray, dst: np.ndarray, estimate_scale: bool = True) -> np.ndarray:
+    """The 3x3 similarity ``T`` minimising ``sum ||dst_i - T(src_i)||^2`` (rotation, scale, shift).
+
+    Umeyama's closed form: SVD of the cross-covariance. When the best orthogonal map would be a
+    reflection (det < 0), the smallest singular direction is flipped, so the result is always a
+    proper rotation: a mirrored face must not be "aligned" by mirroring it.
+    """
+    src = np.asarray(src, dtype=np.float64)
+    dst = np.asarray(dst, dtype=np.float64)
+    if src.shape != dst.shape or src.ndim != 2 or src.shape[0] < 2:
+        raise ValueError(f"need matching (N>=2, D) point sets, got {src.shape} and {dst.shape}")
+    n, dim = src.shape
+    src_mean, dst_mean = src.mean(axis=0), dst.mean(axis=0)
+    src_c, dst_c = src - src_mean, dst - dst_mean
+    cov = dst_c.T @ src_c / n
+    u, s, vt = np.linalg.svd(cov)
+    d = np.ones(dim)
+    if np.linalg.det(cov) < 0:
+        d[-1] = -1.0
+    rank = np.linalg.matrix_rank(cov)
+    if rank == 0:
+        raise ValueError("degenerate landmarks: all points coincide")
+    if rank == dim - 1:
+        # The sign of the last singular value is undetermined; pick the proper rotation.
+        if np.linalg.det(u) * np.linalg.det(vt) > 0:
+            rot = u @ vt
+        else:
+            flip = d.copy()
+            flip[-1] = -1.0
+            rot = u @ np.diag(flip) @ vt
+    else:
+        rot = u @ np.diag(d) @ vt
+    scale = 1.0
+    if estimate_scale:
+        src_var = src_c.var(axis=0).sum()
+        scale = float((s * d).sum() / src_var)
+    out = np.eye(dim + 1)
+    out[:dim, :dim] = scale * rot
+    out[:dim, dim] = dst_mean - scale * rot @ src_mean
+    return out
+
+
+def template_for_size(size: int = 112) -> np.ndarray:
+    """The template scaled to ``size``, following insightface's rule for other crop sizes.
+
+    Multiples of 112 scale the template; multiples of 128 scale it by size/128 and move it
+    8*size/128 px right, i.e. the 112-wide face sits in the middle of a 128-wide crop.
+    """
+    if size % 112 == 0:
+        ratio, shift_x = size / 112.0, 0.0
+    elif size % 128 == 0:
+        ratio = size / 128.0
+        shift_x = 8.0 * ratio
+    else:
+        raise ValueError(f"crop size must be a multiple of 112 or 128, got {size}")
+    dst = ARCFACE_TEMPLATE * ratio
+    dst[:, 0] += shift_x
+    return dst
+
+
+def estimate_norm(landmarks: np.ndarray, size: int = 112) -> np.ndarray:
+    """The 2x3 affine matrix that maps image pixels to the aligned ``size`` x ``size`` crop."""
+    lmk = np.asarray(landmarks, dtype=np.float64).reshape(5, 2)
+    return umeyama(lmk, template_for_size(size))[:2, :]
+
+
+def norm_crop(image: np.ndarray, landmarks: np.ndarray, size: int = 112) -> np.ndarray:
+    """Warp ``image`` (H, W[, C], any channel order) to the aligned crop, black outside the image."""
+    image = ensure_three_channels(image)
+    matrix = estimate_norm(landmarks, size)
+    return cv2.warpAffine(image, matrix, (size, size), borderValue=0.0)
+
+
+def center_crop(image: np.ndarray, size: int = 112, fraction: float = 0.5) -> np.ndarray:
+    """Fallback when no face is found: a central square ``fraction`` of the shorter side, resized.
+
+    0.5 suits LFW-style images (a face box about 1/2.2 of the side, centred); the result is NOT
+    template-aligned and the align report lists every image that got it.
+    """
+    image = ensure_three_channels(image)
+    h, w = image.shape[:2]
+    side = max(1, round(min(h, w) * fraction))
+    y0, x0 = (h - side) // 2, (w - side) // 2
+    crop = image[y0 : y0 + side, x0 : x0 + side]
+    interp = cv2.INTER_AREA if side > size else cv2.INTER_LINEAR
+    return cv2.resize(crop, (size, size), interpolation=interp)
+
+
+def ensure_three_channels(image: np.ndarray) -> np.ndarray:
+    """Grey (H, W) or (H, W, 1) becomes (H, W, 3); RGBA/BGRA loses alpha. Models take 3 channels."""
+    if image.ndim == 2:
+        return np.repeat(image[:, :, None], 3, axis=2)
+    if image.ndim == 3 and image.shape[2] == 1:
+        return np.repeat(image, 3, axis=2)
+    if image.ndim == 3 and image.shape[2] == 4:
+        return np.ascontiguousarray(image[:, :, :3])
+    if image.ndim == 3 and image.shape[2] == 3:
+        return image
+    raise ValueError(f"not an image: shape {image.shape}")
