@@ -49,7 +49,7 @@ def main() -> None:
         {
             "total": out.total.detach(), "classification": out.classification.detach(),
             "quality": out.quality.detach(), "quality_target": out.quality_target,
-            "num_negatives": out.num_negatives, "embedding_grad": emb.grad,
+            "num_negatives": int(out.num_negatives), "embedding_grad": emb.grad,
             "quality_grad": q.grad, "weight_grad": loss.centres.weight.grad,
             "shard": (start, end), "local": (local.start, local.stop),
         },

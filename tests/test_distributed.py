@@ -58,7 +58,7 @@ def test_two_ranks_equal_one_process(tmp_path):
         torch.testing.assert_close(r["total"], out.total.detach(), rtol=1e-12, atol=1e-12)
         torch.testing.assert_close(r["classification"], out.classification.detach())
         torch.testing.assert_close(r["quality"], out.quality.detach())
-        assert r["num_negatives"] == out.num_negatives
+        assert r["num_negatives"] == int(out.num_negatives)
         torch.testing.assert_close(r["quality_target"], out.quality_target[lo:hi])
         torch.testing.assert_close(r["embedding_grad"], emb.grad[lo:hi], rtol=1e-10, atol=1e-12)
         torch.testing.assert_close(r["quality_grad"], q.grad[lo:hi], rtol=1e-10, atol=1e-12)

@@ -92,7 +92,7 @@ def run(args: argparse.Namespace) -> int:
             cr = (f"{losses.quality_target.mean().item():8.3f}"
                   if losses.quality_target is not None else f"{'-':>8}")
             print(f"{step:5d} {losses.total.item():9.3f} {losses.classification.item():9.3f} "
-                  f"{q} {cr} {losses.num_negatives:7d} {rate:7.1f}")
+                  f"{q} {cr} {int(losses.num_negatives):7d} {rate:7.1f}")
     first, last = sum(history[:5]) / 5, sum(history[-5:]) / 5
     print(f"classification loss: first 5 steps {first:.3f} -> last 5 steps {last:.3f}")
     return 0

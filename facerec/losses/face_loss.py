@@ -23,7 +23,7 @@ from facerec.losses.softmax import (
     sharded_cross_entropy,
     sum_across_ranks,
 )
-from facerec.losses.unpg import negatives_logsumexp, unpg_negatives
+from facerec.losses.unpg import unpg_logsumexp
 
 
 @dataclass
@@ -32,7 +32,7 @@ class LossOutput:
     classification: Tensor
     quality: Tensor | None
     quality_target: Tensor | None  # (B,) CR target of the local rows, detached
-    num_negatives: int  # UNPG pairs kept after the fences (0 when UNPG is off)
+    num_negatives: Tensor | int  # UNPG pairs kept (a device tensor: no host sync); 0 when off
 
 
 class FaceRecognitionLoss(nn.Module):
@@ -76,9 +76,10 @@ class FaceRecognitionLoss(nn.Module):
         extra = None
         num_negatives = 0
         if self.unpg:
-            negatives = unpg_negatives(out.embeddings, out.labels, whisker=self.unpg_whisker)
-            num_negatives = int(negatives.numel())
-            extra = replicated_scalar_grad(negatives_logsumexp(negatives, self.margin.s))
+            extra, num_negatives = unpg_logsumexp(
+                out.embeddings, out.labels, self.margin.s, whisker=self.unpg_whisker
+            )
+            extra = replicated_scalar_grad(extra)
         per_row = sharded_cross_entropy(logits, out.local_labels, valid, extra)
         num_valid = valid.sum().clamp_min(1)
         classification = per_row.sum() / num_valid
