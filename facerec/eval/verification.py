@@ -1,0 +1,202 @@
+"""Verification metrics from pair scores: k-fold accuracy, ROC and TAR at FAR.
+
+Scores are similarities (higher = more likely the same person); a pair is accepted when its score
+is strictly above the threshold. Everything here works on numpy arrays of scores and boolean
+labels, so any embedding model, pair list or fusion rule can feed it.
+
+k-fold accuracy follows the LFW rule: the threshold used on fold k is the one that maximises
+accuracy on all the *other* folds, so no fold is scored with a threshold fitted on itself.
+TAR at FAR picks, for each target FAR, the threshold that lets through at most that fraction of
+impostors. With N impostors the smallest FAR that means anything is 1/N; a target below that is
+reported as unsupported rather than silently as a number.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+
+
+def cosine_scores(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Row-wise cosine similarity of two (N, D) arrays (they need not be normalised)."""
+    a = np.asarray(a, dtype=np.float64)
+    b = np.asarray(b, dtype=np.float64)
+    a = a / np.maximum(np.linalg.norm(a, axis=1, keepdims=True), 1e-12)
+    b = b / np.maximum(np.linalg.norm(b, axis=1, keepdims=True), 1e-12)
+    return np.sum(a * b, axis=1)
+
+
+def _check(scores, labels) -> tuple[np.ndarray, np.ndarray]:
+    scores = np.asarray(scores, dtype=np.float64).ravel()
+    labels = np.asarray(labels, dtype=bool).ravel()
+    if scores.shape != labels.shape:
+        raise ValueError(f"{scores.shape[0]} scores for {labels.shape[0]} labels")
+    if scores.size == 0:
+        raise ValueError("no pairs")
+    if not np.all(np.isfinite(scores)):
+        raise ValueError("scores contain NaN or inf")
+    return scores, labels
+
+
+def best_threshold(scores, labels) -> tuple[float, float]:
+    """(threshold, accuracy) maximising accuracy of ``score > threshold`` on these pairs.
+
+    All distinct cut points are tried at once from cumulative counts (O(N log N)). The threshold
+    is the midpoint between neighbouring distinct scores, so it generalises to unseen pairs
+    rather than sitting exactly on a training score.
+    """
+    scores, labels = _check(scores, labels)
+    order = np.argsort(scores, kind="stable")
+    s, y = scores[order], labels[order]
+    distinct = np.r_[np.nonzero(np.diff(s))[0], s.size - 1]  # last index of each distinct value
+    # Cutting after index i rejects s[:i+1]: correct = negatives at or below + positives above.
+    neg_below = np.cumsum(~y)[distinct]
+    pos_above = y.sum() - np.cumsum(y)[distinct]
+    correct = np.r_[y.sum(), neg_below + pos_above]  # first entry: threshold below every score
+    best = int(np.argmax(correct))
+    if best == 0:
+        threshold = s[0] - 1e-6
+    else:
+        i = distinct[best - 1]
+        threshold = s[i] if i + 1 >= s.size else 0.5 * (s[i] + s[i + 1])
+    return float(threshold), float(correct[best] / s.size)
+
+
+@dataclass
+class KFoldResult:
+    accuracies: np.ndarray  # (K,) accuracy on each fold with the threshold of the other folds
+    thresholds: np.ndarray  # (K,)
+
+    @property
+    def mean(self) -> float:
+        return float(self.accuracies.mean())
+
+    @property
+    def std(self) -> float:
+        return float(self.accuracies.std())
+
+    def __str__(self) -> str:
+        return f"{100 * self.mean:.2f}% ± {100 * self.std:.2f} ({len(self.accuracies)} folds)"
+
+
+def contiguous_folds(num_pairs: int, num_folds: int) -> np.ndarray:
+    """Fold id per pair for pairs listed fold after fold (LFW ``pairs.txt`` order)."""
+    if not 2 <= num_folds <= num_pairs:
+        raise ValueError(f"need 2 <= folds <= pairs, got {num_folds} folds for {num_pairs} pairs")
+    return (np.arange(num_pairs) * num_folds) // num_pairs
+
+
+def kfold_accuracy(scores, labels, folds: int | Sequence[int] = 10) -> KFoldResult:
+    """Accuracy per fold with the threshold chosen on the other folds.
+
+    ``folds`` is either a number of contiguous folds, or a fold id per pair (e.g. ``Pair.fold``).
+    """
+    scores, labels = _check(scores, labels)
+    fold_ids = contiguous_folds(scores.size, folds) if isinstance(folds, int) else np.asarray(folds)
+    if fold_ids.shape != scores.shape:
+        raise ValueError("one fold id per pair is needed")
+    names = np.unique(fold_ids)
+    if names.size < 2:
+        raise ValueError("k-fold accuracy needs at least two folds")
+    accuracies, thresholds = [], []
+    for k in names:
+        test = fold_ids == k
+        threshold, _ = best_threshold(scores[~test], labels[~test])
+        accuracies.append(np.mean((scores[test] > threshold) == labels[test]))
+        thresholds.append(threshold)
+    return KFoldResult(np.asarray(accuracies, dtype=np.float64), np.asarray(thresholds))
+
+
+def roc_curve(scores, labels) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(far, tar, thresholds): one point per distinct score, thresholds descending.
+
+    Point i accepts the pairs with ``score >= thresholds[i]`` (equivalently ``> `` the next lower
+    distinct score). A first point (0, 0) at +inf is included so curves start at the origin.
+    """
+    scores, labels = _check(scores, labels)
+    num_pos, num_neg = int(labels.sum()), int((~labels).sum())
+    if num_pos == 0 or num_neg == 0:
+        raise ValueError("a ROC needs both genuine and impostor pairs")
+    order = np.argsort(-scores, kind="stable")
+    s, y = scores[order], labels[order]
+    last = np.r_[np.nonzero(np.diff(s))[0], s.size - 1]
+    tar = np.r_[0.0, np.cumsum(y)[last] / num_pos]
+    far = np.r_[0.0, np.cumsum(~y)[last] / num_neg]
+    return far, tar, np.r_[np.inf, s[last]]
+
+
+@dataclass
+class TarAtFar:
+    far: float  # the target
+    tar: float  # NaN when unsupported
+    threshold: float  # accept score > threshold
+    achieved_far: float
+    supported: bool  # False when the target is below 1 / number of impostors
+    num_impostors: int
+
+    def __str__(self) -> str:
+        if not self.supported:
+            return f"TAR@FAR={self.far:g}: unsupported ({self.num_impostors} impostors)"
+        return f"TAR@FAR={self.far:g}: {100 * self.tar:.2f}%"
+
+
+def min_supported_far(num_impostors: int) -> float:
+    return math.inf if num_impostors == 0 else 1.0 / num_impostors
+
+
+def tar_at_far(genuine, impostor, fars: Sequence[float] = (1e-1, 1e-2, 1e-3, 1e-4)) -> list[TarAtFar]:
+    """TAR at each target FAR from genuine and impostor score arrays.
+
+    The threshold is the k-th highest impostor score with k = floor(far * N) + 1, so at most
+    floor(far * N) impostors score above it (ties at the threshold are rejected, never accepted,
+    so the achieved FAR never exceeds the target).
+    """
+    genuine = np.asarray(genuine, dtype=np.float64).ravel()
+    impostor = np.sort(np.asarray(impostor, dtype=np.float64).ravel())[::-1]
+    if genuine.size == 0:
+        raise ValueError("no genuine scores")
+    n = impostor.size
+    out = []
+    for far in fars:
+        allowed = int(math.floor(far * n + 1e-9))  # impostors allowed above the threshold
+        supported = n > 0 and allowed >= 1 and far < 1
+        if n == 0 or allowed >= n:
+            threshold = -math.inf
+        else:
+            threshold = float(impostor[allowed])
+        achieved = float(np.mean(impostor > threshold)) if n else math.nan
+        tar = float(np.mean(genuine > threshold)) if supported else math.nan
+        out.append(TarAtFar(float(far), tar, threshold, achieved, bool(supported), n))
+    return out
+
+
+@dataclass
+class VerificationResult:
+    """Everything a training run logs about one validation set."""
+
+    kfold: KFoldResult
+    tar: list[TarAtFar] = field(default_factory=list)
+    num_genuine: int = 0
+    num_impostors: int = 0
+
+    def as_dict(self, prefix: str = "") -> dict[str, float]:
+        out = {f"{prefix}accuracy": self.kfold.mean, f"{prefix}accuracy_std": self.kfold.std}
+        for t in self.tar:
+            if t.supported:
+                out[f"{prefix}tar@far={t.far:g}"] = t.tar
+        return out
+
+
+def evaluate_pairs(
+    scores, labels, folds: int | Sequence[int] = 10, fars: Sequence[float] = (1e-2, 1e-3)
+) -> VerificationResult:
+    scores, labels = _check(scores, labels)
+    return VerificationResult(
+        kfold=kfold_accuracy(scores, labels, folds),
+        tar=tar_at_far(scores[labels], scores[~labels], fars),
+        num_genuine=int(labels.sum()),
+        num_impostors=int((~labels).sum()),
+    )

@@ -1,0 +1,169 @@
+"""Trainer tests: configs, schedules, the NaN guard, the stored config, and 2-process DDP on CPU."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from training.config import Config, apply_override, load_config
+from training.schedule import WarmupDecay
+
+pytestmark = pytest.mark.timeout(180)
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from test_checkpoint_resume import run_training, write_run_files  # noqa: E402
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# ---------------------------------------------------------------- config
+def test_overrides_are_typed_and_unknown_keys_fail(tmp_path):
+    base = tmp_path / "base.yaml"
+    base.write_text("optim: {lr: 0.1}\ndata: {batch_size: 32}\n")
+    child = tmp_path / "child.yaml"
+    child.write_text("base: base.yaml\ndata: {workers: 0}\n")
+    cfg = load_config(child, ["optim.lr=0.05", "loss.unpg=true", "data.identity_range=[0, 10]"])
+    assert cfg.optim.lr == 0.05 and cfg.loss.unpg is True
+    assert cfg.data.batch_size == 32 and cfg.data.workers == 0 and cfg.data.identity_range == (0, 10)
+    with pytest.raises(Exception):
+        load_config(child, ["optim.lrr=0.05"])
+    with pytest.raises(ValueError):
+        apply_override({}, "optim.lr")
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in (REPO / "training" / "configs").glob("*.yaml")))
+def test_shipped_configs_validate(name):
+    from training.__main__ import config_path
+
+    cfg = load_config(config_path(name))
+    assert isinstance(cfg, Config)
+    assert Config.model_validate(__import__("yaml").safe_load(cfg.to_yaml())) == cfg
+
+
+def test_schedule_warmup_then_decay():
+    poly = WarmupDecay(total_steps=100, warmup_steps=10, kind="poly", power=2.0)
+    assert 0 < poly(0) < poly(5) < poly(9) < 1.0
+    assert poly(10) == pytest.approx(1.0) and poly(100) == pytest.approx(0.0)
+    cosine = WarmupDecay(total_steps=100, warmup_steps=0, kind="cosine", min_ratio=0.1)
+    assert cosine(0) == pytest.approx(1.0) and cosine(50) == pytest.approx(0.1 + 0.9 * 0.5)
+    assert cosine(100) == pytest.approx(0.1)
+
+
+def test_no_weight_decay_on_norms_biases_and_tokens():
+    from facerec.losses import FaceRecognitionLoss
+    from facerec.models import create_model
+    from training.optim import param_groups
+
+    model = create_model("vit_tiny_fiqa", depth=1)
+    groups = {g["name"]: g for g in param_groups(model, FaceRecognitionLoss(4, 512), 0.05)}
+    exempt = {id(p) for p in groups["backbone_no_decay"]["params"]}
+    for name, p in model.named_parameters():
+        expected = p.ndim <= 1 or name in model.no_weight_decay()
+        assert (id(p) in exempt) == expected, name
+    assert groups["centres"]["weight_decay"] == 0.05
+
+
+# ---------------------------------------------------------------- in-process trainer
+def make_trainer(tmp_path, **sections):
+    from training.trainer import Trainer
+
+    config_file = write_run_files(tmp_path, **sections)
+    sys.path.insert(0, str(tmp_path))
+    cfg = load_config(config_file, [f"run_dir={tmp_path / 'run'}"])
+    return Trainer(cfg)
+
+
+def test_nan_guard_skips_bad_steps_and_stops(tmp_path, monkeypatch):
+    from training.trainer import NonFiniteError
+
+    trainer = make_trainer(tmp_path, train={"nan_patience": 3, "log_every": 1},
+                           val={"kind": "none"})
+    before = {k: v.clone() for k, v in trainer.raw_model.state_dict().items()}
+    forward = trainer.model.forward
+
+    def poisoned(x):
+        out = forward(x)
+        out.embedding = out.embedding * float("nan")
+        return out
+
+    monkeypatch.setattr(trainer.model, "forward", poisoned)
+    with pytest.raises(NonFiniteError, match="3 consecutive"):
+        trainer.fit()
+    for k, v in trainer.raw_model.state_dict().items():  # every bad step was skipped
+        assert torch.equal(v, before[k]), k
+    momentum = [s.get("momentum_buffer") for s in trainer.optimizer.state.values()]
+    assert all(m is None or not torch.isnan(m).any() for m in momentum)
+
+
+def test_resolved_config_is_stored_and_reloads_the_same_model(tmp_path):
+    import yaml
+
+    from facerec.models import create_model
+
+    trainer = make_trainer(tmp_path, train={"epochs": 1}, val={"kind": "none"})
+    trainer.fit()
+    ckpt = tmp_path / "run" / "checkpoints" / "step_00000006"
+    cfg = Config.model_validate(yaml.safe_load((ckpt / "config.yaml").read_text()))
+    assert cfg == trainer.cfg
+    state = torch.load(ckpt / "model.pt", weights_only=True)
+    model = create_model(cfg.model.name, **cfg.model.kwargs).eval()
+    model.load_state_dict(state["model"])
+    x = torch.randn(2, 3, 112, 112)
+    trainer.raw_model.eval()
+    with torch.no_grad():
+        assert torch.equal(model(x).embedding, trainer.raw_model(x).embedding)
+
+
+def test_training_learns_on_synthetic_faces(tmp_path):
+    trainer = make_trainer(tmp_path, data={"num_classes": 4, "images_per_class": 16},
+                           loss={"unpg": False, "sample_rate": 1.0, "margin": "arcface"},
+                           optim={"lr": 0.1}, train={"epochs": 4, "log_every": 8})
+    summary = trainer.fit()
+    assert summary["step"] == 32 and summary["best"] is not None and summary["best"] > 0.7
+    log = (tmp_path / "run" / "log.jsonl").read_text()
+    assert '"kind": "train"' in log and '"kind": "val"' in log
+
+
+# ---------------------------------------------------------------- 2-process DDP on CPU
+def test_two_process_ddp_equals_one_process_on_the_concatenated_batch(tmp_path):
+    """torchrun with 2 gloo processes (batch 4 each) == 1 process with batch 8, after 2 steps:
+    proves the gradient-SUM hook, the sharded centres and the global-norm clipping."""
+    sections = dict(loss={"sample_rate": 1.0}, val={"kind": "none"},
+                    train={"max_steps": 2, "deterministic": False, "checkpoint_every": 100})
+    single = write_run_files(tmp_path, data={"batch_size": 8}, **sections)
+    run_training(tmp_path, single, tmp_path / "one")
+    ddp_dir = tmp_path / "ddp"
+    ddp_dir.mkdir()
+    double = write_run_files(ddp_dir, data={"batch_size": 4}, **sections)
+    env = dict(os.environ, OMP_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join([str(ddp_dir), str(REPO), os.environ.get("PYTHONPATH", "")]))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+           "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
+           "-m", "training", "--config", str(double), "--run-dir", str(tmp_path / "two")]
+    proc = subprocess.run(cmd, cwd=ddp_dir, env=env, capture_output=True, text=True, timeout=150)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+
+    one = tmp_path / "one" / "checkpoints" / "step_00000002"
+    two = tmp_path / "two" / "checkpoints" / "step_00000002"
+    m1 = torch.load(one / "model.pt", weights_only=True)["model"]
+    m2 = torch.load(two / "model.pt", weights_only=True)["model"]
+    start = torch.load(tmp_path / "one" / "checkpoints" / "step_00000002" / "rank0.pt", weights_only=True)
+    for k in m1:
+        torch.testing.assert_close(m2[k], m1[k], rtol=1e-5, atol=1e-6, msg=k)
+    full = start["loss"]["centres.weight"]
+    shards = [torch.load(two / f"rank{r}.pt", weights_only=True)["loss"]["centres.weight"] for r in (0, 1)]
+    assert shards[0].shape[0] == 3 and shards[1].shape[0] == 3  # 6 classes split over 2 ranks
+    torch.testing.assert_close(torch.cat(shards), full, rtol=1e-5, atol=1e-6)
+    # The step moved the weights (so the comparison is not of two untouched inits).
+    assert any(not torch.equal(m1[k], m2[k] * 0 + m1[k].mean()) for k in m1)

@@ -1,0 +1,186 @@
+"""Typed training configuration: pydantic models loaded from YAML, plus command-line overrides.
+
+A run is described by one YAML file (``training/configs/*.yaml``), optionally on top of a base
+(``base: other.yaml``, resolved relative to the file), and ``--set section.key=value`` overrides
+whose values are parsed as YAML (``--set optim.lr=0.05 --set loss.unpg=true``). Unknown keys are
+errors, so a typo never silently trains the default. The *resolved* config is written next to
+every checkpoint, so a checkpoint always says exactly how it was made.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+
+class ModelConfig(_Strict):
+    name: str = "mobilefacenet"
+    kwargs: dict[str, Any] = Field(default_factory=dict)  # create_model overrides
+    # Modules imported before the model is built, so plugins (or tests) can register backbones.
+    imports: list[str] = Field(default_factory=list)
+    channels_last: Optional[bool] = None  # None: on for CNNs on CUDA
+    compile: bool = False  # torch.compile the backbone (the loss has data-dependent shapes)
+    grad_checkpointing: bool = False
+    sync_bn: bool = False
+    find_unused_parameters: bool = False  # DDP: needed only if some parameters get no gradient
+
+
+class LossConfig(_Strict):
+    margin: str = "arcface"
+    margin_kwargs: dict[str, Any] = Field(default_factory=dict)
+    sample_rate: float = 1.0  # Partial FC
+    unpg: bool = False
+    unpg_whisker: float = 1.5
+    quality_weight: float = 10.0
+    quality_beta: float = 0.5
+
+
+class OptimConfig(_Strict):
+    name: Literal["sgd", "adamw"] = "sgd"
+    lr: float = 0.1
+    momentum: float = 0.9
+    nesterov: bool = False
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    weight_decay: float = 5e-4
+    fused: Optional[bool] = None  # None: fused when this torch supports it on the device
+    clip_grad_norm: Optional[float] = 5.0  # None or 0: no clipping
+
+
+class ScheduleConfig(_Strict):
+    kind: Literal["poly", "cosine", "constant"] = "poly"
+    warmup_steps: int = 0
+    warmup_epochs: float = 0.0  # added to warmup_steps once the epoch length is known
+    power: float = 2.0  # poly decay exponent
+    min_lr_ratio: float = 0.0  # floor as a fraction of the peak lr
+
+
+class DataConfig(_Strict):
+    # synthetic: generated images (tests, smoke runs); folder: <root>/<identity>/<image>;
+    # rec: insightface train.rec; pool: the shared-data training pool of the protocol.
+    kind: Literal["synthetic", "folder", "rec", "pool"] = "synthetic"
+    path: Optional[str] = None  # folder/.rec path; data root for 'pool' (default FACEREC_DATA)
+    manifest: Optional[str] = None  # folder: manifest.csv to use (default <path>/manifest.csv if present)
+    pool_sources: list[str] = Field(default_factory=lambda: ["lfw", "celeba", "yaleb", "orl", "yale"])
+    identity_range: Optional[tuple[int, int]] = None  # [start, end) of sorted identities to train on
+    min_images_per_identity: int = 1
+    batch_size: int = 128  # per process
+    workers: int = 4
+    prefetch_factor: int = 2
+    flip: bool = True
+    photometric: float = 0.0
+    center_crop: Optional[int] = None  # crop of unaligned images (e.g. 150 for 250x250 LFW) before resize
+    # synthetic data
+    num_classes: int = 16
+    images_per_class: int = 8
+    noise: float = 0.35
+
+
+class ValidationConfig(_Strict):
+    # lfw_fold: the protocol's validation pairs (LFW fold 5); bin: an insightface .bin;
+    # folder_pairs: all pairs over an identity-folder range; synthetic: pairs of synthetic identities.
+    kind: Literal["none", "lfw_fold", "bin", "folder_pairs", "synthetic"] = "none"
+    path: Optional[str] = None  # .bin file, image folder, or the LFW image root (aligned or not)
+    data_root: Optional[str] = None  # for lfw_fold: where lfw/pairs.txt lives (default FACEREC_DATA)
+    identity_range: Optional[tuple[int, int]] = None
+    max_pairs: int = 20000
+    center_crop: Optional[int] = None
+    every_steps: int = 0  # 0: at the end of every epoch only
+    flip: bool = True  # add the embedding of the mirrored image
+    batch_size: int = 128
+    folds: int = 10
+    fars: list[float] = Field(default_factory=lambda: [1e-2, 1e-3])
+    metric: str = "accuracy"  # a key of VerificationResult.as_dict(), e.g. 'tar@far=0.01'
+    patience: int = 0  # stop after this many validations without improvement (0: never)
+
+
+class TrainConfig(_Strict):
+    epochs: int = 20
+    max_steps: Optional[int] = None  # stop earlier than epochs (counts optimiser steps)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    amp: Literal["auto", "off", "bf16", "fp16"] = "auto"  # auto: bf16 on CUDA that has it, else off
+    seed: int = 0
+    deterministic: bool = False
+    log_every: int = 50
+    checkpoint_every: int = 1000  # steps; a checkpoint is also written at the end of every epoch
+    keep_checkpoints: int = 2
+    nan_patience: int = 5  # stop after this many consecutive non-finite steps
+    progress: bool = True
+
+
+class Config(_Strict):
+    run_dir: str = "runs/default"
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    loss: LossConfig = Field(default_factory=LossConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    val: ValidationConfig = Field(default_factory=ValidationConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+
+    @model_validator(mode="after")
+    def _check(self) -> "Config":
+        if self.data.batch_size < 1:
+            raise ValueError("data.batch_size must be >= 1")
+        if self.data.kind in ("folder", "rec") and not self.data.path:
+            raise ValueError(f"data.path is required for data.kind={self.data.kind!r}")
+        return self
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def _deep_merge(base: dict, top: dict) -> dict:
+    out = dict(base)
+    for key, value in top.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def load_yaml_tree(path: str | Path) -> dict:
+    """A YAML file with its ``base:`` chain merged underneath (bases resolved beside the file)."""
+    path = Path(path)
+    data = yaml.safe_load(path.read_text()) or {}
+    base = data.pop("base", None)
+    if base:
+        data = _deep_merge(load_yaml_tree(path.parent / base), data)
+    return data
+
+
+def apply_override(tree: dict, assignment: str) -> dict:
+    """``'optim.lr=0.05'`` -> tree with that leaf set; the value is parsed as YAML."""
+    if "=" not in assignment:
+        raise ValueError(f"override {assignment!r} is not key=value")
+    key, raw = assignment.split("=", 1)
+    value = yaml.safe_load(raw) if raw.strip() else None
+    node = tree
+    parts = key.strip().split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ValueError(f"override {assignment!r}: {part!r} is not a section")
+    node[parts[-1]] = value
+    return tree
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    tree = load_yaml_tree(path) if path else {}
+    for assignment in overrides:
+        tree = apply_override(tree, assignment)
+    return Config.model_validate(tree)
+
+
+def save_config(config: Config, path: str | Path) -> None:
+    from training.checkpoint import atomic_write_bytes
+
+    atomic_write_bytes(Path(path), config.to_yaml().encode())

@@ -1,0 +1,185 @@
+"""Training data for the trainer: datasets from the config and a resumable, rank-aware sampler.
+
+Exact resume needs the data stream to be a pure function of (seed, epoch, position), whatever
+the number of workers or where the run stopped. So the sampler hands out (index, sample seed)
+pairs and :class:`SeededDataset` reseeds torch's generator with that seed before the transform
+runs: augmentation no longer depends on which worker got the sample or on how many samples that
+worker decoded before. The sampler's position is a single integer, saved in checkpoints.
+
+The global batch of step t is ``perm[t*G:(t+1)*G]`` (G = per-rank batch x world size) and rank r
+takes the r-th contiguous slice, so N processes see exactly the batch one process would see with
+batch G: that is what makes the multi-process equivalence test possible.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from facerec.data.datasets import FolderDataset, RecDataset, TrainTransform
+from facerec.data.folders import MANIFEST_NAME, Sample, build_samples, read_manifest
+
+_SEED_STRIDE = 1 << 32
+
+
+def _worker_init(_: int) -> None:
+    # One process per worker already uses the cores; nested thread pools only oversubscribe them.
+    import cv2
+
+    cv2.setNumThreads(1)
+    torch.set_num_threads(1)
+
+
+class ResumableBatchSampler(Sampler[list[tuple[int, int]]]):
+    def __init__(self, num_samples: int, batch_size: int, rank: int = 0, world_size: int = 1,
+                 seed: int = 0, shuffle: bool = True):
+        global_batch = batch_size * world_size
+        if num_samples < global_batch:
+            raise ValueError(f"{num_samples} samples cannot fill one global batch of {global_batch}")
+        self.num_samples, self.batch_size = num_samples, batch_size
+        self.rank, self.world_size, self.seed, self.shuffle = rank, world_size, seed, shuffle
+        self.steps_per_epoch = num_samples // global_batch  # the remainder is dropped
+        self.epoch, self.start_step = 0, 0
+
+    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
+        """Iterate ``epoch`` from its ``start_step``-th batch (a resumed, part-done epoch)."""
+        self.epoch, self.start_step = epoch, start_step
+
+    def __len__(self) -> int:
+        return self.steps_per_epoch - self.start_step
+
+    def _order(self) -> torch.Tensor:
+        if not self.shuffle:
+            return torch.arange(self.num_samples)
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        return torch.randperm(self.num_samples, generator=g)
+
+    def __iter__(self):
+        order = self._order().tolist()
+        base = self.seed * _SEED_STRIDE + self.epoch * self.num_samples
+        g = self.batch_size * self.world_size
+        for step in range(self.start_step, self.steps_per_epoch):
+            first = step * g + self.rank * self.batch_size
+            yield [(order[p], base + p) for p in range(first, first + self.batch_size)]
+
+
+class SeededDataset(Dataset):
+    """Wraps a dataset so item ``(index, seed)`` is drawn with torch's generator seeded by ``seed``."""
+
+    def __init__(self, base: Dataset):
+        self.base = base
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, item):
+        index, seed = item
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed % (1 << 63))
+            return self.base[index]
+
+
+class SyntheticFaces(Dataset):
+    """Identity = a smooth random image (made from the class id); each draw adds noise, a shift
+    and a flip from torch's generator. Lazy, so 100k classes cost no memory."""
+
+    def __init__(self, num_classes: int, images_per_class: int, noise: float = 0.35,
+                 seed: int = 0, class_offset: int = 0, size: int = 112):
+        self.num_classes, self.images_per_class = num_classes, images_per_class
+        self.noise, self.seed, self.offset, self.size = noise, seed, class_offset, size
+
+    def __len__(self) -> int:
+        return self.num_classes * self.images_per_class
+
+    def prototype(self, label: int) -> torch.Tensor:
+        g = torch.Generator().manual_seed(self.seed * 7919 + label + self.offset)
+        coarse = torch.randn(1, 3, 14, 14, generator=g)
+        return F.interpolate(coarse, size=(self.size, self.size), mode="bilinear", align_corners=False)[0]
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        label = index % self.num_classes
+        image = self.prototype(label) + self.noise * torch.randn(3, self.size, self.size)
+        shift = torch.randint(-4, 5, (2,)).tolist()
+        image = torch.roll(image, shifts=shift, dims=(1, 2))
+        if torch.rand(()) < 0.5:
+            image = image.flip(2)
+        return F.hardtanh(image), label
+
+
+def center_crop(image: np.ndarray, size: int | None) -> np.ndarray:
+    if not size:
+        return image
+    h, w = image.shape[:2]
+    size = min(size, h, w)
+    top, left = (h - size) // 2, (w - size) // 2
+    return image[top : top + size, left : left + size]
+
+
+class CropThen:
+    """Centre crop (for unaligned, roughly centred faces such as LFW deep-funneled), then ``inner``."""
+
+    def __init__(self, inner, crop: int | None):
+        self.inner, self.crop = inner, crop
+
+    def __call__(self, image: np.ndarray) -> torch.Tensor:
+        return self.inner(center_crop(image, self.crop))
+
+
+def select_identities(samples: list[Sample], identity_range=None, min_images: int = 1) -> list[Sample]:
+    """Keep a [start, end) range of the sorted identities with enough images; labels renumbered."""
+    names = sorted({s.identity for s in samples})
+    if identity_range is not None:
+        names = names[identity_range[0] : identity_range[1]]
+    counts: dict[str, int] = {}
+    for s in samples:
+        counts[s.identity] = counts.get(s.identity, 0) + 1
+    names = [n for n in names if counts.get(n, 0) >= min_images]
+    labels = {n: i for i, n in enumerate(names)}
+    return [Sample(s.path, labels[s.identity], s.identity, s.sha1) for s in samples if s.identity in labels]
+
+
+def folder_samples(root: str, manifest: str | None = None) -> list[Sample]:
+    """Samples of an identity-folder tree: from its manifest when there is one, else a fresh scan
+    (never written into the data folder, which may be read-only or part of a checkout)."""
+    path = Path(manifest) if manifest else Path(root) / MANIFEST_NAME
+    return read_manifest(path) if path.exists() else build_samples(root)
+
+
+def pool_samples(root: str | None, sources) -> list[Sample]:
+    from facerec.data.protocol import pool_images
+
+    items = pool_images(root, tuple(sources))
+    return [Sample(str(path), 0, ident) for path, ident in items]
+
+
+def build_dataset(cfg, seed: int) -> Dataset:
+    """The training dataset of ``cfg`` (a DataConfig); ``.num_classes`` is set on it."""
+    transform = CropThen(TrainTransform(flip_p=0.5 if cfg.flip else 0.0, photometric=cfg.photometric),
+                         cfg.center_crop)
+    if cfg.kind == "synthetic":
+        return SyntheticFaces(cfg.num_classes, cfg.images_per_class, cfg.noise, seed)
+    if cfg.kind == "rec":
+        return RecDataset(cfg.path, transform)
+    if cfg.kind == "folder":
+        samples = folder_samples(cfg.path, cfg.manifest)
+        root = cfg.path
+    else:  # pool: absolute paths from the protocol, so the root is '/'
+        samples = pool_samples(cfg.path, cfg.pool_sources)
+        root = Path(samples[0].path).anchor if samples else "/"
+    samples = select_identities(samples, cfg.identity_range, cfg.min_images_per_identity)
+    if not samples:
+        raise ValueError("no training images left after identity selection")
+    return FolderDataset(root, transform, samples=samples)
+
+
+def build_loader(dataset: Dataset, sampler: ResumableBatchSampler, cfg, pin_memory: bool) -> DataLoader:
+    kwargs = {}
+    if cfg.workers > 0:
+        kwargs = dict(persistent_workers=True, prefetch_factor=cfg.prefetch_factor,
+                      worker_init_fn=_worker_init)
+    return DataLoader(SeededDataset(dataset), batch_sampler=sampler, num_workers=cfg.workers,
+                      pin_memory=pin_memory, **kwargs)

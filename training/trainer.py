@@ -1,0 +1,335 @@
+"""The training loop: backbone + FaceRecognitionLoss, AMP, DDP with summed gradients, resume.
+
+Hot-path rules: the step never waits for the device. Losses and the non-finite guard accumulate
+in device tensors and are read once every ``log_every`` steps; a non-finite step is skipped on
+the device through the fused optimiser's ``found_inf`` (or the GradScaler for fp16).
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import random
+import signal
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from facerec.losses import FaceRecognitionLoss
+from facerec.models import create_model
+from training import checkpoint as ckpt
+from training.config import Config, save_config
+from training.data import ResumableBatchSampler, build_dataset, build_loader
+from training.dist import DistInfo, allreduce_sum_hook, barrier, init_distributed
+from training.logger import RunLogger
+from training.optim import autocast_dtype, build_optimizer, clip_grad_norm, is_fused, make_scaler
+from training.schedule import build_scheduler
+from training.validation import build_pairset, validate
+
+KILL_AT_STEP_ENV = "FACEREC_TEST_KILL_AT_STEP"  # test-only: SIGKILL right after this step
+
+
+class NonFiniteError(RuntimeError):
+    pass
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (1 << 32))
+    torch.manual_seed(seed)
+
+
+def set_deterministic(enabled: bool, device: torch.device) -> None:
+    if enabled and device.type == "cuda":
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(enabled, warn_only=True)
+    torch.backends.cudnn.deterministic = enabled
+    torch.backends.cudnn.benchmark = not enabled
+
+
+def is_cnn(model: nn.Module) -> bool:
+    return any(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+
+
+def init_centres(loss_fn: FaceRecognitionLoss, seed: int, std: float = 0.01) -> None:
+    """Draw all C centres from one seeded generator and keep this rank's rows, so the initial
+    weights do not depend on how many processes the run has."""
+    centres = loss_fn.centres
+    g = torch.Generator().manual_seed(seed + 104729)
+    with torch.no_grad():
+        full = torch.randn(centres.num_classes, centres.embedding_size, generator=g) * std
+        centres.weight.copy_(full[centres.class_start : centres.class_end])
+
+
+class Trainer:
+    def __init__(self, config: Config, resume: str | None = None, info: DistInfo | None = None):
+        self.cfg = cfg = config
+        self.info = info or init_distributed(cfg.train.device)
+        self.device = self.info.device
+        self.run_dir = Path(cfg.run_dir)
+        self.ckpt_dir = self.run_dir / "checkpoints"
+        set_deterministic(cfg.train.deterministic, self.device)
+        for module in cfg.model.imports:
+            importlib.import_module(module)
+
+        seed_everything(cfg.train.seed)  # same backbone init on every rank
+        self.dataset = build_dataset(cfg.data, cfg.train.seed)
+        self.num_classes = int(self.dataset.num_classes)
+        model = create_model(cfg.model.name, **cfg.model.kwargs)
+        if cfg.model.grad_checkpointing and hasattr(model, "set_grad_checkpointing"):
+            model.set_grad_checkpointing(True)
+        if cfg.model.sync_bn and self.info.distributed:
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        self.channels_last = cfg.model.channels_last
+        if self.channels_last is None:
+            self.channels_last = self.device.type == "cuda" and is_cnn(model)
+        model = model.to(self.device)
+        if self.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        self.raw_model = model
+        self.has_quality = bool(getattr(model, "has_quality", False))
+        lc = cfg.loss
+        self.loss_fn = FaceRecognitionLoss(
+            self.num_classes, model.embedding_size, margin=lc.margin, margin_kwargs=lc.margin_kwargs,
+            sample_rate=lc.sample_rate, unpg=lc.unpg, unpg_whisker=lc.unpg_whisker,
+            quality_weight=lc.quality_weight, quality_beta=lc.quality_beta, seed=cfg.train.seed,
+        )
+        init_centres(self.loss_fn, cfg.train.seed)
+        self.loss_fn.to(self.device)
+        self.optimizer = build_optimizer(model, self.loss_fn, cfg.optim)
+        self.centre_params = [p for p in self.loss_fn.parameters() if p.requires_grad]
+        shard_ids = {id(p) for p in self.centre_params}
+        self.backbone_params = [p for p in model.parameters() if p.requires_grad and id(p) not in shard_ids]
+        self.amp_dtype = autocast_dtype(cfg.train.amp, self.device)
+        self.scaler = make_scaler(self.amp_dtype, self.device)
+
+        self.model = model
+        if self.info.distributed:
+            # The loss module is NOT wrapped: its centres are sharded, not replicated.
+            self.model = nn.parallel.DistributedDataParallel(
+                model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                broadcast_buffers=False, gradient_as_bucket_view=True,
+                find_unused_parameters=cfg.model.find_unused_parameters,
+            )
+            self.model.register_comm_hook(None, allreduce_sum_hook)
+        if cfg.model.compile:
+            self.model = torch.compile(self.model)
+        seed_everything(cfg.train.seed + 1000 * self.info.rank)  # per-rank dropout / masking
+
+        self.sampler = ResumableBatchSampler(len(self.dataset), cfg.data.batch_size, self.info.rank,
+                                             self.info.world_size, cfg.train.seed)
+        self.loader = build_loader(self.dataset, self.sampler, cfg.data, self.device.type == "cuda")
+        spe = self.sampler.steps_per_epoch
+        self.total_steps = cfg.train.epochs * spe
+        if cfg.train.max_steps is not None:
+            self.total_steps = min(self.total_steps, cfg.train.max_steps)
+        self.scheduler = build_scheduler(self.optimizer, cfg.schedule, self.total_steps, spe)
+        self.pairs = build_pairset(cfg.val, cfg.data, cfg.train.seed) if self.info.is_main else None
+
+        self.step = self.epoch = self.step_in_epoch = 0
+        self.best: float | None = None
+        self.validations_since_best = 0
+        self.stop_reason: str | None = None
+        self._reset_meters()
+        path = ckpt.resolve_resume(resume, self.ckpt_dir)
+        if path is not None:
+            self.load(path)
+        self.log = RunLogger(self.run_dir, self.info.is_main, self.total_steps, self.step, cfg.train.progress)
+        if self.info.is_main:
+            save_config(cfg, self.run_dir / "config.yaml")
+            if path is not None:
+                self.log.message(f"resumed from {path} at step {self.step} (epoch {self.epoch})")
+
+    # ------------------------------------------------------------------ state
+    def _reset_meters(self) -> None:
+        z = lambda: torch.zeros((), device=self.device)  # noqa: E731
+        self.meters = {"loss": z(), "classification": z(), "quality": z(), "grad_norm": z(), "count": z()}
+        # The streak of consecutive bad steps carries over logging intervals; the rest restarts.
+        if not hasattr(self, "bad_streak"):
+            self.bad_streak = z()
+        self.bad_max, self.bad_count = self.bad_streak.clone(), z()
+        self._meter_start = (time.perf_counter(), self.step)
+
+    def rank_state(self) -> dict:
+        return {
+            "loss": self.loss_fn.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
+            "step": self.step, "epoch": self.epoch, "step_in_epoch": self.step_in_epoch,
+            "best": self.best, "validations_since_best": self.validations_since_best,
+            "rng": ckpt.capture_rng(self.device),
+        }
+
+    def load(self, path: Path) -> None:
+        model_state, state, _ = ckpt.load_checkpoint(path, self.info.rank, self.info.world_size)
+        self.raw_model.load_state_dict(model_state["model"])
+        self.loss_fn.load_state_dict(state["loss"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.step, self.epoch, self.step_in_epoch = state["step"], state["epoch"], state["step_in_epoch"]
+        self.best, self.validations_since_best = state["best"], state["validations_since_best"]
+        ckpt.restore_rng(state["rng"], self.device)
+
+    def save(self, metrics: dict | None = None) -> Path:
+        model_state = None
+        if self.info.is_main:
+            model_state = {"model": self.raw_model.state_dict(), "model_name": self.cfg.model.name,
+                           "model_kwargs": self.cfg.model.kwargs, "step": self.step, "epoch": self.epoch}
+        meta = {"epoch": self.epoch, "step_in_epoch": self.step_in_epoch, "metrics": metrics or {}}
+        return ckpt.save_checkpoint(
+            self.ckpt_dir, self.step, self.info.rank, self.info.world_size, model_state,
+            self.rank_state(), self.cfg.to_yaml(), meta, barrier=lambda: barrier(self.info),
+            keep=self.cfg.train.keep_checkpoints,
+        )
+
+    # ------------------------------------------------------------------ step
+    def train_step(self, images: torch.Tensor, labels: torch.Tensor) -> None:
+        clip = self.cfg.optim.clip_grad_norm
+        with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
+            out = self.model(images)
+            losses = self.loss_fn(out.embedding, labels, out.quality if self.has_quality else None)
+        self.scaler.scale(losses.total).backward()
+        if clip:
+            self.scaler.unscale_(self.optimizer)
+            norm = clip_grad_norm(self.backbone_params, self.centre_params, clip)
+        else:
+            norm = torch.zeros((), device=self.device)
+        total = losses.total.detach()
+        finite = torch.isfinite(total) & torch.isfinite(norm)
+        if self.scaler.is_enabled():
+            self.scaler.step(self.optimizer)  # skips inf/NaN gradients itself
+            self.scaler.update()
+        elif is_fused(self.optimizer):
+            self.optimizer.grad_scale = None
+            self.optimizer.found_inf = (~finite).float()  # the fused kernel skips on the device
+            self.optimizer.step()
+        elif bool(finite):  # foreach fallback: this one does sync with the host
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        good = finite.float()
+        m = self.meters
+        m["loss"] += torch.nan_to_num(total) * good
+        m["classification"] += torch.nan_to_num(losses.classification.detach()) * good
+        if losses.quality is not None:
+            m["quality"] += torch.nan_to_num(losses.quality.detach()) * good
+        m["grad_norm"] += torch.nan_to_num(norm.detach().float()) * good
+        m["count"] += good
+        self.bad_streak = (self.bad_streak + 1) * (1 - good)
+        self.bad_max = torch.maximum(self.bad_max, self.bad_streak)
+        self.bad_count += 1 - good
+        self.last_negatives = losses.num_negatives
+
+    def flush_meters(self) -> None:
+        """The one host sync of a logging interval: read the meters, log, check the NaN guard."""
+        values = torch.stack([*self.meters.values(), self.bad_max, self.bad_count]).tolist()
+        loss, ce, q, gn, count, bad_max, bad_count = values
+        elapsed = time.perf_counter() - self._meter_start[0]
+        steps = self.step - self._meter_start[1]
+        n = max(count, 1.0)
+        record = {"loss": loss / n, "classification": ce / n, "grad_norm": gn / n, "epoch": self.epoch,
+                  "lr": self.optimizer.param_groups[0]["lr"], "skipped_steps": int(bad_count),
+                  "img_s": steps * self.cfg.data.batch_size * self.info.world_size / max(elapsed, 1e-9),
+                  "unpg_negatives": int(getattr(self, "last_negatives", 0))}
+        if self.has_quality:
+            record["quality"] = q / n
+        if self.device.type == "cuda":
+            record["max_memory_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+        self.log.log("train", self.step, record)
+        if bad_count:
+            self.log.message(f"step {self.step}: skipped {int(bad_count)} step(s) with a non-finite "
+                             f"loss or gradient in the last {steps}")
+        patience = self.cfg.train.nan_patience
+        self._reset_meters()
+        if patience and bad_max >= patience:
+            raise NonFiniteError(
+                f"stopping: {int(bad_max)} consecutive steps had a non-finite loss or gradient "
+                f"(train.nan_patience={patience}) before step {self.step}. Lower optim.lr, enable "
+                "gradient clipping, or use bf16 instead of fp16; the last good checkpoint is in "
+                f"{self.ckpt_dir}")
+
+    # ------------------------------------------------------------------ validation
+    def run_validation(self) -> dict:
+        """Validate on rank 0; returns the metrics (empty elsewhere). Updates best / early stopping."""
+        metrics: dict = {}
+        improved = stop = False
+        if self.info.is_main and self.pairs is not None:
+            result = validate(self.raw_model, self.pairs, self.cfg.val, self.device, self.amp_dtype,
+                              self.channels_last)
+            metrics = result.as_dict()
+            name = self.cfg.val.metric
+            if name not in metrics:
+                raise KeyError(f"val.metric={name!r} is not among {sorted(metrics)}")
+            value = metrics[name]
+            improved = self.best is None or value > self.best
+            if improved:
+                self.best, self.validations_since_best = value, 0
+            else:
+                self.validations_since_best += 1
+            patience = self.cfg.val.patience
+            stop = bool(patience) and self.validations_since_best >= patience
+            self.log.log("val", self.step, {**metrics, "best": self.best})
+            self.log.message(f"step {self.step}: validation {result.kfold}, "
+                             + ", ".join(str(t) for t in result.tar))
+        if self.info.distributed:
+            flags = torch.tensor([float(improved), float(stop)], device=self.device)
+            dist.broadcast(flags, 0)
+            improved, stop = bool(flags[0]), bool(flags[1])
+        if improved:
+            self.save(metrics)
+            if self.info.is_main:
+                ckpt.mark_best(self.ckpt_dir, self.step, self.cfg.val.metric, self.best)
+        if stop:
+            self.stop_reason = f"early stopping: no better {self.cfg.val.metric} in {self.cfg.val.patience} validations"
+        return metrics
+
+    # ------------------------------------------------------------------ loop
+    def fit(self) -> dict:
+        cfg, epochs_total = self.cfg, self.cfg.train.epochs
+        kill_at = int(os.environ.get(KILL_AT_STEP_ENV, "0") or 0)
+        every_val = cfg.val.every_steps if cfg.val.kind != "none" else 0
+        self.model.train()
+        self.loss_fn.train()
+        self._reset_meters()
+        try:
+            while self.step < self.total_steps and self.epoch < epochs_total and not self.stop_reason:
+                self.sampler.set_epoch(self.epoch, self.step_in_epoch)
+                for images, labels in self.loader:
+                    images = images.to(self.device, non_blocking=True)
+                    if self.channels_last:
+                        images = images.contiguous(memory_format=torch.channels_last)
+                    labels = labels.to(self.device, non_blocking=True)
+                    self.train_step(images, labels)
+                    self.step += 1
+                    self.step_in_epoch += 1
+                    self.log.advance()
+                    last = self.step >= self.total_steps
+                    if self.step % cfg.train.log_every == 0 or last:
+                        self.flush_meters()
+                    if every_val and self.step % every_val == 0:
+                        self.run_validation()
+                    if self.step % cfg.train.checkpoint_every == 0 and not last:
+                        self.save()
+                    if self.step == kill_at:
+                        os.kill(os.getpid(), signal.SIGKILL)
+                    if last or self.stop_reason:
+                        break
+                if self.step_in_epoch >= self.sampler.steps_per_epoch:
+                    self.epoch += 1
+                    self.step_in_epoch = 0
+                    if cfg.val.kind != "none" and not every_val:
+                        self.run_validation()
+            if self.step != self._meter_start[1]:
+                self.flush_meters()
+            if not ckpt.step_dir(self.ckpt_dir, self.step).exists():
+                self.save()
+            summary = {"step": self.step, "epoch": self.epoch, "best": self.best,
+                       "stop_reason": self.stop_reason}
+            self.log.message(f"done: {summary}")
+        finally:
+            self.log.close()
+        return summary

@@ -1,0 +1,170 @@
+"""Validation while training: a set of verification pairs, embedded by the current model.
+
+Never the test pairs: the protocol's validation split is LFW fold 5 (``kind: lfw_fold``); a
+``.bin``, pairs over a held-out range of identities of an image folder, or unseen synthetic
+identities serve the other cases. Images are decoded once and kept as uint8 in memory.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+
+from facerec.data.datasets import EvalTransform, read_rgb
+from facerec.eval.verification import VerificationResult, cosine_scores, evaluate_pairs, tar_at_far
+from training.data import SyntheticFaces, center_crop, folder_samples, select_identities
+
+
+@dataclass
+class PairSet:
+    images: torch.Tensor  # (N, 3, 112, 112) normalised float32
+    first: np.ndarray  # (P,) image index of each pair's first image
+    second: np.ndarray
+    same: np.ndarray  # (P,) bool
+    folds: np.ndarray  # (P,) fold id
+    # Pairs the k-fold accuracy uses (None: all). Over all pairs of a folder impostors outnumber
+    # genuine pairs ~10:1 and "always reject" would score 90%, so accuracy takes a balanced subset
+    # while TAR at FAR keeps every impostor (finer FAR resolution).
+    accuracy_mask: np.ndarray | None = None
+
+    def __len__(self) -> int:
+        return len(self.same)
+
+
+def stratified_folds(same: np.ndarray, k: int) -> np.ndarray:
+    """Fold ids that spread genuine and impostor pairs evenly (in order) over k folds."""
+    folds = np.zeros(len(same), dtype=np.int64)
+    for value in (True, False):
+        idx = np.nonzero(same == value)[0]
+        folds[idx] = (np.arange(len(idx)) * k) // max(len(idx), 1)
+    return folds
+
+
+def _load(paths, crop) -> torch.Tensor:
+    transform = EvalTransform()
+    return torch.stack([transform(center_crop(read_rgb(p), crop)) for p in paths])
+
+
+def _lfw_fold_pairs(cfg) -> PairSet:
+    from facerec.data.protocol import LFW_IMAGES, data_root, validation_pairs
+
+    root = data_root(cfg.data_root)
+    image_root = Path(cfg.path) if cfg.path else root / LFW_IMAGES
+    pairs = validation_pairs(root)
+    files = sorted({p for pair in pairs for p in pair.paths(image_root)})
+    if not files[0].exists() and files[0].with_suffix(".png").exists():
+        files = [f.with_suffix(".png") for f in files]
+    index = {f.with_suffix(""): i for i, f in enumerate(files)}
+    first = np.array([index[pair.paths(image_root)[0].with_suffix("")] for pair in pairs])
+    second = np.array([index[pair.paths(image_root)[1].with_suffix("")] for pair in pairs])
+    same = np.array([pair.same for pair in pairs])
+    return PairSet(_load(files, cfg.center_crop), first, second, same, stratified_folds(same, cfg.folds))
+
+
+def _bin_pairs(cfg) -> PairSet:
+    from facerec.data.verification import load_bin
+
+    blobs, same = load_bin(cfg.path)
+    transform = EvalTransform()
+    images = []
+    for b in blobs:
+        bgr = cv2.imdecode(np.frombuffer(b, np.uint8), cv2.IMREAD_COLOR)
+        images.append(transform(center_crop(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB), cfg.center_crop)))
+    n = len(same)
+    return PairSet(torch.stack(images), np.arange(n) * 2, np.arange(n) * 2 + 1, same,
+                   stratified_folds(same, cfg.folds))
+
+
+def _all_pairs(labels: np.ndarray, max_pairs: int, seed: int = 0):
+    """Every genuine pair, and impostor pairs (all, or a fixed random sample) up to ``max_pairs``."""
+    pairs = np.array(list(itertools.combinations(range(len(labels)), 2)), dtype=np.int64)
+    same = labels[pairs[:, 0]] == labels[pairs[:, 1]]
+    genuine, impostor = pairs[same], pairs[~same]
+    room = max(max_pairs - len(genuine), 1)
+    if len(impostor) > room:
+        pick = np.random.default_rng(seed).choice(len(impostor), room, replace=False)
+        impostor = impostor[np.sort(pick)]
+    chosen = np.concatenate([genuine, impostor])
+    same = np.r_[np.ones(len(genuine), bool), np.zeros(len(impostor), bool)]
+    return chosen[:, 0], chosen[:, 1], same
+
+
+def _balanced(same: np.ndarray, seed: int = 0) -> np.ndarray:
+    mask = same.copy()
+    impostors = np.nonzero(~same)[0]
+    keep = np.random.default_rng(seed).choice(impostors, min(len(impostors), int(same.sum())), replace=False)
+    mask[keep] = True
+    return mask
+
+
+def _with_folds(images, first, second, same, k) -> PairSet:
+    mask = _balanced(same)
+    folds = np.zeros(len(same), dtype=np.int64)
+    folds[mask] = stratified_folds(same[mask], k)
+    return PairSet(images, first, second, same, folds, mask)
+
+
+def _folder_pairs(cfg) -> PairSet:
+    samples = select_identities(folder_samples(cfg.path), cfg.identity_range, 2)
+    labels = np.array([s.label for s in samples])
+    first, second, same = _all_pairs(labels, cfg.max_pairs)
+    images = _load([Path(cfg.path) / s.path for s in samples], cfg.center_crop)
+    return _with_folds(images, first, second, same, cfg.folds)
+
+
+def _synthetic_pairs(cfg, data_cfg, seed: int) -> PairSet:
+    # Identities the model never trains on: class ids after the training ones.
+    faces = SyntheticFaces(8, 4, data_cfg.noise, seed, class_offset=data_cfg.num_classes)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed + 12345)
+        items = [faces[i] for i in range(len(faces))]
+    labels = np.array([y for _, y in items])
+    first, second, same = _all_pairs(labels, cfg.max_pairs)
+    return _with_folds(torch.stack([x for x, _ in items]), first, second, same, cfg.folds)
+
+
+def build_pairset(cfg, data_cfg, seed: int = 0) -> PairSet | None:
+    builders = {"lfw_fold": _lfw_fold_pairs, "bin": _bin_pairs, "folder_pairs": _folder_pairs}
+    if cfg.kind == "none":
+        return None
+    if cfg.kind == "synthetic":
+        return _synthetic_pairs(cfg, data_cfg, seed)
+    return builders[cfg.kind](cfg)
+
+
+@torch.no_grad()
+def embed(model: torch.nn.Module, images: torch.Tensor, batch_size: int, device: torch.device,
+          flip: bool = True, autocast_dtype: torch.dtype | None = None,
+          channels_last: bool = False) -> np.ndarray:
+    """L2-normalised embeddings (float64 numpy); with ``flip`` the mirrored image's embedding is added."""
+    was_training = model.training
+    model.eval()
+    out = []
+    try:
+        for start in range(0, len(images), batch_size):
+            x = images[start : start + batch_size].to(device, non_blocking=True)
+            if channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+                e = model(x).embedding.float()
+                if flip:
+                    e = e + model(x.flip(3)).embedding.float()
+            out.append(torch.nn.functional.normalize(e, dim=1).cpu())
+    finally:
+        model.train(was_training)
+    return torch.cat(out).double().numpy()
+
+
+def validate(model, pairs: PairSet, cfg, device, autocast_dtype=None, channels_last=False) -> VerificationResult:
+    emb = embed(model, pairs.images, cfg.batch_size, device, cfg.flip, autocast_dtype, channels_last)
+    scores = cosine_scores(emb[pairs.first], emb[pairs.second])
+    mask = pairs.accuracy_mask if pairs.accuracy_mask is not None else np.ones(len(scores), bool)
+    result = evaluate_pairs(scores[mask], pairs.same[mask], pairs.folds[mask], cfg.fars)
+    result.tar = tar_at_far(scores[pairs.same], scores[~pairs.same], cfg.fars)
+    result.num_genuine, result.num_impostors = int(pairs.same.sum()), int((~pairs.same).sum())
+    return result
