@@ -15,6 +15,8 @@ import sys
 COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("facerec.cli.demo", "train a small model for a few steps on synthetic data"),
     "align": ("facerec.cli.align", "detect and align faces of a folder tree into 112x112 crops"),
+    "export": ("facerec.cli.export",
+               "export a checkpoint to parity-checked ONNX (fp32/fp16) and a torch artefact for serving"),
 }
 
 

@@ -11,6 +11,11 @@ since torch 2.9) with ``dynamic_shapes`` for the batch, at opset 18 (its native 
 The legacy TorchScript exporter (``dynamo=False``, opset 17, ``dynamic_axes``) also exports every
 model here with identical outputs and ~10x faster, but is deprecated in torch 2.14; keep it as the
 fallback.
+
+fp16: ``HalfPrecisionIO`` runs a half-precision copy of the model behind fp32 input and outputs, so
+an fp16 graph keeps the same input convention (float32, (x - 127.5) / 127.5) and callers never see a
+float16 array. The weights and activations inside are float16 (LayerNormalization still accumulates in
+float32 in onnxruntime); that is what halves the file and lets a GPU provider use tensor cores.
 """
 
 from __future__ import annotations
@@ -46,24 +51,47 @@ class ExportWrapper(nn.Module):
         return tuple(outputs)
 
 
+class HalfPrecisionIO(nn.Module):
+    """float32 in -> float16 model -> float32 out (wraps an ``ExportWrapper`` of a ``.half()`` model)."""
+
+    def __init__(self, wrapper: ExportWrapper) -> None:
+        super().__init__()
+        self.wrapper = wrapper
+
+    @property
+    def output_names(self) -> list[str]:
+        return self.wrapper.output_names
+
+    def forward(self, x: Tensor) -> tuple[Tensor, ...]:
+        return tuple(o.float() for o in self.wrapper(x.half()))
+
+
 def export_onnx(
     model: nn.Module,
     path: str | Path,
     return_features: bool = False,
     opset: int | None = None,
     dynamo: bool = True,
+    fp16: bool = False,
+    input_name: str = "input",
 ) -> list[str]:
     """Export ``model`` (put in eval mode) to ONNX with a dynamic batch axis; returns output names.
 
     The example input has batch 2: tracing with batch 1 lets exporters specialise the batch to 1.
+    ``fp16=True`` exports a half-precision deep copy (the caller's model is left untouched).
     """
-    wrapper = ExportWrapper(model.eval(), return_features=return_features).eval()
+    import copy
+
+    model = model.eval()
+    wrapper: nn.Module = ExportWrapper(model, return_features=return_features).eval()
+    if fp16:
+        wrapper = HalfPrecisionIO(ExportWrapper(copy.deepcopy(model).half(), return_features)).eval()
     size = model.input_size
     example = torch.zeros(2, 3, size, size)
     names = wrapper.output_names
-    dynamic_axes = {"input": {0: "batch"}, **{n: {0: "batch"} for n in names}}
+    dynamic_axes = {input_name: {0: "batch"}, **{n: {0: "batch"} for n in names}}
     kwargs: dict = dict(
-        input_names=["input"],
+        input_names=[input_name],
         output_names=names,
         opset_version=opset or (18 if dynamo else 17),
         dynamic_axes=dynamic_axes,

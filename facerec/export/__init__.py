@@ -1,0 +1,39 @@
+"""Export: ONNX graphs (fp32/fp16) carrying the embedding contract, parity checks, torch artefacts.
+
+``export_bundle`` writes everything a server loads; ``export_model`` one graph. See
+docs/export_runtime.md.
+"""
+
+from facerec.export.onnx import (
+    ExportResult,
+    contract_from_metadata,
+    export_bundle,
+    export_model,
+    read_metadata,
+    update_metadata,
+)
+from facerec.export.parity import ParityError, ParityReport, check_parity
+from facerec.export.torch_artifact import (
+    ModelSource,
+    TorchArtifact,
+    load_torch_artifact,
+    resolve_model,
+    save_torch_artifact,
+)
+
+__all__ = [
+    "ExportResult",
+    "ModelSource",
+    "ParityError",
+    "ParityReport",
+    "TorchArtifact",
+    "check_parity",
+    "contract_from_metadata",
+    "export_bundle",
+    "export_model",
+    "load_torch_artifact",
+    "read_metadata",
+    "resolve_model",
+    "save_torch_artifact",
+    "update_metadata",
+]

@@ -1,0 +1,258 @@
+"""ONNX export: fp32 / fp16 graphs with the embedding contract in their metadata, parity-checked.
+
+The graph follows insightface's recognition models so tools built for theirs accept ours: one input
+(N, 3, 112, 112) float32 with a dynamic batch, values (x - 127.5) / 127.5 of an aligned RGB crop
+(identical to our training normalisation (x / 255 - 0.5) / 0.5), the embedding as the first output.
+insightface's ``ArcFaceONNX`` also feeds RGB: it takes BGR crops from OpenCV and swaps them
+(``blobFromImages(..., swapRB=True)``), so its pipeline works with our graph unchanged; a tool that
+feeds BGR tensors directly must flip the channel axis first (``x[:, ::-1]``).
+
+Outputs, in order: ``embedding`` (N, D) unnormalised, ``quality`` (N,) for models with a quality head,
+``feature_0 .. feature_{K-1}`` (N, C_k) pooled features for the OOD detector.
+
+Metadata (``metadata_props``, read by onnxruntime as ``custom_metadata_map``), keys prefixed
+``facerec.``: ``contract`` (the contract JSON), ``contract_id``, ``model_name``, ``model_version``,
+``model_overrides``, ``output_names``, ``feature_dims``, ``input`` (the input convention as JSON),
+``precision``, ``facerec_version``, ``torch_version``, ``exporter``. Later calibration (thresholds,
+quality percentiles) is added with :func:`update_metadata` without touching the graph.
+
+Every export is written to a temporary file, parity-checked against torch (:mod:`.parity`) and only
+then renamed into place, so a graph that failed its check never sits where a server would load it.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+import facerec
+from facerec.contract import EmbeddingContract
+from facerec.export.parity import ParityError, ParityReport, check_parity
+from facerec.export.torch_artifact import ModelSource, default_contract, resolve_model, save_torch_artifact
+from facerec.models.export_wrapper import ExportWrapper, export_onnx
+
+# The reader lives with the runtime, so a server needs neither torch nor the onnx package.
+from facerec.runtime.backends import METADATA_PREFIX as PREFIX
+from facerec.runtime.backends import contract_from_metadata  # noqa: F401 - re-exported
+
+INPUT_NAME = "input"
+
+
+@dataclass
+class ExportResult:
+    path: Path
+    precision: str
+    output_names: list[str]
+    contract: EmbeddingContract
+    parity: ParityReport | None
+    seconds: float
+
+    def to_dict(self) -> dict:
+        return {
+            "path": str(self.path),
+            "precision": self.precision,
+            "output_names": self.output_names,
+            "contract_id": self.contract.contract_id,
+            "parity": self.parity.to_dict() if self.parity else None,
+            "seconds": round(self.seconds, 2),
+        }
+
+
+def input_convention(contract: EmbeddingContract, input_name: str = INPUT_NAME) -> dict:
+    return {
+        "name": input_name,
+        "shape": ["batch", 3, contract.input_size, contract.input_size],
+        "dtype": "float32",
+        "layout": "NCHW",
+        "colour_order": contract.colour_order,
+        "mean": list(contract.mean),
+        "std": list(contract.std),
+        "formula": "(pixel - mean) / std on an aligned uint8 crop",
+        "alignment": contract.alignment,
+    }
+
+
+def build_metadata(
+    source: ModelSource,
+    contract: EmbeddingContract,
+    output_names: list[str],
+    precision: str,
+    exporter: str,
+    extra: dict[str, str] | None = None,
+) -> dict[str, str]:
+    model = source.model
+    meta = {
+        "contract": contract.to_json(),
+        "contract_id": contract.contract_id,
+        "model_name": contract.model_name,
+        "model_version": contract.model_version,
+        "model_overrides": json.dumps(source.overrides, sort_keys=True),
+        "output_names": json.dumps(output_names),
+        "feature_dims": json.dumps([int(d) for d in getattr(model, "feature_dims", [])]),
+        "input": json.dumps(input_convention(contract)),
+        "precision": precision,
+        "facerec_version": facerec.__version__,
+        "torch_version": str(torch.__version__),
+        "exporter": exporter,
+    }
+    meta.update({k: str(v) for k, v in (extra or {}).items()})
+    return {PREFIX + k: v for k, v in meta.items()}
+
+
+def _write_metadata(path: Path, entries: dict[str, str], doc: str | None = None) -> None:
+    import onnx
+
+    proto = onnx.load(str(path))
+    kept = [p for p in proto.metadata_props if p.key not in entries]
+    del proto.metadata_props[:]
+    proto.metadata_props.extend(kept)
+    for key, value in entries.items():
+        proto.metadata_props.add(key=key, value=value)
+    if doc is not None:
+        proto.doc_string = doc
+    tmp = path.with_name(path.name + ".meta.tmp")
+    onnx.save(proto, str(tmp))
+    os.replace(tmp, path)
+
+
+def read_metadata(path: str | Path) -> dict[str, str]:
+    """All ``metadata_props`` of a graph (through onnxruntime, so serving needs no ``onnx``)."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    return dict(session.get_modelmeta().custom_metadata_map)
+
+
+def update_metadata(path: str | Path, entries: dict[str, str]) -> None:
+    """Add or replace ``facerec.<key>`` entries (e.g. a calibrated threshold) in place, atomically.
+
+    The contract keys cannot be changed this way: a different contract is a different model.
+    """
+    entries = {(k if k.startswith(PREFIX) else PREFIX + k): str(v) for k, v in entries.items()}
+    frozen = {PREFIX + "contract", PREFIX + "contract_id"}
+    if frozen & set(entries):
+        raise ValueError("the embedding contract of an exported model cannot be edited; re-export it")
+    _write_metadata(Path(path), entries)
+
+
+def _doc_string(contract: EmbeddingContract, output_names: list[str], precision: str) -> str:
+    return (
+        f"facerec {contract.model_name} {contract.model_version} ({precision}); contract "
+        f"{contract.contract_id}. Input '{INPUT_NAME}': (N, 3, {contract.input_size}, "
+        f"{contract.input_size}) float32, aligned {contract.colour_order} crop, (x - 127.5) / 127.5. "
+        f"Outputs: {', '.join(output_names)} (embedding not normalised)."
+    )
+
+
+def export_model(
+    source: nn.Module | tuple | ModelSource | str | Path,
+    path: str | Path,
+    *,
+    precision: str = "fp32",
+    model_name: str | None = None,
+    overrides: dict | None = None,
+    version: str | None = None,
+    contract: EmbeddingContract | None = None,
+    return_features: bool = True,
+    opset: int | None = None,
+    dynamo: bool = True,
+    check: bool = True,
+    parity_batch_sizes: tuple[int, ...] = (1, 5),
+    extra_metadata: dict[str, str] | None = None,
+    keep_failed: bool = False,
+) -> ExportResult:
+    """Export one graph; raises :class:`ParityError` (and writes nothing at ``path``) if it fails.
+
+    ``source``: a model object (with ``model_name`` and its ``overrides``), a ``(name, overrides,
+    state_dict)`` triple, a checkpoint path or a torch artefact. The model is copied to the CPU in
+    fp32 first, so a model on the GPU or in training mode is neither moved nor changed.
+    """
+    if precision not in ("fp32", "fp16"):
+        raise ValueError(f"precision must be 'fp32' or 'fp16', not {precision!r}")
+    start = time.perf_counter()
+    src = resolve_model(source, model_name, overrides)
+    cpu_model = copy.deepcopy(src.model).cpu().float().eval()
+    src = ModelSource(cpu_model, src.name, src.overrides, src.version, src.origin)
+    contract = contract or default_contract(src, version)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.stem + ".partial.onnx")
+    exporter = f"torch.onnx.export(dynamo={dynamo})"
+    names = export_onnx(
+        cpu_model,
+        tmp,
+        return_features=return_features,
+        opset=opset,
+        dynamo=dynamo,
+        fp16=precision == "fp16",
+        input_name=INPUT_NAME,
+    )
+    meta = build_metadata(src, contract, names, precision, exporter, extra_metadata)
+    _write_metadata(tmp, meta, _doc_string(contract, names, precision))
+    report = None
+    if check:
+        try:
+            report = check_parity(cpu_model, tmp, precision, parity_batch_sizes)
+        except ParityError as err:
+            kept = path.with_name(path.stem + ".parity-failed.onnx")
+            if keep_failed:
+                os.replace(tmp, kept)
+            else:
+                tmp.unlink(missing_ok=True)
+            where = f" (kept as {kept})" if keep_failed else " (nothing written)"
+            raise ParityError(f"export of {path} failed its parity check{where}:\n{err}") from None
+    os.replace(tmp, path)
+    if report is not None:
+        report.path = str(path)
+    return ExportResult(path, precision, names, contract, report, time.perf_counter() - start)
+
+
+def output_names_for(model: nn.Module, return_features: bool = True) -> list[str]:
+    return ExportWrapper(model, return_features).output_names
+
+
+def export_bundle(
+    source: nn.Module | tuple | ModelSource | str | Path,
+    out_dir: str | Path,
+    *,
+    model_name: str | None = None,
+    overrides: dict | None = None,
+    version: str | None = None,
+    fp16: bool = True,
+    torch_artifact: bool = True,
+    stem: str | None = None,
+    **export_kw,
+) -> dict:
+    """Everything a server needs, in ``out_dir``: ``<stem>.onnx``, ``<stem>.fp16.onnx``, ``<stem>.pt``
+    (torch artefact), ``contract.json`` and ``export_report.json`` (parity numbers, timings)."""
+    src = resolve_model(source, model_name, overrides)
+    contract = default_contract(src, version)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = stem or src.name
+    results = [export_model(src, out / f"{stem}.onnx", contract=contract, **export_kw)]
+    if fp16:
+        results.append(
+            export_model(src, out / f"{stem}.fp16.onnx", precision="fp16", contract=contract, **export_kw)
+        )
+    report = {
+        "model_name": src.name,
+        "origin": src.origin,
+        "contract": json.loads(contract.to_json()),
+        "onnx": [r.to_dict() for r in results],
+    }
+    if torch_artifact:
+        names = output_names_for(src.model, export_kw.get("return_features", True))
+        report["torch_artifact"] = str(save_torch_artifact(src, out / f"{stem}.pt", contract, names))
+    (out / "contract.json").write_text(contract.to_json() + "\n")
+    (out / "export_report.json").write_text(json.dumps(report, indent=1) + "\n")
+    return report

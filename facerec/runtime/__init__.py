@@ -1,0 +1,52 @@
+"""Inference runtime: device policy, backends (onnxruntime, torch), micro-batcher, face pipeline.
+
+See docs/export_runtime.md. Nothing here imports torch at import time, so an onnxruntime-only
+server starts without it (the torch backend imports it when built).
+"""
+
+from facerec.runtime.backends import Backend, OnnxRuntimeBackend, TorchBackend, load_backend, to_model_input
+from facerec.runtime.batcher import BatcherClosed, BatchInfo, MicroBatcher, Overloaded
+from facerec.runtime.device import (
+    DEVICE_ENV,
+    DeviceChoice,
+    DeviceUnavailableError,
+    GpuProbe,
+    probe_gpu,
+    resolve_device,
+)
+from facerec.runtime.pipeline import (
+    DecodeError,
+    Face,
+    FeatureListScorer,
+    FacePipeline,
+    ImageResult,
+    NoFaceError,
+    PipelineError,
+    TooManyFacesError,
+)
+
+__all__ = [
+    "DEVICE_ENV",
+    "Backend",
+    "BatchInfo",
+    "BatcherClosed",
+    "DecodeError",
+    "DeviceChoice",
+    "DeviceUnavailableError",
+    "Face",
+    "FeatureListScorer",
+    "FacePipeline",
+    "GpuProbe",
+    "ImageResult",
+    "MicroBatcher",
+    "NoFaceError",
+    "OnnxRuntimeBackend",
+    "Overloaded",
+    "PipelineError",
+    "TooManyFacesError",
+    "TorchBackend",
+    "load_backend",
+    "probe_gpu",
+    "resolve_device",
+    "to_model_input",
+]

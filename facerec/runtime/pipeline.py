@@ -1,0 +1,254 @@
+"""The face pipeline: bytes -> safe decode -> detect -> align -> (micro-)batch -> model -> per-face results.
+
+Every way an input can be the caller's fault ends in a :class:`PipelineError` subclass with a stable
+``code`` (``decode_error``, ``no_face``, ``too_many_faces``), which the service maps to a 4xx; anything
+else is a server error. Faces are ordered largest first; more faces than ``max_faces`` is refused
+(a crowd photo is not a verification input, and each face costs a model call).
+
+Per face the result holds the box, landmarks and detection score, the L2-normalised embedding and
+the raw embedding norm, quality (models with a quality head) and an OOD score. OOD scoring is
+pluggable: ``ood_scorer(outputs) -> one value per face``, where ``outputs`` holds the model's
+``feature_<k>`` arrays (N, C_k) and the raw ``embedding`` (N, D); the Mahalanobis detector of
+``facerec.ood`` is one such callable. A scorer with a ``contract_id`` attribute is checked against
+the model's contract, so statistics fitted on another model are refused. A detector that scores a
+list of per-layer features (``facerec.ood.MahalanobisDetector.score``) plugs in through
+:class:`FeatureListScorer`.
+
+``process`` runs synchronously on the backend (offline use, benchmarks); ``process_async`` decodes and
+detects in a thread pool and sends the crops through a :class:`MicroBatcher` shared by all requests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import Callable, Sequence
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from facerec.contract import ARCFACE_TEMPLATE_112, ContractMismatchError, require_same_contract
+
+OodScorer = Callable[[dict[str, np.ndarray]], Sequence[Any]]
+
+
+class FeatureListScorer:
+    """Adapts ``detector.score([feature_0, feature_1, ...]) -> (N,)`` to the pipeline's interface."""
+
+    def __init__(self, detector) -> None:
+        self.detector = detector
+        self.contract_id = getattr(detector, "contract_id", None) or None
+
+    def __call__(self, outputs: dict[str, np.ndarray]) -> Sequence[Any]:
+        names = sorted((n for n in outputs if n.startswith("feature_")), key=lambda n: int(n.split("_")[1]))
+        return np.asarray(self.detector.score([outputs[n] for n in names]))
+
+
+class PipelineError(Exception):
+    """An input problem the caller can fix; ``code`` is stable, the message is for humans."""
+
+    code = "pipeline_error"
+
+
+class DecodeError(PipelineError):
+    code = "decode_error"
+
+
+class NoFaceError(PipelineError):
+    code = "no_face"
+
+
+class TooManyFacesError(PipelineError):
+    code = "too_many_faces"
+
+    def __init__(self, found: int, limit: int) -> None:
+        super().__init__(f"{found} faces found, more than the limit of {limit} per image")
+        self.found = found
+        self.limit = limit
+
+
+@dataclass
+class Face:
+    box: np.ndarray  # (4,) x1, y1, x2, y2 in pixels of the decoded image
+    landmarks: np.ndarray  # (5, 2) x, y: eyes, nose tip, mouth corners (viewer's left first)
+    det_score: float
+    embedding: np.ndarray  # (D,) float32, unit length
+    embedding_norm: float  # the raw embedding's norm (carries quality information for some models)
+    quality: float | None = None
+    ood: Any = None
+    features: dict[str, np.ndarray] | None = None
+    crop: np.ndarray | None = None  # the aligned (S, S, 3) uint8 crop, with keep_crops=True
+
+    def to_dict(self) -> dict:
+        return {
+            "box": [float(v) for v in self.box],
+            "landmarks": [[float(x), float(y)] for x, y in self.landmarks],
+            "det_score": float(self.det_score),
+            "embedding_norm": float(self.embedding_norm),
+            "quality": None if self.quality is None else float(self.quality),
+        }
+
+
+@dataclass
+class ImageResult:
+    faces: list[Face]  # largest first
+    faces_found: int
+    width: int
+    height: int
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class _Located:
+    shape: tuple[int, int]
+    detections: list  # facerec.data.detect.Detection, largest first, the ones to embed
+    crops: np.ndarray  # (k, S, S, 3) uint8
+    faces_found: int
+
+
+def _area(d) -> float:
+    return d.width * d.height
+
+
+def _decode(data, max_pixels: int | None, max_bytes: int | None) -> np.ndarray:
+    from facerec.data.image_io import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, ImageDecodeError, load_image
+
+    if isinstance(data, np.ndarray):
+        if data.dtype != np.uint8 or data.ndim != 3 or data.shape[2] != 3:
+            raise DecodeError(f"an image array must be RGB uint8 (H, W, 3), got {data.dtype} {data.shape}")
+        return data
+    if isinstance(data, str):
+        # A string is refused rather than read as a path: request data must never name server files.
+        raise TypeError("pass image bytes, an RGB array or a pathlib.Path, not a str")
+    if not isinstance(data, (bytes, bytearray, memoryview, os.PathLike)):
+        raise TypeError(f"cannot decode a {type(data).__name__}")
+    try:
+        return load_image(
+            data if not isinstance(data, os.PathLike) else Path(data),
+            max_pixels=max_pixels or DEFAULT_MAX_PIXELS,
+            max_bytes=max_bytes or DEFAULT_MAX_BYTES,
+        )
+    except ImageDecodeError as err:
+        raise DecodeError(str(err)) from err
+
+
+class FacePipeline:
+    def __init__(
+        self,
+        backend,
+        detector=None,
+        batcher=None,
+        ood_scorer: OodScorer | None = None,
+        max_faces: int = 10,
+        min_face_size: float = 20.0,
+        min_det_score: float = 0.0,
+        pad_retry: bool = True,
+        max_pixels: int | None = None,
+        max_bytes: int | None = None,
+        keep_crops: bool = False,
+        keep_features: bool = False,
+        executor: Executor | None = None,
+    ) -> None:
+        contract = backend.contract
+        if contract.alignment != ARCFACE_TEMPLATE_112:
+            raise ContractMismatchError(
+                f"the model expects alignment {contract.alignment!r}; this pipeline aligns to "
+                f"{ARCFACE_TEMPLATE_112!r}"
+            )
+        if ood_scorer is not None:
+            if not any(n.startswith("feature_") for n in backend.output_names):
+                raise ValueError("an OOD scorer needs a model exported with its feature_* outputs")
+            scorer_contract = getattr(ood_scorer, "contract_id", None)
+            if scorer_contract is not None:
+                require_same_contract(contract.contract_id, scorer_contract, "the OOD detector")
+        self.backend = backend
+        self.contract = contract
+        self.batcher = batcher
+        self.ood_scorer = ood_scorer
+        self.max_faces = max_faces
+        self.min_face_size = min_face_size
+        self.min_det_score = min_det_score
+        self.pad_retry = pad_retry
+        self.max_pixels = max_pixels
+        self.max_bytes = max_bytes
+        self.keep_crops = keep_crops
+        self.keep_features = keep_features
+        self.executor = executor
+        self._detector = detector
+
+    @property
+    def detector(self):
+        if self._detector is None:
+            from facerec.data.detect import create_detector
+
+            # The onnxruntime MTCNN: ~10x faster than its torch twin on a CPU for photo-sized images.
+            self._detector = create_detector("mtcnn", backend="onnx", device="cpu")
+        return self._detector
+
+    # ------------------------------------------------------------------ stages
+    def locate(self, data, all_faces: bool = False) -> _Located:
+        """Decode, detect and align; raises DecodeError / NoFaceError / TooManyFacesError."""
+        from facerec.data.align import norm_crop
+        from facerec.data.detect import detect_faces
+
+        image = _decode(data, self.max_pixels, self.max_bytes)
+        found = detect_faces(
+            self.detector, image, "all", self.min_face_size, self.min_det_score, pad_retry=self.pad_retry
+        )
+        if not found:
+            raise NoFaceError("no face found in the image")
+        if len(found) > self.max_faces:
+            raise TooManyFacesError(len(found), self.max_faces)
+        found = sorted(found, key=_area, reverse=True)
+        chosen = found if all_faces else found[:1]
+        size = self.contract.input_size
+        crops = np.stack([norm_crop(image, d.landmarks, size) for d in chosen])
+        return _Located(image.shape[:2], chosen, crops, len(found))
+
+    def _assemble(self, located: _Located, outputs: dict[str, np.ndarray]) -> ImageResult:
+        raw = outputs["embedding"].astype(np.float32)
+        norms = np.linalg.norm(raw, axis=1)
+        unit = raw / np.maximum(norms, 1e-12)[:, None]
+        scores: Sequence[Any] = [None] * len(raw)
+        features = {n: v for n, v in outputs.items() if n.startswith("feature_")}
+        if self.ood_scorer is not None:
+            scores = self.ood_scorer({**features, "embedding": raw})
+            if len(scores) != len(raw):
+                raise RuntimeError(f"the OOD scorer returned {len(scores)} scores for {len(raw)} faces")
+        quality = outputs.get("quality")
+        faces = [
+            Face(
+                box=np.asarray(d.box, np.float32),
+                landmarks=np.asarray(d.landmarks, np.float32),
+                det_score=float(d.score),
+                embedding=unit[i],
+                embedding_norm=float(norms[i]),
+                quality=None if quality is None else float(quality[i]),
+                ood=scores[i],
+                features={n: v[i] for n, v in features.items()} if self.keep_features else None,
+                crop=located.crops[i] if self.keep_crops else None,
+            )
+            for i, d in enumerate(located.detections)
+        ]
+        h, w = located.shape
+        return ImageResult(faces, located.faces_found, int(w), int(h))
+
+    # ------------------------------------------------------------------ entry points
+    def process(self, data, all_faces: bool = False) -> ImageResult:
+        """Synchronous: the backend is called directly (no batcher)."""
+        located = self.locate(data, all_faces)
+        return self._assemble(located, self.backend.run(located.crops))
+
+    async def process_async(self, data, all_faces: bool = False) -> ImageResult:
+        """Decode/detect/align in a thread, then the model through the shared batcher (or, without
+        one, the backend in a thread). Overloaded from the batcher propagates to the caller."""
+        loop = asyncio.get_running_loop()
+        located = await loop.run_in_executor(self.executor, self.locate, data, all_faces)
+        if self.batcher is not None:
+            outputs = await self.batcher.run(located.crops)
+        else:
+            outputs = await loop.run_in_executor(self.executor, self.backend.run, located.crops)
+        return self._assemble(located, outputs)
