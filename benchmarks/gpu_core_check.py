@@ -9,6 +9,7 @@ forward + loss + backward + SGD step), not yet of the full trainer (data loading
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import platform
 import time
@@ -31,7 +32,7 @@ def amp_agreement(device, classes: int = 93431, batch: int = 512, dim: int = 512
     for margin in list_margins():
         for unpg in (False, True):
             ref_loss = FaceRecognitionLoss(classes, dim, margin=margin, unpg=unpg).to(device).train()
-            state = {k: v.clone() for k, v in ref_loss.state_dict().items()}
+            state = copy.deepcopy(ref_loss.state_dict())  # includes the generators' extra state
             grads, values = {}, {}
             for dtype in (None, torch.bfloat16, torch.float16):
                 loss = FaceRecognitionLoss(classes, dim, margin=margin, unpg=unpg).to(device).train()

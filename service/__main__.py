@@ -1,0 +1,56 @@
+"""``facerec-serve``: start the REST service with the shipped model and no other argument.
+
+Command-line options override the ``FACEREC_*`` environment (which overrides the defaults).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="facerec-serve",
+        description="Serve face verification, quality and OOD scoring over HTTP. Settings come from "
+        "FACEREC_* environment variables (docs/service.md); these options override them.",
+    )
+    parser.add_argument("--host", help="bind address (FACEREC_HOST, default 127.0.0.1)")
+    parser.add_argument("--port", type=int, help="port (FACEREC_PORT, default 8000)")
+    parser.add_argument("--model", help="model folder from `facerec export` (FACEREC_MODEL)")
+    parser.add_argument("--device", help="auto | cuda | cuda:N | cpu (FACEREC_DEVICE)")
+    parser.add_argument("--backend", choices=["auto", "onnxruntime", "torch"], help="FACEREC_BACKEND")
+    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    args = parser.parse_args(argv)
+
+    from pydantic import ValidationError
+
+    from facerec.runtime import DeviceUnavailableError
+    from service.settings import ModelNotFoundError, Settings
+
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    overrides = {k: v for k, v in vars(args).items() if k != "log_level" and v is not None}
+    try:
+        settings = Settings(**overrides)
+    except ValidationError as err:
+        print(f"facerec-serve: invalid settings:\n{err}", file=sys.stderr)
+        return 2
+
+    import uvicorn
+
+    from service.app import create_app
+
+    try:
+        app = create_app(settings)
+    except (ModelNotFoundError, DeviceUnavailableError) as err:
+        print(f"facerec-serve: {err}", file=sys.stderr)
+        return 2
+    # One worker process: the model, the batcher and the concurrency limits live in this process.
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level=args.log_level,
+                timeout_graceful_shutdown=30)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,70 @@
+"""The application factory: ``create_app(settings)`` -> a FastAPI app with its model loaded.
+
+The model is loaded in the factory, not lazily: a missing model, a GPU the strict device policy
+cannot use or an OOD file of another model stops the start with its message, before a port is
+opened. Warm-up then runs in the background (liveness answers, readiness waits for it).
+
+``uvicorn --factory service.app:create_app`` works too (settings from the environment).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+
+from fastapi import FastAPI
+
+import facerec
+from service.auth import ApiKeys
+from service.engine import Engine
+from service.errors import install_handlers
+from service.metrics import Metrics
+from service.middleware import RequestContextMiddleware
+from service.routes import ROUTERS
+from service.settings import Settings
+
+log = logging.getLogger("service")
+
+DESCRIPTION = """Face verification, quality and out-of-distribution scoring.
+
+Images are sent as multipart files or base64 strings in JSON (never URLs or server paths).
+Every `/v1` route except health needs the `X-API-Key` header. Every response carries
+`X-Request-ID`; every error has the body `{"error": {"code", "message"}, "request_id"}`.
+"""
+
+
+def create_app(settings: Settings | None = None, announce_key: bool = True) -> FastAPI:
+    settings = settings or Settings()
+    metrics = Metrics()
+    engine = Engine(settings, metrics)
+    engine.load()
+    keys = ApiKeys(settings.api_keys)
+    if announce_key:
+        keys.announce()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        await engine.start()
+        try:
+            yield
+        finally:
+            await engine.close()  # answers what is queued, then stops the batcher
+
+    app = FastAPI(
+        title="facerec",
+        version=facerec.__version__,
+        description=DESCRIPTION,
+        lifespan=lifespan,
+        docs_url="/docs" if settings.docs else None,
+        redoc_url=None,
+        openapi_url="/openapi.json" if settings.docs else None,
+    )
+    app.state.settings = settings
+    app.state.engine = engine
+    app.state.metrics = metrics
+    app.state.api_keys = keys
+    install_handlers(app)
+    for router in ROUTERS:
+        app.include_router(router)
+    app.add_middleware(RequestContextMiddleware, max_body=settings.max_request_bytes, metrics=metrics)
+    return app

@@ -1,0 +1,146 @@
+"""Reading images out of a request: multipart files or base64 strings in a JSON object.
+
+The routes parse the body themselves (rather than declaring ``File``/``Body`` parameters) because
+one endpoint accepts both encodings; ``request_body_doc`` documents both in the OpenAPI schema.
+Only bytes sent in the request are accepted: no URLs and no server paths, ever.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import re
+from dataclasses import dataclass
+
+from fastapi import Request
+from pydantic import BaseModel, ValidationError
+from starlette.datastructures import UploadFile
+
+from service.errors import ApiError, _validation_details
+
+_DATA_URI = re.compile(r"^data:[\w.+/-]*(;[\w=.+-]+)*;base64,", re.IGNORECASE)
+_WHITESPACE = re.compile(r"\s+")
+
+
+@dataclass
+class ParsedImages:
+    images: dict[str, bytes]
+    threshold: float | None = None
+
+
+def _b64(field: str, text: str, max_bytes: int) -> bytes:
+    text = _WHITESPACE.sub("", _DATA_URI.sub("", text, count=1))
+    if len(text) * 3 // 4 > max_bytes:
+        raise image_too_large(field, max_bytes)
+    try:
+        data = base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise ApiError(422, "invalid_base64", f"{field}: not valid base64 ({exc})", {"field": field}) from None
+    if not data:
+        raise ApiError(422, "empty_image", f"{field}: empty image", {"field": field})
+    return data
+
+
+def image_too_large(field: str, limit: int) -> ApiError:
+    return ApiError(413, "image_too_large", f"{field}: image larger than the limit of {limit} bytes",
+                    {"field": field, "limit_bytes": limit})
+
+
+def _threshold(value) -> float | None:
+    if value is None or value == "":
+        return None
+    try:
+        t = float(value)
+    except (TypeError, ValueError):
+        t = float("nan")
+    if not -1.0 <= t <= 1.0:  # also refuses NaN
+        raise ApiError(422, "validation_error", "threshold must be a number between -1 and 1",
+                       {"field": "threshold"})
+    return t
+
+
+async def read_images(request: Request, fields: tuple[str, ...], model: type[BaseModel],
+                      max_image_bytes: int) -> ParsedImages:
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if content_type == "multipart/form-data":
+        return await _multipart(request, fields, max_image_bytes)
+    if content_type == "application/json" or content_type.endswith("+json"):
+        return await _json(request, fields, model, max_image_bytes)
+    raise ApiError(
+        415, "unsupported_media_type",
+        f"send multipart/form-data with file field(s) {', '.join(fields)}, or application/json with "
+        f"base64 strings (got {content_type or 'no Content-Type'})",
+    )
+
+
+async def _json(request, fields, model, max_image_bytes) -> ParsedImages:
+    body = await request.body()
+    if not body.strip():
+        raise ApiError(422, "validation_error", f"empty body: expected a JSON object with {', '.join(fields)}")
+    try:
+        payload = json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ApiError(422, "invalid_json", f"the body is not valid JSON ({exc})") from None
+    try:
+        parsed = model.model_validate(payload)
+    except ValidationError as exc:
+        raise ApiError(422, "validation_error", "the JSON body does not match the API schema",
+                       _validation_details(exc.errors(include_input=False))) from None
+    images = {f: _b64(f, getattr(parsed, f), max_image_bytes) for f in fields}
+    return ParsedImages(images, _threshold(getattr(parsed, "threshold", None)))
+
+
+async def _multipart(request, fields, max_image_bytes) -> ParsedImages:
+    allowed = set(fields) | {"threshold"} if "image_a" in fields else set(fields)
+    try:
+        form = await request.form(max_files=len(fields), max_fields=4, max_part_size=64 * 1024)
+    except ApiError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - python-multipart/starlette parse errors: the client's fault
+        raise ApiError(422, "invalid_multipart", f"malformed multipart body ({exc})") from None
+    try:
+        unknown = sorted(set(form.keys()) - allowed)
+        if unknown:
+            raise ApiError(422, "validation_error", f"unknown field(s) {', '.join(unknown)}; expected "
+                           f"{', '.join(sorted(allowed))}", {"unknown": unknown})
+        images: dict[str, bytes] = {}
+        for name in fields:
+            part = form.get(name)
+            if part is None:
+                raise ApiError(422, "validation_error", f"missing file field {name!r}", {"field": name})
+            if not isinstance(part, UploadFile):
+                raise ApiError(422, "validation_error", f"{name!r} must be a file part, not a text field",
+                               {"field": name})
+            data = await part.read(max_image_bytes + 1)
+            if len(data) > max_image_bytes:
+                raise image_too_large(name, max_image_bytes)
+            if not data:
+                raise ApiError(422, "empty_image", f"{name}: empty file", {"field": name})
+            images[name] = data
+        threshold = form.get("threshold")
+        if isinstance(threshold, UploadFile):
+            raise ApiError(422, "validation_error", "threshold must be a text field", {"field": "threshold"})
+        return ParsedImages(images, _threshold(threshold))
+    finally:
+        await form.close()
+
+
+def request_body_doc(json_model: type[BaseModel], fields: tuple[str, ...], threshold: bool = False) -> dict:
+    """``openapi_extra`` documenting both encodings of an image endpoint."""
+    props = {f: {"type": "string", "format": "binary", "description": "image file"} for f in fields}
+    if threshold:
+        props["threshold"] = {"type": "number", "minimum": -1, "maximum": 1,
+                              "description": "cosine threshold for this request"}
+    return {
+        "requestBody": {
+            "required": True,
+            "content": {
+                "multipart/form-data": {
+                    "schema": {"type": "object", "properties": props, "required": list(fields),
+                               "additionalProperties": False}
+                },
+                "application/json": {"schema": json_model.model_json_schema()},
+            },
+        }
+    }

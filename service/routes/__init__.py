@@ -1,0 +1,5 @@
+"""One router per resource; ``ROUTERS`` is what the app includes."""
+
+from service.routes import detect, embed, health, models, quality, verify
+
+ROUTERS = [verify.router, quality.router, embed.router, detect.router, models.router, health.router]

@@ -1,0 +1,125 @@
+"""Service settings: one pydantic-settings class, read from ``FACEREC_*`` environment variables.
+
+Values that would make the service unsafe or unbounded are refused at start (short or placeholder
+API keys, limits above hard caps), so a typo in a deployment fails loudly instead of serving with
+weak protection. There is deliberately no switch that turns authentication off: with no
+``FACEREC_API_KEYS`` a random key is generated at start (see ``service.auth``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from facerec.runtime.device import DEVICE_ENV, parse_device_setting
+
+# The repository's shipped model, used when FACEREC_MODEL is not set.
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_MODEL_DIR = REPO_ROOT / "models" / "default"
+
+MIN_KEY_LENGTH = 16
+# Values people paste from examples; refused so an example key never guards a real deployment.
+PLACEHOLDER_KEYS = {"changeme", "change-me", "secret", "password", "apikey", "api-key", "test", "example"}
+
+MB = 1024 * 1024
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="FACEREC_", extra="ignore", validate_default=True)
+
+    # ---- model and device
+    model: Path | None = Field(
+        None, description="folder made by `facerec export` (or one .onnx/.pt in it); default models/default"
+    )
+    ood: str | None = Field(
+        None, description="OOD detector .npz; default <model folder>/ood.npz when present; 'none' disables"
+    )
+    device: str = Field("auto", description=f"{DEVICE_ENV}: auto | cuda | cuda:N | cpu (strict, see docs)")
+    backend: Literal["auto", "onnxruntime", "torch"] = "auto"
+    precision: Literal["fp32", "fp16"] = "fp32"
+    torch_compile: bool = False
+    verify_threshold: float | None = Field(
+        None, ge=-1.0, le=1.0, description="operator threshold; replaces the model's calibrated one"
+    )
+
+    # ---- network
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+    api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    docs: bool = True  # /docs and /openapi.json
+
+    # ---- limits (every one bounded: the service must not be made to allocate without limit)
+    max_image_bytes: int = Field(10 * MB, ge=1024, le=100 * MB)
+    max_request_bytes: int = Field(32 * MB, ge=2048, le=256 * MB)
+    max_pixels: int = Field(40_000_000, ge=10_000, le=100_000_000)
+    max_faces: int = Field(10, ge=1, le=100)
+    min_face_size: float = Field(20.0, ge=8.0, le=1000.0)
+    max_batch_size: int = Field(32, ge=1, le=256)
+    max_wait_ms: float = Field(5.0, ge=0.0, le=1000.0)
+    max_pending: int = Field(256, ge=1, le=10_000)  # faces queued for the model
+    max_concurrent_requests: int = Field(64, ge=1, le=10_000)  # requests being decoded/detected/embedded
+    decode_workers: int = Field(4, ge=1, le=64)
+    warmup: bool = True
+
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _split_keys(cls, value):
+        if value is None:
+            return []
+        if isinstance(value, str):
+            return [k.strip() for k in value.split(",") if k.strip()]
+        return value
+
+    @field_validator("api_keys")
+    @classmethod
+    def _strong_keys(cls, keys: list[str]) -> list[str]:
+        for key in keys:
+            if len(key) < MIN_KEY_LENGTH:
+                raise ValueError(
+                    f"FACEREC_API_KEYS: every key needs at least {MIN_KEY_LENGTH} characters "
+                    "(generate one with: python -c 'import secrets; print(secrets.token_urlsafe(32))')"
+                )
+            if key.lower() in PLACEHOLDER_KEYS or len(set(key)) < 4:
+                raise ValueError("FACEREC_API_KEYS: a placeholder or low-entropy key is not accepted")
+            if any(c.isspace() or not c.isprintable() for c in key):
+                raise ValueError("FACEREC_API_KEYS: keys cannot contain whitespace or control characters")
+        return keys
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, value: str) -> str:
+        parse_device_setting(value)  # ValueError names the accepted values
+        return value.strip().lower()
+
+    @field_validator("ood")
+    @classmethod
+    def _ood(cls, value: str | None) -> str | None:
+        return None if value is None or not value.strip() else value.strip()
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Settings:
+        if self.max_request_bytes < self.max_image_bytes:
+            raise ValueError("max_request_bytes must be at least max_image_bytes")
+        if self.torch_compile and self.backend == "onnxruntime":
+            raise ValueError("torch_compile needs the torch backend")
+        return self
+
+    def model_path(self) -> Path:
+        """FACEREC_MODEL, else the shipped models/default; a clear error when neither exists."""
+        path = self.model if self.model is not None else DEFAULT_MODEL_DIR
+        if not path.exists():
+            where = f"FACEREC_MODEL={self.model}" if self.model is not None else f"the default {path}"
+            raise ModelNotFoundError(
+                f"no model found ({where} does not exist). Export one with `facerec export "
+                f"<checkpoint> --out {DEFAULT_MODEL_DIR}` (a training checkpoint), or "
+                f"`facerec export --model vit_tiny_fiqa --random-init --out /tmp/m` for an untrained "
+                f"smoke-test model, then set FACEREC_MODEL to that folder."
+            )
+        return path
+
+
+class ModelNotFoundError(RuntimeError):
+    """No exported model where the settings point."""
