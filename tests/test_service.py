@@ -322,6 +322,7 @@ def test_no_model_fails_at_start_saying_how_to_export(tmp_path, monkeypatch):
     from service import settings as settings_mod
 
     monkeypatch.setattr(settings_mod, "DEFAULT_MODEL_DIR", tmp_path / "models" / "default")
+    monkeypatch.delenv("FACEREC_MODEL", raising=False)  # CI points it at the shipped model
     with pytest.raises(ModelNotFoundError, match="facerec export"):
         create_app(Settings(api_keys=[KEY]))
     from service.__main__ import main

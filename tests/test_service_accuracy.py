@@ -98,8 +98,11 @@ def test_http_accuracy_matches_offline_on_validation_pairs():
     offline_scores, http_scores = np.array(offline_scores), np.array(http_scores)
     acc_offline = 100 * np.mean((offline_scores >= threshold) == labels)
     acc_http = 100 * np.mean(np.array(http_match) == labels)
+    print(f"\n{len(labels)} validation pairs at threshold {threshold:.4f}: HTTP {acc_http:.2f}%, "
+          f"offline {acc_offline:.2f}%")
     assert abs(acc_http - acc_offline) <= 0.5, (acc_http, acc_offline)
     # Threshold-free too: the k-fold accuracy of the similarities.
     kf_offline = 100 * kfold_accuracy(offline_scores, labels, 10).mean
     kf_http = 100 * kfold_accuracy(http_scores, labels, 10).mean
+    print(f"10-fold accuracy: HTTP {kf_http:.2f}%, offline {kf_offline:.2f}%")
     assert abs(kf_http - kf_offline) <= 0.5, (kf_http, kf_offline)

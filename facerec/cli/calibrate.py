@@ -1,0 +1,77 @@
+"""``facerec calibrate``: write the verification threshold and quality mapping into an export.
+
+Both are chosen on the validation split (LFW fold 5: every cross-identity pair of its people's
+images), never on the LFW-H2 test pairs, and stored in the fp32 graph's metadata, where the
+service reads them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+HELP = "calibrate an exported model's threshold (at a FAR) and quality mapping on the validation split"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model_dir", help="a `facerec export` folder")
+    parser.add_argument("--aligned-lfw", required=True,
+                        help="aligned LFW tree (`facerec align --preset lfw --out DIR`)")
+    parser.add_argument("--data", default=None, help="shared data root (default $FACEREC_DATA or ../shared/data)")
+    parser.add_argument("--far", type=float, default=1e-3, help="operating point (default: %(default)g)")
+    parser.add_argument("--flip", action="store_true",
+                        help="add the mirrored image's embedding; leave off for the service, which "
+                        "embeds each image once")
+    parser.add_argument("--dry-run", action="store_true", help="print, do not write")
+
+
+def run(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    import onnxruntime as ort
+
+    from facerec.data import protocol
+    from facerec.eval.calibration import (
+        all_pairs_scores,
+        embed_images,
+        quality_percentiles,
+        threshold_at_far,
+    )
+    from facerec.export.onnx import update_metadata
+
+    folder = Path(args.model_dir)
+    graphs = [p for p in sorted(folder.glob("*.onnx")) if not p.name.endswith(".fp16.onnx")]
+    if len(graphs) != 1:
+        raise SystemExit(f"{folder}: expected one fp32 .onnx graph, found {[g.name for g in graphs]}")
+    session = ort.InferenceSession(str(graphs[0]), providers=["CPUExecutionProvider"])
+    names = [o.name for o in session.get_outputs()]
+    wanted = [n for n in ("embedding", "quality") if n in names]
+
+    def embed(x):
+        out = dict(zip(wanted, session.run(wanted, {session.get_inputs()[0].name: x})))
+        return out["embedding"], out.get("quality")
+
+    people = protocol.validation_people(args.data)
+    items = protocol.lfw_images_of(people, args.data)
+    paths = [Path(args.aligned_lfw) / name / path.name for path, name in items]
+    missing = [p for p in paths if not p.exists()]
+    if missing:
+        raise SystemExit(f"{len(missing)} validation images are not aligned, e.g. {missing[0]}")
+    emb, quality = embed_images(embed, paths, flip=args.flip)
+    genuine, impostor = all_pairs_scores(emb, [name for _, name in items])
+    threshold = threshold_at_far(impostor, args.far)
+    tar = float((genuine > threshold).mean())
+    where = (f"LFW fold 5 (validation split): {len(impostor):,} cross-identity pairs of "
+             f"{len(paths):,} images of {len(people)} people"
+             f"{', flip-augmented embeddings' if args.flip else ''}")
+    entries = {"verification_threshold": f"{threshold:.6f}", "verification_far": f"{args.far:g}",
+               "verification_calibrated_on": where}
+    if quality is not None:
+        entries["quality_percentiles"] = json.dumps([round(v, 6) for v in quality_percentiles(quality)])
+        entries["quality_calibrated_on"] = f"LFW fold 5 (validation split): {len(paths):,} aligned faces"
+    print(f"threshold {threshold:.4f} at FAR {args.far:g} (TAR {100 * tar:.2f}% on "
+          f"{len(genuine):,} genuine pairs); {where}")
+    if not args.dry_run:
+        update_metadata(graphs[0], entries)
+        print(f"wrote the calibration into {graphs[0]}")
+    return 0
