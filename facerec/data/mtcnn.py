@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Protocol
 
 import cv2
 import numpy as np
@@ -134,15 +133,24 @@ def build_nets(weights: dict[str, dict[str, np.ndarray]] | None = None):
     return nets
 
 
-class NetRunner(Protocol):
-    """How the cascade runs the three networks: float32 NCHW in, numpy out."""
+class NetRunner:
+    """How the cascade runs the three networks: float32 NCHW in, numpy out. A backend implements
+    ``_run(name, x)`` for the nets "pnet", "rnet" and "onet"."""
 
-    def pnet(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]: ...  # (N,h,w), (N,4,h,w)
-    def rnet(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]: ...  # (N,), (N,4)
-    def onet(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]: ...  # + (N,10)
+    def _run(self, name: str, x: np.ndarray) -> tuple[np.ndarray, ...]:
+        raise NotImplementedError
+
+    def pnet(self, x: np.ndarray) -> tuple[np.ndarray, ...]:  # (N,h,w), (N,4,h,w)
+        return self._run("pnet", x)
+
+    def rnet(self, x: np.ndarray) -> tuple[np.ndarray, ...]:  # (N,), (N,4)
+        return self._run("rnet", x)
+
+    def onet(self, x: np.ndarray) -> tuple[np.ndarray, ...]:  # (N,), (N,4), (N,10)
+        return self._run("onet", x)
 
 
-class TorchRunner:
+class TorchRunner(NetRunner):
     """Runs the nets with torch on ``device`` ("cpu", "cuda", "cuda:1", ...)."""
 
     def __init__(self, device: str = "cpu", weights_path: str | Path | None = None):
@@ -157,15 +165,6 @@ class TorchRunner:
         with self._torch.inference_mode():
             out = self.nets[name](self._torch.from_numpy(x).to(self.device))
             return tuple(o.float().cpu().numpy() for o in out)
-
-    def pnet(self, x):
-        return self._run("pnet", x)
-
-    def rnet(self, x):
-        return self._run("rnet", x)
-
-    def onet(self, x):
-        return self._run("onet", x)
 
 
 # ------------------------------------------------------------------------------------ cascade

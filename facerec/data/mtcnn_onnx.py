@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from facerec.data.mtcnn import ASSET_DIR
+from facerec.data.mtcnn import ASSET_DIR, NetRunner
 
 NET_NAMES = ("pnet", "rnet", "onet")
 _OUTPUTS = {"pnet": ["prob", "reg"], "rnet": ["prob", "reg"], "onet": ["prob", "reg", "landmarks"]}
@@ -94,7 +94,7 @@ def _providers(device: str) -> list[str]:
     return ["CPUExecutionProvider"]
 
 
-class OnnxRunner:
+class OnnxRunner(NetRunner):
     """The ``NetRunner`` of ``facerec.data.mtcnn`` backed by three onnxruntime sessions."""
 
     def __init__(self, model_dir: str | Path | None = None, device: str = "cpu", threads: int = 0):
@@ -112,12 +112,3 @@ class OnnxRunner:
 
     def _run(self, name: str, x: np.ndarray):
         return tuple(self.sessions[name].run(None, {"input": np.ascontiguousarray(x, dtype=np.float32)}))
-
-    def pnet(self, x):
-        return self._run("pnet", x)
-
-    def rnet(self, x):
-        return self._run("rnet", x)
-
-    def onet(self, x):
-        return self._run("onet", x)
