@@ -133,3 +133,36 @@ def test_dataloader_workers_and_distributed(tree, tmp_path):
         assert len(list(loader)) == 4
     finally:
         dist.destroy_process_group()
+
+
+def test_exact_duplicates_are_removed_and_ambiguous_labels_dropped(tmp_path):
+    from facerec.data.protocol import drop_exact_duplicates, exact_duplicates
+
+    def write(name: str, content: bytes) -> Path:
+        path = tmp_path / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(content)
+        return path
+
+    items = [
+        (write("a/1.jpg", b"alpha"), "a"),
+        (write("a/2.jpg", b"alpha"), "a"),  # same file twice in one identity: keep one
+        (write("a/3.jpg", b"gamma"), "a"),
+        (write("b/1.jpg", b"gamma"), "b"),  # same file under two identities: drop both
+        (write("b/2.jpg", b"delta"), "b"),
+    ]
+    assert len(exact_duplicates(items)) == 2
+    kept = drop_exact_duplicates(items)
+    assert [(p.relative_to(tmp_path).as_posix(), i) for p, i in kept] == [("a/1.jpg", "a"), ("b/2.jpg", "b")]
+
+
+@pytest.mark.data
+def test_the_shared_pool_has_no_exact_duplicates_left():
+    from facerec.data import protocol
+
+    if not protocol.has_lfw():
+        pytest.skip("shared data (FACEREC_DATA) is absent")
+    raw = protocol.pool_images(deduplicate=False)
+    kept = protocol.pool_images()
+    assert len(kept) < len(raw)
+    assert protocol.exact_duplicates(kept) == []

@@ -126,9 +126,36 @@ def source_images(source: str, root=None) -> list[tuple[Path, str]]:
     return [(p, f"{source}{SEP}{n}") for p, n in _identity_folder_images(folder)]
 
 
-def pool_images(root=None, sources: tuple[str, ...] = ("lfw",) + OTHER_POOL_SOURCES):
-    """The training pool as (path, unique identity) over all sources, in a stable order."""
-    return [item for s in sources for item in source_images(s, root)]
+def exact_duplicates(items: list[tuple[Path, str]]) -> list[list[tuple[Path, str]]]:
+    """Groups (2 or more) of byte-identical files among (path, identity) items, in item order."""
+    import hashlib
+
+    groups: dict[str, list[tuple[Path, str]]] = {}
+    for path, identity in items:
+        digest = hashlib.sha1(Path(path).read_bytes()).hexdigest()
+        groups.setdefault(digest, []).append((path, identity))
+    return [g for g in groups.values() if len(g) > 1]
+
+
+def drop_exact_duplicates(items: list[tuple[Path, str]]) -> list[tuple[Path, str]]:
+    """Keep one copy of a file repeated within one identity; drop every copy of a file that stands
+    under several identities (its label is ambiguous: it would teach the model two answers)."""
+    drop: set[Path] = set()
+    for group in exact_duplicates(items):
+        if len({identity for _, identity in group}) > 1:
+            drop.update(Path(p) for p, _ in group)
+        else:
+            drop.update(Path(p) for p, _ in group[1:])
+    return [(p, i) for p, i in items if Path(p) not in drop]
+
+
+def pool_images(
+    root=None, sources: tuple[str, ...] = ("lfw",) + OTHER_POOL_SOURCES, deduplicate: bool = True
+):
+    """The training pool as (path, unique identity) over all sources, in a stable order, with
+    exact duplicates removed (``drop_exact_duplicates``) unless ``deduplicate=False``."""
+    items = [item for s in sources for item in source_images(s, root)]
+    return drop_exact_duplicates(items) if deduplicate else items
 
 
 def check_disjoint(root=None) -> None:
