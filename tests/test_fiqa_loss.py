@@ -48,3 +48,23 @@ def test_combined_objective_is_ce_plus_ten_times_quality_on_unmargined_cosines()
     torch.testing.assert_close(out.total, ce + 10.0 * reg)
     out.total.backward()
     assert quality.grad is not None and torch.isfinite(quality.grad).all()
+
+
+def test_classes_outside_the_quality_mask_do_not_drive_the_quality_target():
+    torch.manual_seed(1)
+    b, c, d = 10, 6, 8
+    loss = FaceRecognitionLoss(c, d, margin="arcface")
+    embeddings = torch.randn(b, d)
+    labels = torch.tensor([0, 0, 1, 1, 2, 3, 4, 4, 5, 5])  # classes 2 and 3: one image each
+    mask = torch.tensor([True, True, False, False, True, True])
+    loss.set_quality_classes(mask)
+    quality = torch.randn(b, requires_grad=True)
+    out = loss(embeddings, labels, quality)
+    out.total.backward()
+    keep = mask[labels]
+    cosine = F.normalize(embeddings) @ F.normalize(loss.centres.weight.detach()).t()
+    want = F.smooth_l1_loss(quality[keep], cr_target(cosine, labels)[keep], beta=0.5)
+    torch.testing.assert_close(out.quality, want)
+    assert torch.all(quality.grad[~keep] == 0) and torch.all(quality.grad[keep] != 0)
+    with pytest.raises(ValueError, match="one entry per class"):
+        loss.set_quality_classes(torch.ones(3, dtype=torch.bool))

@@ -167,3 +167,30 @@ def test_two_process_ddp_equals_one_process_on_the_concatenated_batch(tmp_path):
     torch.testing.assert_close(torch.cat(shards), full, rtol=1e-5, atol=1e-6)
     # The step moved the weights (so the comparison is not of two untouched inits).
     assert any(not torch.equal(m1[k], m2[k] * 0 + m1[k].mean()) for k in m1)
+
+
+def test_single_image_identities_do_not_drive_the_quality_target(tmp_path):
+    """A folder with one single-image identity: the trainer masks it out of the quality loss."""
+    import cv2
+    import numpy as np
+
+    from training.config import load_config
+    from training.trainer import Trainer
+
+    rng = np.random.default_rng(0)
+    for ident, n in (("a", 3), ("b", 3), ("c", 1)):
+        for k in range(n):
+            path = tmp_path / "data" / ident / f"{k}.jpg"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            cv2.imwrite(str(path), rng.integers(0, 255, (112, 112, 3), dtype=np.uint8))
+    from training.__main__ import CONFIG_DIR
+
+    cfg = load_config(CONFIG_DIR / "tiny_cpu.yaml", [
+        f"data.path={tmp_path / 'data'}", "data.identity_range=null", "data.center_crop=null",
+        "data.workers=0", "data.batch_size=4", "val.kind=none", "model.name=vit_tiny_fiqa",
+        "model.kwargs={depth: 1}",
+        "train.max_steps=1", "train.progress=false", f"run_dir={tmp_path / 'run'}",
+    ])
+    trainer = Trainer(cfg)
+    assert trainer.loss_fn.quality_classes.tolist() == [True, True, False]
+    assert trainer.quality_excluded_classes == 1

@@ -40,6 +40,9 @@ class LossConfig(_Strict):
     unpg_whisker: float = 1.5
     quality_weight: float = 10.0
     quality_beta: float = 0.5
+    # Identities with fewer images than this train the classifier but not the quality target:
+    # with one image the class centre is that image, so its certainty ratio says nothing.
+    quality_min_images: int = 2
 
 
 class OptimConfig(_Strict):

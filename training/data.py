@@ -176,6 +176,21 @@ def build_dataset(cfg, seed: int) -> Dataset:
     return FolderDataset(root, transform, samples=samples)
 
 
+def class_counts(dataset: Dataset) -> torch.Tensor | None:
+    """Images per class of a training dataset, or None when the dataset cannot say cheaply."""
+    n = int(dataset.num_classes)
+    if isinstance(dataset, SyntheticFaces):
+        return torch.full((n,), dataset.images_per_class, dtype=torch.long)
+    if isinstance(dataset, FolderDataset):
+        labels = torch.tensor([s.label for s in dataset.samples], dtype=torch.long)
+        return torch.bincount(labels, minlength=n)
+    if isinstance(dataset, RecDataset):
+        ranges = dataset.reader.identity_ranges()
+        if len(ranges) == n:
+            return torch.tensor([end - start for start, end in ranges], dtype=torch.long)
+    return None
+
+
 def build_loader(dataset: Dataset, sampler: ResumableBatchSampler, cfg, pin_memory: bool) -> DataLoader:
     kwargs = {}
     if cfg.workers > 0:

@@ -23,7 +23,7 @@ from facerec.losses import FaceRecognitionLoss
 from facerec.models import create_model
 from training import checkpoint as ckpt
 from training.config import Config, save_config
-from training.data import ResumableBatchSampler, build_dataset, build_loader
+from training.data import ResumableBatchSampler, build_dataset, build_loader, class_counts
 from training.dist import DistInfo, allreduce_sum_hook, barrier, init_distributed
 from training.logger import RunLogger
 from training.optim import autocast_dtype, build_optimizer, clip_grad_norm, is_fused, make_scaler
@@ -99,6 +99,11 @@ class Trainer:
             quality_weight=lc.quality_weight, quality_beta=lc.quality_beta, seed=cfg.train.seed,
         )
         init_centres(self.loss_fn, cfg.train.seed)
+        if self.has_quality and lc.quality_min_images > 1:
+            counts = class_counts(self.dataset)
+            if counts is not None:
+                self.loss_fn.set_quality_classes(counts >= lc.quality_min_images)
+                self.quality_excluded_classes = int((counts < lc.quality_min_images).sum())
         self.loss_fn.to(self.device)
         self.optimizer = build_optimizer(model, self.loss_fn, cfg.optim)
         self.centre_params = [p for p in self.loss_fn.parameters() if p.requires_grad]
@@ -143,6 +148,11 @@ class Trainer:
             save_config(cfg, self.run_dir / "config.yaml")
             if path is not None:
                 self.log.message(f"resumed from {path} at step {self.step} (epoch {self.epoch})")
+            excluded = getattr(self, "quality_excluded_classes", 0)
+            if excluded:
+                self.log.message(f"{excluded} of {self.num_classes} identities have fewer than "
+                                 f"{cfg.loss.quality_min_images} images: they train the classifier "
+                                 "but not the quality target")
 
     # ------------------------------------------------------------------ state
     def _reset_meters(self) -> None:

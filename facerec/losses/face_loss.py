@@ -59,6 +59,15 @@ class FaceRecognitionLoss(nn.Module):
         self.unpg_whisker = float(unpg_whisker)
         self.quality_weight = float(quality_weight)
         self.quality_beta = float(quality_beta)
+        # Classes whose samples may drive the quality target (None: all). An identity with one
+        # image makes the certainty ratio meaningless: its centre is that image's own embedding.
+        self.register_buffer("quality_classes", None, persistent=False)
+
+    def set_quality_classes(self, mask: Tensor | None) -> None:
+        """``mask`` (num_classes,) bool: which classes' samples enter the quality regression."""
+        if mask is not None and mask.shape != (self.centres.num_classes,):
+            raise ValueError(f"mask must have one entry per class ({self.centres.num_classes})")
+        self.quality_classes = None if mask is None else mask.to(torch.bool)
 
     def forward(self, embeddings: Tensor, labels: Tensor, quality: Tensor | None = None) -> LossOutput:
         out = self.centres(embeddings, labels)
@@ -90,9 +99,12 @@ class FaceRecognitionLoss(nn.Module):
             target = cr_target(out.cosine, out.local_labels, valid=valid,
                                target_cosine=torch.nan_to_num(target_cosine))
             local_quality_target = target[out.local_slice]
+            quality_valid = valid
+            if self.quality_classes is not None:
+                quality_valid = valid & self.quality_classes.to(valid.device)[out.labels.clamp_min(0)]
             quality_loss = quality_regression_loss(
-                quality, local_quality_target, valid=valid[out.local_slice],
-                beta=self.quality_beta, num_valid_global=num_valid,
+                quality, local_quality_target, valid=quality_valid[out.local_slice],
+                beta=self.quality_beta, num_valid_global=quality_valid.sum().clamp_min(1),
             )
             total = total + self.quality_weight * quality_loss
         return LossOutput(total, classification, quality_loss, local_quality_target, num_negatives)
