@@ -1,0 +1,291 @@
+"""Face-image quality evaluation: Error-versus-Discard Characteristic (EDC), partial AUC, bootstrap CIs.
+
+Conventions (see ``shared/reference/methods.md`` section 7):
+
+- A pair's quality is the **lower** of its two images' qualities: ``min(q_a, q_b)``.
+- Discarding a fraction ``u`` removes the ``floor(u * n)`` genuine pairs of lowest pair quality
+  (stable sort; ties are broken by the pairs' original order, so the result is deterministic).
+- The comparison threshold is **fixed once, at 0% discard**, for the target FMR over *all* impostor
+  pairs (the ISO/IEC 29794-1 style EDC). CR-FIQA's ``ERC/erc.py`` instead re-estimates the threshold
+  on the remaining pairs at every discard step; we do not.
+- Accept when ``score > threshold``; the threshold is the ``k``-th highest impostor score with
+  ``k = floor(fmr * N) + 1`` (as ``facerec.eval.verification.tar_at_far``), so at most
+  ``floor(fmr * N)`` impostors score above it. The FMR is *unsupported* when ``floor(fmr * N) < 1``
+  (fewer than ``1 / fmr`` impostors); the curve is then all NaN and ``supported`` is False.
+- FNMR at discard ``u`` = fraction of the remaining genuine pairs with ``score <= threshold``.
+- ``partial_auc`` is the trapezoid area under FNMR(u) for u in [0, upper], **not normalised** by
+  default (units of FNMR x discard fraction, like ``sklearn.metrics.auc`` in CR-FIQA);
+  ``normalise=True`` divides by ``upper`` (mean FNMR over the range).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+DEFAULT_DISCARD = np.round(np.arange(0.0, 0.951, 0.01), 10)
+
+
+def pair_quality(q_a: np.ndarray, q_b: np.ndarray) -> np.ndarray:
+    """Pair quality = min of the two images' qualities."""
+    return np.minimum(np.asarray(q_a, dtype=np.float64), np.asarray(q_b, dtype=np.float64))
+
+
+def fixed_threshold(impostor_scores: np.ndarray, fmr: float) -> tuple[float, bool, int]:
+    """(threshold, supported, allowed) for ``fmr`` over all impostors; ``allowed`` impostors may
+    score above the threshold. Unsupported (threshold NaN) when ``floor(fmr * N) < 1``."""
+    if not 0 < fmr < 1:
+        raise ValueError(f"fmr must be in (0, 1), got {fmr}")
+    impostor = np.asarray(impostor_scores, dtype=np.float64).ravel()
+    n = impostor.size
+    allowed = math.floor(fmr * n + 1e-9)
+    if allowed < 1:
+        return math.nan, False, allowed
+    # k-th highest with k = allowed + 1 -> index n - allowed - 1 in ascending order
+    kth = n - allowed - 1
+    threshold = float(np.partition(impostor, kth)[kth])
+    return threshold, True, allowed
+
+
+def _discard_counts(n: int, discard: np.ndarray) -> np.ndarray:
+    return np.floor(np.asarray(discard, dtype=np.float64) * n + 1e-9).astype(np.int64)
+
+
+def _fnmr_from_sorted(errors_sorted: np.ndarray, discard: np.ndarray) -> np.ndarray:
+    """FNMR after dropping the first floor(u n) entries of a quality-ascending error vector."""
+    n = errors_sorted.size
+    drop = _discard_counts(n, discard)
+    # suffix sums: errors remaining after dropping d lowest = total - prefix[d]
+    prefix = np.concatenate([[0], np.cumsum(errors_sorted, dtype=np.int64)])
+    remaining = n - drop
+    with np.errstate(invalid="ignore", divide="ignore"):
+        out = (prefix[-1] - prefix[drop]) / remaining
+    return np.where(remaining > 0, out, np.nan)
+
+
+@dataclass
+class EDCResult:
+    fmr: float
+    threshold: float
+    supported: bool
+    num_genuine: int
+    num_impostor: int
+    discard: np.ndarray
+    fnmr: np.ndarray
+    # achieved FMR on the impostors kept at each discard step (only when impostor quality is given)
+    fmr_remaining: np.ndarray | None = None
+    note: str = ""
+
+    def as_dict(self) -> dict:
+        d = {
+            "fmr": self.fmr,
+            "threshold": self.threshold,
+            "supported": self.supported,
+            "num_genuine": self.num_genuine,
+            "num_impostor": self.num_impostor,
+            "discard": [round(float(u), 6) for u in self.discard],
+            "fnmr": [None if np.isnan(v) else float(v) for v in self.fnmr],
+            "note": self.note,
+        }
+        if self.fmr_remaining is not None:
+            d["fmr_remaining"] = [None if np.isnan(v) else float(v) for v in self.fmr_remaining]
+        return d
+
+
+def edc_curve(
+    genuine_scores,
+    impostor_scores,
+    genuine_quality,
+    impostor_quality=None,
+    fmr: float = 1e-2,
+    discard: Sequence[float] | np.ndarray = DEFAULT_DISCARD,
+    threshold: float | None = None,
+) -> EDCResult:
+    """FNMR after discarding the lowest-quality fraction of genuine pairs, threshold fixed at 0%.
+
+    ``genuine_quality`` (and ``impostor_quality``) are *pair* qualities (use :func:`pair_quality`),
+    or an (n, 2) array of the two images' qualities, reduced with min. ``threshold`` may be passed
+    to skip re-estimating it (it must be the 0%-discard threshold for ``fmr``). When
+    ``impostor_quality`` is given, ``fmr_remaining`` reports the achieved FMR on the impostor pairs
+    that survive the same discard fraction (diagnostic only: the threshold never moves).
+    """
+    genuine = np.asarray(genuine_scores, dtype=np.float64).ravel()
+    impostor = np.asarray(impostor_scores)
+    gq = _as_pair_quality(genuine_quality)
+    if gq.shape != genuine.shape:
+        raise ValueError(f"genuine_quality has {gq.shape}, scores have {genuine.shape}")
+    discard = np.asarray(discard, dtype=np.float64)
+    if discard.ndim != 1 or np.any(discard < 0) or np.any(discard >= 1):
+        raise ValueError("discard fractions must be in [0, 1)")
+    if threshold is None:
+        threshold, supported, _ = fixed_threshold(impostor, fmr)
+    else:
+        supported = not math.isnan(threshold)
+    n_imp = int(impostor.size)
+    if not supported:
+        need = math.ceil(1 / fmr)
+        return EDCResult(fmr, math.nan, False, genuine.size, n_imp, discard,
+                         np.full(discard.shape, np.nan),
+                         note=f"FMR {fmr:g} unsupported: needs >= {need} impostor pairs, have {n_imp}")
+    order = np.argsort(gq, kind="stable")
+    errors = (genuine[order] <= threshold).astype(np.int64)
+    fnmr = _fnmr_from_sorted(errors, discard)
+    fmr_remaining = None
+    if impostor_quality is not None:
+        iq = _as_pair_quality(impostor_quality)
+        if iq.shape != impostor.ravel().shape:
+            raise ValueError("impostor_quality does not match impostor_scores")
+        io = np.argsort(iq, kind="stable")
+        ierr = (np.asarray(impostor, dtype=np.float64).ravel()[io] > threshold).astype(np.int64)
+        fmr_remaining = _fnmr_from_sorted(ierr, discard)
+    return EDCResult(fmr, float(threshold), True, genuine.size, n_imp, discard, fnmr, fmr_remaining,
+                     note="threshold fixed at 0% discard over all impostors")
+
+
+def _as_pair_quality(q) -> np.ndarray:
+    q = np.asarray(q, dtype=np.float64)
+    if q.ndim == 2 and q.shape[1] == 2:
+        return q.min(axis=1)
+    return q.ravel()
+
+
+def partial_auc(discard, fnmr, upper: float = 0.3, normalise: bool = False) -> float:
+    """Trapezoid area under FNMR(discard) for discard in [0, upper].
+
+    Not normalised by default (area, as ``sklearn.metrics.auc``); ``normalise=True`` divides by
+    ``upper``. When ``upper`` is not a grid point the curve is linearly interpolated there.
+    """
+    u = np.asarray(discard, dtype=np.float64)
+    f = np.asarray(fnmr, dtype=np.float64)
+    if u.shape != f.shape or u.ndim != 1 or u.size < 2:
+        raise ValueError("discard and fnmr must be equal-length 1-D arrays (>= 2 points)")
+    if np.any(np.diff(u) <= 0):
+        raise ValueError("discard must be strictly increasing")
+    if upper <= u[0] or upper > u[-1] + 1e-12:
+        raise ValueError(f"upper {upper} outside the discard grid [{u[0]}, {u[-1]}]")
+    keep = u < upper - 1e-12
+    uu = np.concatenate([u[keep], [upper]])
+    ff = np.concatenate([f[keep], [np.interp(upper, u, f)]])
+    area = float(np.sum((uu[1:] - uu[:-1]) * (ff[1:] + ff[:-1]) / 2))
+    return area / (upper - u[0]) if normalise else area
+
+
+def _bootstrap_thresholds(impostor: np.ndarray, fmr: float, num: int, rng: np.random.Generator) -> np.ndarray:
+    """Thresholds for ``fmr`` on ``num`` bootstrap resamples of the impostors (exact, cheap).
+
+    Only the top ``m`` impostors can set the threshold; their resample counts together with one
+    "rest" bucket are drawn from the exact multinomial, and the threshold is the score where the
+    cumulative count (from the top) first exceeds ``allowed``.
+    """
+    n = impostor.size
+    allowed = math.floor(fmr * n + 1e-9)
+    m = min(n, max(4 * allowed + 1000, allowed + 1))
+    top = np.sort(np.partition(impostor, n - m)[n - m:])[::-1]
+    probs = np.full(m + 1, 1.0 / n)
+    probs[-1] = max(0.0, 1.0 - m / n)
+    out = np.empty(num)
+    for b in range(num):
+        counts = rng.multinomial(n, probs / probs.sum())[:m]
+        cum = np.cumsum(counts)
+        j = int(np.searchsorted(cum, allowed + 1))  # first index with cum >= allowed + 1
+        if j >= m:  # extremely unlikely with m >= 4 * allowed
+            j = m - 1
+        out[b] = top[j]
+    return out
+
+
+@dataclass
+class BootstrapResult:
+    point: dict[str, float]
+    low: dict[str, float]
+    high: dict[str, float]
+    num_resamples: int
+    seed: int
+    level: float
+    samples: dict[str, np.ndarray] = field(repr=False, default_factory=dict)
+
+    def as_dict(self) -> dict:
+        return {"point": self.point, "ci_low": self.low, "ci_high": self.high,
+                "num_resamples": self.num_resamples, "seed": self.seed, "level": self.level}
+
+
+def bootstrap_ci(
+    genuine_scores,
+    impostor_scores,
+    genuine_quality,
+    fmr: float = 1e-2,
+    discard=DEFAULT_DISCARD,
+    uppers: Sequence[float] = (0.3, 0.95),
+    num_resamples: int = 200,
+    seed: int = 0,
+    level: float = 0.95,
+    resample_impostors: bool = True,
+) -> BootstrapResult:
+    """Percentile bootstrap intervals for pAUC up to each ``upper`` and for FNMR at 0% discard.
+
+    Each resample draws the genuine pairs with replacement and, when ``resample_impostors``, the
+    impostors too (re-estimating the fixed 0%-discard threshold on the resampled impostors). The
+    resampling is seeded, so calling it twice, or for several quality measures with the same
+    scores, uses the same resamples (paired comparison).
+    """
+    genuine = np.asarray(genuine_scores, dtype=np.float64).ravel()
+    impostor = np.asarray(impostor_scores, dtype=np.float64).ravel()
+    gq = _as_pair_quality(genuine_quality)
+    discard = np.asarray(discard, dtype=np.float64)
+    base = edc_curve(genuine, impostor, gq, fmr=fmr, discard=discard)
+    keys = [f"pauc_{u:g}" for u in uppers] + ["fnmr_0"]
+    if not base.supported:
+        nan = {k: math.nan for k in keys}
+        return BootstrapResult(nan, dict(nan), dict(nan), 0, seed, level)
+    point = {f"pauc_{u:g}": partial_auc(discard, base.fnmr, u) for u in uppers}
+    point["fnmr_0"] = float(base.fnmr[0])
+    rng = np.random.default_rng(seed)
+    n = genuine.size
+    thr = (_bootstrap_thresholds(impostor, fmr, num_resamples, rng) if resample_impostors
+           else np.full(num_resamples, base.threshold))
+    order = np.argsort(gq, kind="stable")
+    g_sorted = genuine[order]
+    samples = {k: np.empty(num_resamples) for k in keys}
+    for b in range(num_resamples):
+        # resampled positions in the quality-ascending order; sorting them keeps that order
+        pos = np.sort(rng.integers(0, n, size=n))
+        errors = (g_sorted[pos] <= thr[b]).astype(np.int64)
+        f = _fnmr_from_sorted(errors, discard)
+        for u in uppers:
+            samples[f"pauc_{u:g}"][b] = partial_auc(discard, f, u)
+        samples["fnmr_0"][b] = f[0]
+    alpha = (1 - level) / 2
+    low = {k: float(np.quantile(v, alpha)) for k, v in samples.items()}
+    high = {k: float(np.quantile(v, 1 - alpha)) for k, v in samples.items()}
+    return BootstrapResult(point, low, high, num_resamples, seed, level, samples)
+
+
+def plot_edc(curves: Mapping[str, EDCResult], path: str | Path, title: str = "") -> Path:
+    """One EDC line per quality measure (all curves should share the FMR) -> PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig, ax = plt.subplots(figsize=(6, 4.2), dpi=120)
+    for name, res in curves.items():
+        if res.supported:
+            ax.plot(res.discard, res.fnmr, label=name)
+    ax.set_xlabel("fraction of genuine pairs discarded (lowest pair quality)")
+    ax.set_ylabel("FNMR (threshold fixed at 0% discard)")
+    ax.set_xlim(0, float(max(r.discard[-1] for r in curves.values())))
+    ax.set_ylim(bottom=0)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    if title:
+        ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
