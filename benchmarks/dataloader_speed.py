@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -34,6 +33,7 @@ from facerec.data.datasets import (
 )
 from facerec.data.folders import load_or_build_manifest
 from facerec.data.recordio import write_face_rec
+from facerec.sysinfo import cpu_name
 
 SAMPLE = ROOT / "tests" / "data" / "lfw_sample"
 
@@ -73,16 +73,6 @@ def loader_rate(dataset, workers: int, batch: int) -> float:
     for x, _ in loader:
         n += x.shape[0]
     return n / (time.perf_counter() - start)
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def main() -> None:

@@ -26,17 +26,9 @@ from pathlib import Path
 
 import numpy as np
 
+from facerec.sysinfo import cpu_name
+
 ROOT = Path(__file__).resolve().parent
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def time_backend(backend, batch: int, seconds: float, size: int = 112) -> dict:
@@ -135,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
         "device": args.device,
         "seconds": args.seconds,
         "environment": {
-            "cpu": _cpu_name(),
+            "cpu": cpu_name(),
             "cpu_count": os.cpu_count(),
             "load_average": [round(v, 2) for v in os.getloadavg()],
             "torch_threads": args.threads or torch.get_num_threads(),

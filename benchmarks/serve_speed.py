@@ -153,8 +153,9 @@ def main() -> int:
     finally:
         proc.terminate()
         proc.wait(60)
-    cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
-                if ln.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else "?"
+    from facerec.sysinfo import cpu_name
+
+    cpu = cpu_name()
     report = {
         "tag": args.tag,
         "server": {"model": f"{models['contract']['model_name']} {models['contract']['model_version']}",
