@@ -34,7 +34,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         settings = Settings(**overrides)
     except ValidationError as err:
-        print(f"facerec-serve: invalid settings:\n{err}", file=sys.stderr)
+        # Without the input values: they can hold API keys or a database password.
+        lines = "\n".join(f"  {'.'.join(map(str, e['loc'])) or 'settings'}: {e['msg']}"
+                          for e in err.errors(include_input=False, include_url=False))
+        print(f"facerec-serve: invalid settings:\n{lines}", file=sys.stderr)
         return 2
 
     import uvicorn
