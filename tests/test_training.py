@@ -194,3 +194,13 @@ def test_single_image_identities_do_not_drive_the_quality_target(tmp_path):
     trainer = Trainer(cfg)
     assert trainer.loss_fn.quality_classes.tolist() == [True, True, False]
     assert trainer.quality_excluded_classes == 1
+
+
+def test_amp_off_survives_yaml():
+    """YAML 1.1 reads a bare `off` as false: `--set train.amp=off` must still mean 'off'."""
+    from training.__main__ import config_path
+    from training.config import load_config
+
+    assert load_config(config_path("tiny_cpu"), ["train.amp=off"]).train.amp == "off"
+    with pytest.raises(ValueError, match="amp"):
+        load_config(config_path("tiny_cpu"), ["train.amp=on"])  # true is not a mode

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
 class _Strict(BaseModel):
@@ -72,6 +72,7 @@ class DataConfig(_Strict):
     path: Optional[str] = None  # folder/.rec path; data root for 'pool' (default FACEREC_DATA)
     manifest: Optional[str] = None  # folder: manifest.csv to use (default <path>/manifest.csv if present)
     pool_sources: list[str] = Field(default_factory=lambda: ["lfw", "celeba", "yaleb", "orl", "yale"])
+    pins: Optional[str] = None  # 'pool' with "pins" in pool_sources: the Pins folder (or $FACEREC_PINS)
     identity_range: Optional[tuple[int, int]] = None  # [start, end) of sorted identities to train on
     min_images_per_identity: int = 1
     batch_size: int = 128  # per process
@@ -117,6 +118,12 @@ class TrainConfig(_Strict):
     nan_patience: int = 5  # stop after this many consecutive non-finite steps
     progress: bool = True
 
+
+    @field_validator("amp", mode="before")
+    @classmethod
+    def _yaml_off(cls, value):
+        # YAML 1.1 reads a bare `off` (in a file or `--set train.amp=off`) as the boolean false
+        return "off" if value is False else value
 
 class Config(_Strict):
     run_dir: str = "runs/default"

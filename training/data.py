@@ -149,11 +149,27 @@ def folder_samples(root: str, manifest: str | None = None) -> list[Sample]:
     return read_manifest(path) if path.exists() else build_samples(root)
 
 
-def pool_samples(root: str | None, sources) -> list[Sample]:
+def pool_samples(root: str | None, sources, pins: str | None = None) -> list[Sample]:
     from facerec.data.protocol import pool_images
 
-    items = pool_images(root, tuple(sources))
+    items = pool_images(root, tuple(sources), pins=pins)  # checks the held-out people are absent
     return [Sample(str(path), 0, ident) for path, ident in items]
+
+
+def check_protocol_identities(samples: list[Sample]) -> bool:
+    """For an aligned copy of the protocol pool (every identity carries a source prefix such as
+    ``lfw__`` or ``pins__``) and with the shared data present: raise if a validation, LFW-H2 or
+    reserved person is among the identities. Returns whether the check ran."""
+    from facerec.data import protocol
+
+    prefixes = ("lfw", "pins", "yaleb", "orl", "yale", "celeba")
+    idents = {s.identity for s in samples}
+    if not idents or not protocol.has_lfw():
+        return False
+    if not all(i.partition(protocol.SEP)[0] in prefixes and protocol.SEP in i for i in idents):
+        return False
+    protocol.check_identities_absent([(Path(i), i) for i in sorted(idents)])
+    return True
 
 
 def build_dataset(cfg, seed: int) -> Dataset:
@@ -166,9 +182,10 @@ def build_dataset(cfg, seed: int) -> Dataset:
         return RecDataset(cfg.path, transform)
     if cfg.kind == "folder":
         samples = folder_samples(cfg.path, cfg.manifest)
+        check_protocol_identities(samples)
         root = cfg.path
     else:  # pool: absolute paths from the protocol, so the root is '/'
-        samples = pool_samples(cfg.path, cfg.pool_sources)
+        samples = pool_samples(cfg.path, cfg.pool_sources, cfg.pins)
         root = Path(samples[0].path).anchor if samples else "/"
     samples = select_identities(samples, cfg.identity_range, cfg.min_images_per_identity)
     if not samples:

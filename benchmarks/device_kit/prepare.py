@@ -25,8 +25,9 @@ WHEELS = ["pydantic==2.14.4", "pydantic-core==2.50.5", "annotated-types==0.8.0",
           "typing-inspection==0.4.5", "typing-extensions==4.16.0"]
 
 
-def pack_pool(pool: Path, out: Path, quality: int) -> tuple[int, int]:
-    identities = sorted(d for d in pool.iterdir() if d.is_dir())
+def pack_pool(pool: Path, out: Path, quality: int, shard: int = 0, shards: int = 1) -> tuple[int, int]:
+    """Pack identities ``shard::shards`` of the sorted identity folders (all of them by default)."""
+    identities = sorted(d for d in pool.iterdir() if d.is_dir())[shard::shards]
     images = 0
     with FaceRecWriter(out) as writer:
         for label, folder in enumerate(identities):
@@ -45,11 +46,20 @@ def main() -> None:
     parser.add_argument("--lfw", required=True, help="aligned LFW tree with validation.bin")
     parser.add_argument("--kit", default=".gpu", help="output folder, ignored by git (default: %(default)s)")
     parser.add_argument("--jpeg-quality", type=int, default=75)
+    parser.add_argument("--shards", type=int, default=1,
+                        help="split the pool into N .rec shards <kit>/pool_K (identities K::N) to carry "
+                             "over N calls; merge_shards.py joins them on the device")
     args = parser.parse_args()
     kit = Path(args.kit)
-    if (kit / "pool").exists():
-        shutil.rmtree(kit / "pool")
-    images, ids = pack_pool(Path(args.pool), kit / "pool", args.jpeg_quality)
+    for old in [kit / "pool", *kit.glob("pool_*")]:
+        shutil.rmtree(old)
+    images = ids = 0
+    for k in range(args.shards):
+        name = "pool" if args.shards == 1 else f"pool_{k}"
+        n_img, n_ids = pack_pool(Path(args.pool), kit / name, args.jpeg_quality, k, args.shards)
+        mib = sum(p.stat().st_size for p in (kit / name).iterdir()) / 2**20
+        print(f"{kit / name}: {n_img} images of {n_ids} identities, {mib:.1f} MiB")
+        images, ids = images + n_img, ids + n_ids
     shutil.copy(Path(args.lfw) / "validation.bin", kit / "validation.bin")
     subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:",
                     "--python-version", "3.12", "--implementation", "cp", "--platform",
@@ -58,9 +68,13 @@ def main() -> None:
     size = sum(p.stat().st_size for p in kit.rglob("*") if p.is_file()) / 2**20
     tracked = subprocess.run(["git", "ls-files", "-z"], capture_output=True, check=True).stdout
     checkout = sum(Path(f).stat().st_size for f in tracked.decode().split("\0") if f and Path(f).is_file())
+    shard_mib = max(sum(p.stat().st_size for p in d.iterdir()) for d in [kit / "pool", *kit.glob("pool_*")]
+                    if d.is_dir()) / 2**20
+    size = size - (sum(p.stat().st_size for p in kit.rglob("*") if p.is_file() and "pool" in p.parent.name)
+                   / 2**20) + shard_mib  # one shard travels per call
     total = size + checkout / 2**20
-    print(f"kit {kit}: {images} images of {ids} identities, {size:.1f} MiB; with the checkout "
-          f"{total:.1f} MiB of the 64 MiB a device call carries")
+    print(f"kit {kit}: {images} images of {ids} identities; the largest call carries {size:.1f} MiB, with "
+          f"the checkout {total:.1f} MiB of the 64 MiB a device call carries")
     if total > 62:
         print("too large for one call: lower --jpeg-quality (35 fitted beside a 27 MiB checkout, at a "
               "cost in image quality) or stage "

@@ -30,6 +30,7 @@ examples:
   facerec align --pairs lfw/pairs.txt lfw/lfw-deepfunneled --out /tmp/lfw --bin /tmp/lfw.bin
   facerec align --preset pool --data ../shared/data --out /data/pool112
   facerec align --preset lfw  --data ../shared/data --out /data/lfw112
+  facerec align --preset pool --pins /data/pins_raw --out /data/pool112 --prune
 
 The input is a folder tree <input>/<identity>/<image>; the output is <out>/<identity>/<stem>.jpg
 (JPEG quality 95), aligned to the ArcFace 5-point template. Files already aligned are skipped,
@@ -38,7 +39,10 @@ so an interrupted run can be restarted. <out>/align_report.json lists every imag
 Presets follow ../shared/data/README.md: 'pool' = LFW folds 1-4 + celeba + yaleb + orl + yale
 with identities prefixed by their source (lfw__Name, celeba__7201, ...); 'lfw' = every LFW image
 (validation = fold 5 and LFW-H2 = folds 6-10 are read from it by facerec.data.protocol), with
-validation.bin and lfw_h2.bin written beside it.
+validation.bin and lfw_h2.bin written beside it. --pins adds Pins to 'pool' (merged splits, without
+the 35 reserved people and any LFW validation/test person; identities pins__Name); 'pins' aligns
+only Pins. --prune deletes aligned files that the job list no longer produces (for example exact
+duplicates dropped after an earlier run), so the tree matches the protocol.
 """
 
 
@@ -267,6 +271,23 @@ def make_detector(name: str, device: str, backend: str, model_dir: str | None):
     return create_detector(name=name, device=device, backend=backend, model_dir=model_dir)
 
 
+def prune_tree(tree: Path, jobs: list[AlignJob]) -> int:
+    """Delete .jpg files under ``tree`` (one identity level deep) that no job writes; identity
+    folders left empty are removed. Returns how many files went."""
+    if not tree.is_dir():
+        return 0
+    wanted = {job.output(tree) for job in jobs}
+    removed = 0
+    for ident in sorted(p for p in tree.iterdir() if p.is_dir()):
+        for f in sorted(ident.glob("*.jpg")):
+            if f not in wanted:
+                f.unlink()
+                removed += 1
+        if not any(ident.iterdir()):
+            ident.rmdir()
+    return removed
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.epilog = EPILOG
@@ -280,7 +301,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--pairs", help="align only the images of this LFW-style pairs.txt")
     parser.add_argument("--bin", help="with --pairs: also write the aligned pairs as a .bin")
-    parser.add_argument("--preset", choices=("pool", "lfw"), help="the shared-data protocol sets")
+    parser.add_argument(
+        "--preset", choices=("pool", "lfw", "pins"), help="the shared-data protocol sets"
+    )
+    parser.add_argument(
+        "--pins", help="Pins folder ({train,val,test}/pins_<Name>/): added to --preset pool"
+    )
+    parser.add_argument(
+        "--prune",
+        action="store_true",
+        help="delete aligned images under --out that no job produces (stale or dropped files)",
+    )
     parser.add_argument(
         "--data",
         help="shared data root for --preset (default $FACEREC_DATA or ../shared/data)",
@@ -331,8 +362,16 @@ def build_jobs(args) -> tuple[list[AlignJob], list]:
     from facerec.data import protocol
     from facerec.data.verification import parse_pairs
 
-    if args.preset == "pool":
-        return [AlignJob(str(p), ident) for p, ident in protocol.pool_images(args.data)], []
+    if args.preset in ("pool", "pins"):
+        if args.preset == "pins" or args.pins:
+            if not args.pins:
+                raise SystemExit("facerec align: --preset pins needs --pins DIR")
+            # 'pins' alone still merges LFW pool people into their lfw__ identity
+            sources = ("pins",) if args.preset == "pins" else ("lfw",) + protocol.OTHER_POOL_SOURCES + ("pins",)
+        else:
+            sources = ("lfw",) + protocol.OTHER_POOL_SOURCES
+        items = protocol.pool_images(args.data, sources, pins=args.pins)
+        return [AlignJob(str(p), ident) for p, ident in items], []
     if args.preset == "lfw":
         root = protocol.data_root(args.data)
         return folder_jobs(root / protocol.LFW_IMAGES), []
@@ -362,6 +401,11 @@ def run(args) -> int:
         jobs = jobs[: args.limit]
     out = Path(args.out)
     tree = out / "aligned" if args.format == "rec" else out
+    if args.prune and args.limit:
+        raise SystemExit("facerec align: --prune with --limit would delete the images beyond the limit")
+    if args.prune:
+        removed = prune_tree(tree, jobs)
+        print(f"pruned {removed} aligned images that no job produces")
     factory = functools.partial(
         make_detector, args.detector, args.device, args.backend, args.model_dir
     )

@@ -14,6 +14,7 @@ IResNet/ViT models; ``embedding_size=128`` restores the paper's size.
 
 from __future__ import annotations
 
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from facerec.models.output import FaceOutput
@@ -62,9 +63,15 @@ class MobileFaceNet(nn.Module):
     input_size = 112
     has_quality = False
 
-    def __init__(self, embedding_size: int = 512, width: float = 1.0) -> None:
+    def __init__(self, embedding_size: int = 512, width: float = 1.0, downsample: int = 1) -> None:
+        """``downsample`` > 1 average-pools the 112x112 input by that factor first: the same
+        network at a lower resolution (about downsample**2 times cheaper), for CPU-sized
+        experiments. The model's input stays 112x112, so data, export and service are unchanged."""
         super().__init__()
+        if downsample not in (1, 2):
+            raise ValueError(f"downsample must be 1 or 2, got {downsample}")
         self.embedding_size = embedding_size
+        self.downsample = downsample
 
         def ch(c: int) -> int:
             return max(8, int(round(c * width / 8)) * 8)
@@ -86,7 +93,9 @@ class MobileFaceNet(nn.Module):
         self.stages = nn.ModuleList(stages)
         expand_ch = ch(512)
         self.conv_expand = ConvBN(in_ch, expand_ch, 1)
-        final_hw = self.input_size // 16  # 7
+        final_hw = self.input_size // downsample
+        for _ in range(4):  # the four stride-2 3x3 convolutions (padding 1)
+            final_hw = (final_hw - 1) // 2 + 1  # 112 -> 7; 56 -> 4
         # GDC: a 7x7 depthwise conv without padding turns the 7x7 map into one weighted sum per channel.
         self.gdc = ConvBN(expand_ch, expand_ch, final_hw, groups=expand_ch, act=False, padding=0)
         self.embed = nn.Conv2d(expand_ch, embedding_size, 1, bias=False)
@@ -106,6 +115,8 @@ class MobileFaceNet(nn.Module):
                 nn.init.zeros_(m.bias)
 
     def forward(self, x: Tensor, return_features: bool = False) -> FaceOutput:
+        if self.downsample > 1:
+            x = F.avg_pool2d(x, self.downsample)
         x = self.stem(x)
         pooled: list[Tensor] = []
         if return_features:

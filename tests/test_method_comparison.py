@@ -1,0 +1,125 @@
+"""The method-comparison campaign (benchmarks/method_comparison.py): which rows, which settings, resume,
+aggregation over seeds; and the low-resolution MobileFaceNet its CPU protocol trains."""
+
+from __future__ import annotations
+
+import importlib.util
+import statistics
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from training.__main__ import config_path
+from training.config import load_config
+
+pytestmark = pytest.mark.timeout(60)
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def mc():
+    spec = importlib.util.spec_from_file_location("method_comparison", ROOT / "benchmarks" / "method_comparison.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["method_comparison"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_rows_cover_every_margin_with_and_without_unpg(mc):
+    rows = mc.plan_rows("cpu")
+    seed0 = {(r.margin, r.unpg) for r in rows if r.seed == 0}
+    assert seed0 == {(m, u) for m in mc.MARGINS for u in (False, True)}
+    assert len(mc.MARGINS) == 6
+    # headline rows have three seeds, the others one; all seed-0 rows come first
+    per_key = {}
+    for r in rows:
+        per_key.setdefault(r.key, []).append(r.seed)
+    assert all(per_key[k] == [0, 1, 2] for k in mc.HEADLINE)
+    assert all(v == [0] for k, v in per_key.items() if k not in mc.HEADLINE)
+    assert [r.seed for r in rows[:12]] == [0] * 12
+    assert len(mc.plan_rows("cpu", seeds=3)) == 36
+    assert [r.name for r in mc.plan_rows("gpu-r18")] == ["arcface-s0", "elastic_arcface_plus+unpg-s0"]
+    with pytest.raises(SystemExit, match="unknown rows"):
+        mc.plan_rows("cpu", only=["sphereface"])
+
+
+@pytest.mark.parametrize("protocol", ["cpu", "gpu", "gpu-r18"])
+def test_each_row_resolves_to_a_valid_training_config(mc, protocol, tmp_path):
+    for row in mc.plan_rows(protocol)[:4]:
+        cmd = mc.train_command(protocol, row, tmp_path / row.name, "/pool", "/lfw", None)
+        overrides = [cmd[i + 1] for i, c in enumerate(cmd) if c == "--set"]
+        cfg = load_config(config_path("pool_mobilefacenet"), overrides)
+        assert cfg.loss.margin == row.margin and cfg.loss.unpg == row.unpg and cfg.train.seed == row.seed
+        assert cfg.loss.margin_kwargs == {}  # the official defaults of each margin, not the base file's
+        assert cfg.val.kind == "lfw_fold" and cfg.val.path == "/lfw"  # selection on validation only
+        assert cfg.data.path == "/pool" and cfg.model.name == mc.PROTOCOLS[protocol]["model.name"]
+        assert cfg.train.epochs == mc.PROTOCOLS[protocol]["train.epochs"]  # same budget for every row
+        assert "--resume" not in cmd
+    cfg = load_config(config_path("pool_mobilefacenet"),
+                      [o for o in mc.overrides(protocol, row, "/pool", "/lfw", "/v.bin")])
+    assert cfg.val.kind == "bin" and cfg.val.path == "/v.bin"
+
+
+def test_started_rows_resume_and_done_rows_are_skipped(mc, tmp_path):
+    row = mc.plan_rows("cpu")[0]
+    run = tmp_path / row.name
+    ckpt = run / "checkpoints" / "step_00000100"
+    ckpt.mkdir(parents=True)
+    assert "--resume" not in mc.train_command("cpu", row, run, "/p", "/l", None)  # no complete checkpoint
+    (ckpt / "meta.json").write_text("{}")
+    cmd = mc.train_command("cpu", row, run, "/p", "/l", None)
+    assert cmd[cmd.index("--resume") + 1] == "auto"
+    assert not mc.is_done(run)
+    (run / "done.json").write_text("{}")
+    assert mc.is_done(run)
+    (run / "checkpoints" / "best.json").write_text('{"dir": "step_00000100"}')
+    assert mc.best_checkpoint(run) == ckpt
+
+
+def test_aggregate_mean_and_sample_std_over_seeds(mc):
+    results = {
+        "arcface-s0": {"val_accuracy": 0.80, "h2_accuracy": 0.70, "h2_tar_1e-2": 0.3, "val_tar_1e-2": 0.2},
+        "arcface-s1": {"val_accuracy": 0.84, "h2_accuracy": 0.74, "h2_tar_1e-2": 0.5, "val_tar_1e-2": None},
+        "cosface+unpg-s0": {"val_accuracy": 0.9, "h2_accuracy": 0.8, "h2_tar_1e-2": 0.6, "val_tar_1e-2": 0.4},
+        "arcface+unpg-s0": {"val_accuracy": 0.5, "h2_accuracy": 0.5, "h2_tar_1e-2": None, "val_tar_1e-2": None},
+    }
+    table = mc.aggregate(results)
+    assert [e["row"] for e in table] == ["arcface", "arcface+unpg", "cosface+unpg"]  # table order
+    arc = table[0]
+    assert arc["seeds"] == 2
+    assert arc["val_accuracy"] == pytest.approx(0.82)
+    assert arc["val_accuracy_std"] == pytest.approx(statistics.stdev([0.80, 0.84]))
+    assert arc["val_tar_1e-2"] == pytest.approx(0.2) and arc["val_tar_1e-2_std"] is None  # one value
+    assert table[1]["h2_tar_1e-2"] is None  # unsupported TAR stays missing, never zero
+    assert table[2]["h2_accuracy_std"] is None
+
+
+def test_tar_lookup_respects_support(mc):
+    report = {"tar_at_far": [{"far": 0.01, "tar": 0.4, "supported": True},
+                             {"far": 0.0001, "tar": 0.1, "supported": False}]}
+    assert mc._tar(report, 1e-2) == 0.4
+    assert mc._tar(report, 1e-4) is None
+
+
+def test_low_resolution_mobilefacenet():
+    from facerec.models import create_model
+
+    torch.manual_seed(0)
+    full = create_model("mobilefacenet", width=0.5, embedding_size=128)
+    low = create_model("mobilefacenet", width=0.5, embedding_size=128, downsample=2)
+    assert full.gdc[0].kernel_size == (7, 7) and low.gdc[0].kernel_size == (4, 4)  # 56 -> 28 -> 14 -> 7 -> 4
+    x = torch.randn(2, 3, 112, 112)
+    low.eval()
+    out = low(x, return_features=True)
+    assert out.embedding.shape == (2, 128) and len(out.features) == len(low.feature_dims)
+    # the same network on the 2x2-averaged image: copy the weights into a 56x56-input twin
+    twin = create_model("mobilefacenet", width=0.5, embedding_size=128, downsample=1)
+    twin.gdc = low.gdc
+    twin.load_state_dict(low.state_dict())
+    twin.eval()
+    ref = twin(torch.nn.functional.avg_pool2d(x, 2)).embedding
+    torch.testing.assert_close(out.embedding, ref)
+    with pytest.raises(ValueError, match="downsample"):
+        create_model("mobilefacenet", downsample=3)
