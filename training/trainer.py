@@ -8,6 +8,7 @@ the device through the fused optimiser's ``found_inf`` (or the GradScaler for fp
 from __future__ import annotations
 
 import importlib
+import inspect
 import os
 import random
 import signal
@@ -115,10 +116,14 @@ class Trainer:
         self.model = model
         if self.info.distributed:
             # The loss module is NOT wrapped: its centres are sharded, not replicated.
+            # BN statistics stay per rank (no buffer sync in forward); torch >= 2.14 renamed the flag
+            params = inspect.signature(nn.parallel.DistributedDataParallel).parameters
+            no_sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in params
+                       else {"broadcast_buffers": False})
             self.model = nn.parallel.DistributedDataParallel(
                 model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
-                broadcast_buffers=False, gradient_as_bucket_view=True,
-                find_unused_parameters=cfg.model.find_unused_parameters,
+                gradient_as_bucket_view=True, find_unused_parameters=cfg.model.find_unused_parameters,
+                **no_sync,
             )
             self.model.register_comm_hook(None, allreduce_sum_hook)
         if cfg.model.compile:
