@@ -50,6 +50,7 @@ class Settings(BaseSettings):
     port: int = Field(8000, ge=1, le=65535)
     api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list)
     docs: bool = True  # /docs and /openapi.json
+    demo_page: bool = True  # the static demo page at / (holds no key; calls the API with the typed one)
 
     # ---- limits (every one bounded: the service must not be made to allocate without limit)
     max_image_bytes: int = Field(10 * MB, ge=1024, le=100 * MB)

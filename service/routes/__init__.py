@@ -1,5 +1,6 @@
 """One router per resource; ``ROUTERS`` is what the app includes."""
 
-from service.routes import detect, embed, health, models, quality, verify
+from service.routes import demo, detect, embed, health, models, quality, verify
 
-ROUTERS = [verify.router, quality.router, embed.router, detect.router, models.router, health.router]
+ROUTERS = [verify.router, quality.router, embed.router, detect.router, models.router, health.router,
+           demo.router]

@@ -1,0 +1,61 @@
+"""GET / : the demo page (static HTML + JS + CSS from service/static, no build step, no CDN).
+
+The page holds no secret: the visitor types the API key, and the page's script sends it as the
+``X-API-Key`` header to ``POST /v1/verify`` on this origin. So the page itself needs no key, and
+``FACEREC_DEMO_PAGE=false`` turns it off (404) for deployments that want the API alone.
+
+The routes are plain Starlette routes, not API operations: they are not part of the OpenAPI
+schema. Every response carries a strict Content-Security-Policy: scripts and styles only from
+this origin (no inline code), requests only to this origin, no framing.
+"""
+
+from __future__ import annotations
+
+from functools import cache
+from pathlib import Path
+
+from fastapi import APIRouter, Request, Response
+
+from service.errors import ApiError
+
+STATIC_DIR = Path(__file__).resolve().parents[1] / "static"
+
+CSP = (
+    "default-src 'none'; script-src 'self'; style-src 'self'; "
+    "img-src 'self' data:; "  # data: only for the empty favicon
+    "connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+)
+SECURITY_HEADERS = {
+    "Content-Security-Policy": CSP,
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    "X-Frame-Options": "DENY",
+    "Cache-Control": "no-cache",
+}
+# URL path -> (file in service/static, media type)
+FILES = {
+    "/": ("index.html", "text/html; charset=utf-8"),
+    "/demo/app.js": ("app.js", "text/javascript; charset=utf-8"),
+    "/demo/style.css": ("style.css", "text/css; charset=utf-8"),
+}
+
+router = APIRouter(tags=["demo"])
+
+
+@cache
+def _read(name: str) -> bytes:
+    return (STATIC_DIR / name).read_bytes()
+
+
+def _endpoint(name: str, media_type: str):
+    async def serve(request: Request) -> Response:
+        if not request.app.state.settings.demo_page:
+            raise ApiError(404, "not_found", f"no route {request.url.path} (the demo page is turned off: "
+                           "FACEREC_DEMO_PAGE=false)")
+        return Response(_read(name), media_type=media_type, headers=SECURITY_HEADERS)
+
+    return serve
+
+
+for _path, (_name, _type) in FILES.items():
+    router.add_route(_path, _endpoint(_name, _type), methods=["GET"], include_in_schema=False)
