@@ -65,6 +65,13 @@ class Settings(BaseSettings):
     decode_workers: int = Field(4, ge=1, le=64)
     warmup: bool = True
 
+    # ---- galleries (1:N identification, docs/gallery.md)
+    gallery_backend: Literal["sqlite", "pgvector"] = "sqlite"
+    gallery_path: Path | None = Field(
+        None, description="SQLite gallery file; default $XDG_DATA_HOME/facerec/galleries.sqlite3")
+    gallery_dsn: str | None = Field(None, repr=False, description="PostgreSQL DSN (pgvector backend)")
+    gallery_pg_purge: Literal["none", "vacuum", "full"] = "vacuum"  # after deletions (pgvector)
+
     @field_validator("api_keys", mode="before")
     @classmethod
     def _split_keys(cls, value):
@@ -106,6 +113,8 @@ class Settings(BaseSettings):
             raise ValueError("max_request_bytes must be at least max_image_bytes")
         if self.torch_compile and self.backend == "onnxruntime":
             raise ValueError("torch_compile needs the torch backend")
+        if self.gallery_backend == "pgvector" and not self.gallery_dsn:
+            raise ValueError("FACEREC_GALLERY_BACKEND=pgvector needs FACEREC_GALLERY_DSN (a PostgreSQL DSN)")
         return self
 
     def model_path(self) -> Path:

@@ -39,7 +39,9 @@ def server(tmp_path_factory):
     port = _free_port()
     log = tmp_path_factory.mktemp("serve") / "serve.log"
     env = {**os.environ, "FACEREC_API_KEYS": KEY, "FACEREC_DEVICE": "cpu", "FACEREC_MODEL": str(model),
-           "PYTHONUNBUFFERED": "1"}
+           "PYTHONUNBUFFERED": "1",
+           # the fuzzer reaches the gallery routes: keep their database in the test's folder
+           "FACEREC_GALLERY_PATH": str(log.parent / "galleries.sqlite3")}
     with open(log, "wb") as out:
         proc = subprocess.Popen([sys.executable, "-m", "service", "--port", str(port), "--log-level", "warning"],
                                 cwd=REPO_ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)

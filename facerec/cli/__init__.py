@@ -23,6 +23,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
                 "fit the OOD detector (Mahalanobis, prototypes) of an exported model and write ood.npz + a report"),
     "calibrate": ("facerec.cli.calibrate",
                   "calibrate an exported model's threshold (at a FAR) and quality mapping on the validation split"),
+    "calibrate-openset": ("facerec.cli.calibrate_openset",
+                          "calibrate an exported model's open-set (1:N) thresholds at FPIRs on validation"),
 }
 
 

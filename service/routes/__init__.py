@@ -1,6 +1,15 @@
 """One router per resource; ``ROUTERS`` is what the app includes."""
 
-from service.routes import demo, detect, embed, health, models, quality, verify
+from service.routes import (
+    demo,
+    detect,
+    embed,
+    galleries,
+    health,
+    models,
+    quality,
+    verify,
+)
 
 ROUTERS = [verify.router, quality.router, embed.router, detect.router, models.router, health.router,
-           demo.router]
+           demo.router, galleries.router]

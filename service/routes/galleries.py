@@ -1,0 +1,671 @@
+"""Galleries: create/list/delete, enroll persons (one or many photos, one or many persons per
+request) through the enrollment gate, rename/delete persons and samples, and open-set search.
+
+The logic lives in :mod:`facerec.gallery`; this module turns requests into pipeline runs and
+:class:`~facerec.gallery.policy.FaceEvidence`, and results and errors into the API's JSON. Store
+calls block (SQLite, PostgreSQL), so they run in the thread pool. The store is opened at start for
+pgvector (a wrong DSN stops the start) and at the first gallery request for SQLite (a service that
+never uses galleries creates no file). Embeddings are never logged and never returned.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import threading
+from pathlib import Path
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Query, Request, Response
+from pydantic import ValidationError
+from starlette.concurrency import run_in_threadpool
+
+from facerec.contract import ContractMismatchError
+from facerec.gallery import (
+    AlreadyExists,
+    EnrollmentPolicy,
+    GalleryConfig,
+    GalleryManager,
+    NotFound,
+    Offered,
+    OpenSetCalibration,
+    Reason,
+    Refusal,
+    StoreUnavailable,
+    ThresholdRequired,
+    open_store,
+)
+from facerec.gallery.measure import evidence_of
+from facerec.gallery.openset import OPENSET_FILE
+from facerec.gallery.store import valid_id
+from facerec.runtime import DecodeError, NoFaceError, TooManyFacesError
+from service.auth import ApiKey
+from service.errors import ApiError, _validation_details, from_exception
+from service.inputs import _b64
+from service.routes.common import ERROR_RESPONSES, EngineDep, image_report
+from service.routes.gallery_io import (
+    MAX_IMAGES_PER_REQUEST,
+    PERSON_DOC,
+    SAMPLES_DOC,
+    SEARCH_DOC,
+    BatchEnrollJSON,
+    BatchEnrollResponse,
+    CandidateOut,
+    EnrollResponse,
+    GalleryCreate,
+    GalleryList,
+    GalleryOut,
+    GalleryUpdate,
+    ImageOutcome,
+    OperatingPointOut,
+    PersonDetail,
+    PersonList,
+    PersonOut,
+    PersonUpdate,
+    ReasonOut,
+    SampleOut,
+    SearchJSON,
+    SearchResponse,
+    body_kind,
+    check_fields,
+    decode_images,
+    enroll_input,
+    form_text,
+    json_body,
+    read_files,
+    read_form,
+)
+
+log = logging.getLogger("service")
+
+
+# ============================================================================ state and errors
+class GalleryState:
+    """The app's galleries: settings, the open-set calibration (loaded at start), the store (lazy)."""
+
+    def __init__(self, app) -> None:
+        self.settings = app.state.settings
+        self.engine = app.state.engine
+        self._manager: GalleryManager | None = None
+        self._lock = threading.Lock()
+        folder = self.engine.model_path if self.engine.model_path.is_dir() else self.engine.model_path.parent
+        path = folder / OPENSET_FILE
+        self.calibration = OpenSetCalibration.load(path) if path.exists() else None
+        contract = self.engine.backend.contract
+        if self.calibration is not None and self.calibration.contract_id != contract.contract_id:
+            raise ContractMismatchError(
+                f"{path} was calibrated for contract {self.calibration.contract_id}, the "
+                f"model has {contract.contract_id}: run `facerec calibrate-openset`"
+            )
+
+    def sqlite_path(self) -> Path:
+        if self.settings.gallery_path is not None:
+            return Path(self.settings.gallery_path)
+        base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+        return Path(base) / "facerec" / "galleries.sqlite3"
+
+    def manager(self) -> GalleryManager:
+        with self._lock:
+            if self._manager is None:
+                s = self.settings
+                if s.gallery_backend == "pgvector":
+                    store = open_store("pgvector", dsn=s.gallery_dsn, purge=s.gallery_pg_purge)
+                else:
+                    store = open_store("sqlite", path=self.sqlite_path())
+                self._manager = GalleryManager(store, self.engine.backend.contract, self.calibration)
+                log.info("gallery store: %s", store.backend)
+            return self._manager
+
+    def close(self) -> None:
+        with self._lock:
+            if self._manager is not None:
+                self._manager.store.close()
+                self._manager = None
+
+
+@contextlib.asynccontextmanager
+async def lifespan(app):
+    state = app.state.galleries = GalleryState(app)
+    metrics = getattr(app.state, "metrics", None)
+    if metrics is not None and not hasattr(metrics, "gallery_searches"):
+        from prometheus_client import Counter
+
+        metrics.gallery_searches = Counter(
+            "facerec_gallery_searches",
+            "gallery searches by decision",
+            ["decision"],
+            registry=metrics.registry,
+        )
+        metrics.gallery_samples = Counter(
+            "facerec_gallery_samples",
+            "photos offered for enrollment, by outcome",
+            ["outcome"],
+            registry=metrics.registry,
+        )
+        metrics.gallery_refusals = Counter(
+            "facerec_gallery_refusals",
+            "enrollment refusals by reason code",
+            ["reason"],
+            registry=metrics.registry,
+        )
+    if state.settings.gallery_backend == "pgvector":
+        await run_in_threadpool(state.manager)  # an unreachable database stops the start
+    try:
+        yield
+    finally:
+        state.close()
+
+
+router = APIRouter(prefix="/v1", tags=["galleries"], lifespan=lifespan)
+
+
+def _map_error(exc: BaseException) -> ApiError | None:
+    if isinstance(exc, ApiError):
+        return exc
+    if isinstance(exc, NotFound):
+        return ApiError(404, exc.code, str(exc))
+    if isinstance(exc, AlreadyExists):
+        return ApiError(409, exc.code, str(exc))
+    if isinstance(exc, ContractMismatchError):
+        return ApiError(409, "contract_mismatch", str(exc))
+    if isinstance(exc, ThresholdRequired):
+        return ApiError(422, "threshold_required", str(exc))
+    if isinstance(exc, StoreUnavailable):
+        return ApiError(503, exc.code, str(exc), headers={"Retry-After": "5"})
+    if isinstance(exc, ValidationError):
+        return ApiError(
+            422,
+            "validation_error",
+            "invalid gallery settings",
+            _validation_details(exc.errors(include_input=False)),
+        )
+    if isinstance(exc, ValueError):
+        return ApiError(422, "validation_error", str(exc))
+    return None
+
+
+async def _call(fn, *args, **kw):
+    """A blocking gallery call in the thread pool, its errors as API errors."""
+    try:
+        return await run_in_threadpool(fn, *args, **kw)
+    except Exception as exc:  # noqa: BLE001 - mapped to an API error, or re-raised as is
+        raise (_map_error(exc) or exc) from None
+
+
+def get_galleries(request: Request) -> GalleryState:
+    return request.app.state.galleries
+
+
+Galleries = Annotated[GalleryState, Depends(get_galleries)]
+
+
+async def _manager(state: GalleryState) -> GalleryManager:
+    return await _call(state.manager)
+
+
+def _id(value: str, what: str) -> str:
+    """A well-formed id (32 hex digits) or 422; an unknown well-formed id is the store's 404."""
+    if not valid_id(value):
+        raise ApiError(
+            422, "validation_error", f"{what}_id must be 32 hexadecimal digits", {"field": f"{what}_id"}
+        )
+    return value
+
+
+# ============================================================================ helpers
+def _gallery_out(manager: GalleryManager, record) -> GalleryOut:
+    config = manager.config(record)
+    usable = record.contract_id == manager.contract.contract_id
+    point = None
+    if usable:
+        try:
+            point = OperatingPointOut(**manager.decision(record).to_dict())
+        except (ThresholdRequired, ValueError):
+            point = None
+    return GalleryOut(
+        id=record.id,
+        name=record.name,
+        contract_id=record.contract_id,
+        embedding_size=record.embedding_size,
+        model_name=record.model_name,
+        created_at=record.created_at,
+        persons=record.persons,
+        samples=record.samples,
+        policy=config.policy,
+        target_fpir=config.target_fpir,
+        match_threshold=config.match_threshold,
+        usable=usable,
+        operating_point=point,
+    )
+
+
+def _person_out(p) -> PersonOut:
+    return PersonOut(id=p.id, name=p.name, metadata=p.metadata, created_at=p.created_at, samples=p.samples)
+
+
+async def _offer(engine, images: list[bytes]) -> list[Offered]:
+    """Every image through the pipeline (all faces, to count them); per-image input faults become
+    refusals or errors, overload and shutdown fail the request."""
+    quality = engine.calibration.quality_score if engine.calibration.quality_percentiles is not None else None
+    ood_threshold = engine.ood.threshold if engine.ood is not None else None
+    async with engine.admit():
+        results = await asyncio.gather(
+            *(engine.process(b, all_faces=True) for b in images), return_exceptions=True
+        )
+    offered = []
+    for result in results:
+        if isinstance(result, NoFaceError):
+            offered.append(Offered(refusals=[Refusal(Reason.NO_FACE, "no face found in the image")]))
+        elif isinstance(result, TooManyFacesError):
+            offered.append(Offered(refusals=[Refusal(Reason.MULTIPLE_FACES, str(result))]))
+        elif isinstance(result, DecodeError):
+            offered.append(Offered(error=(result.code, str(result))))
+        elif isinstance(result, BaseException):
+            raise from_exception(result) or result
+        else:
+            offered.append(Offered(evidence=evidence_of(result, quality, ood_threshold)))
+    return offered
+
+
+def _enroll_response(request: Request, enrollment) -> EnrollResponse:
+    results = []
+    metrics = getattr(request.app.state, "metrics", None)
+    for i, o in enumerate(enrollment.outcomes):
+        results.append(
+            ImageOutcome(
+                index=i,
+                status=o.status,
+                reasons=[ReasonOut(**r.to_dict()) for r in o.refusals],
+                sample_id=o.sample_id,
+                measurements=o.measurements,
+                duplicate_of=o.duplicate_of,
+                error=None if o.error is None else {"code": o.error[0], "message": o.error[1]},
+            )
+        )
+        if metrics is not None and hasattr(metrics, "gallery_samples"):
+            metrics.gallery_samples.labels(outcome=o.status).inc()
+            for r in o.refusals:
+                metrics.gallery_refusals.labels(reason=r.reason.value).inc()
+    enrolled = enrollment.enrolled
+    return EnrollResponse(
+        person=None if enrollment.person is None else _person_out(enrollment.person),
+        created=enrollment.created,
+        enrolled=enrolled,
+        refused=sum(o.status != "enrolled" for o in enrollment.outcomes),
+        results=results,
+    )
+
+
+def _refused_error(response: EnrollResponse) -> ApiError:
+    codes = sorted(
+        {r.code.value for x in response.results for r in x.reasons}
+        | {x.error["code"] for x in response.results if x.error}
+    )
+    return ApiError(
+        422,
+        "enrollment_refused",
+        f"no image was accepted ({', '.join(codes)}); see details.results",
+        {"results": [r.model_dump(mode="json") for r in response.results]},
+    )
+
+
+# ============================================================================ gallery routes
+ERRORS = {s: ERROR_RESPONSES[s] for s in (401, 413, 415, 422, 429, 503)}
+ERRORS.update(
+    {
+        404: {"model": ERROR_RESPONSES[401]["model"], "description": "no such gallery / person / sample"},
+        409: {
+            "model": ERROR_RESPONSES[401]["model"],
+            "description": "name taken, or the gallery was built with another model (contract_mismatch)",
+        },
+    }
+)
+
+
+@router.post(
+    "/galleries",
+    status_code=201,
+    response_model=GalleryOut,
+    responses=ERRORS,
+    summary="Create a gallery (pinned to the model in use)",
+)
+async def create_gallery(body: GalleryCreate, state: Galleries, _: ApiKey) -> GalleryOut:
+    manager = await _manager(state)
+    config = GalleryConfig(
+        policy=body.policy or EnrollmentPolicy(),
+        target_fpir=body.target_fpir or (state.calibration.default_fpir if state.calibration else 0.01),
+        match_threshold=body.match_threshold,
+    )
+    record = await _call(manager.create, body.name, config)
+    log.info("gallery %s created", record.id)
+    return _gallery_out(manager, record)
+
+
+@router.get("/galleries", response_model=GalleryList, responses=ERRORS, summary="List galleries")
+async def list_galleries(state: Galleries, _: ApiKey) -> GalleryList:
+    manager = await _manager(state)
+    records = await _call(manager.store.list_galleries)
+    return GalleryList(galleries=[_gallery_out(manager, r) for r in records])
+
+
+@router.get("/galleries/{gallery_id}", response_model=GalleryOut, responses=ERRORS, summary="One gallery")
+async def get_gallery(gallery_id: str, state: Galleries, _: ApiKey) -> GalleryOut:
+    manager = await _manager(state)
+    return _gallery_out(manager, await _call(manager.store.get_gallery, _id(gallery_id, "gallery")))
+
+
+@router.patch(
+    "/galleries/{gallery_id}",
+    response_model=GalleryOut,
+    responses=ERRORS,
+    summary="Rename a gallery or change its policy / threshold",
+)
+async def update_gallery(gallery_id: str, body: GalleryUpdate, state: Galleries, _: ApiKey) -> GalleryOut:
+    manager = await _manager(state)
+    record = await _call(manager.store.get_gallery, _id(gallery_id, "gallery"))
+    config = None
+    changes = body.model_dump(exclude_unset=True)
+    if set(changes) - {"name"}:
+        current = manager.config(record).model_dump()
+        if "policy" in changes:
+            current["policy"] = {**current["policy"], **(changes["policy"] or {})}
+        if changes.get("target_fpir") is not None:
+            current["target_fpir"] = changes["target_fpir"]
+        if "match_threshold" in changes:  # null: back to the calibrated threshold
+            current["match_threshold"] = changes["match_threshold"]
+        config = await _call(GalleryConfig.model_validate, current)
+    record = await _call(manager.update, gallery_id, changes.get("name"), config)
+    return _gallery_out(manager, record)
+
+
+@router.delete(
+    "/galleries/{gallery_id}",
+    status_code=204,
+    responses=ERRORS,
+    summary="Delete a gallery with all its persons and samples",
+)
+async def delete_gallery(gallery_id: str, state: Galleries, _: ApiKey) -> Response:
+    manager = await _manager(state)
+    await _call(manager.store.delete_gallery, _id(gallery_id, "gallery"))
+    log.info("gallery %s deleted", gallery_id)
+    return Response(status_code=204)
+
+
+# ============================================================================ persons
+@router.post(
+    "/galleries/{gallery_id}/persons",
+    status_code=201,
+    response_model=EnrollResponse,
+    openapi_extra=PERSON_DOC,
+    responses=ERRORS,
+    summary="Enroll a new person with one or more photos",
+    description="Multipart: `name`, optional `metadata` (JSON object), one or more `images` files; "
+    "or JSON `{name, metadata?, images: [base64, ...]}`. Every photo passes the gallery's "
+    "enrollment gate; refused ones are reported per image with reason codes. The person is "
+    "created when at least one photo is accepted, else 422 `enrollment_refused`.",
+)
+async def create_person(
+    gallery_id: str, request: Request, engine: EngineDep, state: Galleries, _: ApiKey
+) -> EnrollResponse:
+    gallery_id = _id(gallery_id, "gallery")
+    manager = await _manager(state)
+    record = await _call(manager.store.get_gallery, gallery_id)
+    await _call(manager.require_contract, record)  # before any image work
+    images, name, metadata = await enroll_input(request, engine.settings.max_image_bytes, named=True)
+    offered = await _offer(engine, images)
+    enrollment = await _call(manager.enroll, gallery_id, offered, None, name, metadata or {})
+    response = _enroll_response(request, enrollment)
+    if enrollment.person is None:
+        raise _refused_error(response)
+    log.info(
+        "gallery %s: person %s enrolled with %d sample(s)",
+        gallery_id,
+        enrollment.person.id,
+        response.enrolled,
+    )
+    return response
+
+
+@router.post(
+    "/galleries/{gallery_id}/persons/{person_id}/samples",
+    response_model=EnrollResponse,
+    openapi_extra=SAMPLES_DOC,
+    responses=ERRORS,
+    summary="Add photos to a person",
+    description="Multipart: one or more `images` files; or JSON `{images: [base64, ...]}`. Same gate "
+    "as enrollment; 422 `enrollment_refused` when none is accepted.",
+)
+async def add_samples(
+    gallery_id: str, person_id: str, request: Request, engine: EngineDep, state: Galleries, _: ApiKey
+) -> EnrollResponse:
+    gallery_id, person_id = _id(gallery_id, "gallery"), _id(person_id, "person")
+    manager = await _manager(state)
+    record = await _call(manager.store.get_gallery, gallery_id)
+    await _call(manager.require_contract, record)
+    await _call(manager.store.get_person, gallery_id, person_id)
+    images, _name, _meta = await enroll_input(request, engine.settings.max_image_bytes, named=False)
+    offered = await _offer(engine, images)
+    enrollment = await _call(manager.enroll, gallery_id, offered, person_id)
+    response = _enroll_response(request, enrollment)
+    if enrollment.enrolled == 0:
+        raise _refused_error(response)
+    return response
+
+
+@router.post(
+    "/galleries/{gallery_id}/enroll",
+    response_model=BatchEnrollResponse,
+    responses=ERRORS,
+    summary="Batch enrollment: several persons, several photos each",
+    description="JSON `{persons: [{name | person_id, metadata?, images: [base64, ...]}, ...]}` (at "
+    f"most {MAX_IMAGES_PER_REQUEST} images in all). Persons are enrolled in order; each gets its "
+    "own report (a person none of whose photos passes is not created).",
+)
+async def batch_enroll(
+    gallery_id: str, request: Request, engine: EngineDep, state: Galleries, _: ApiKey
+) -> BatchEnrollResponse:
+    gallery_id = _id(gallery_id, "gallery")
+    manager = await _manager(state)
+    record = await _call(manager.store.get_gallery, gallery_id)
+    await _call(manager.require_contract, record)
+    body = await json_body(request, BatchEnrollJSON)
+    if sum(len(p.images) for p in body.persons) > MAX_IMAGES_PER_REQUEST:
+        raise ApiError(422, "validation_error", f"at most {MAX_IMAGES_PER_REQUEST} images per request")
+    for i, p in enumerate(body.persons):
+        if (p.person_id is None) == (p.name is None):
+            raise ApiError(
+                422,
+                "validation_error",
+                f"persons[{i}]: give either `name` (new person) or `person_id` (existing person)",
+                {"index": i},
+            )
+        if p.person_id is not None:
+            _id(p.person_id, "person")
+    decoded = [
+        decode_images(p.images, engine.settings.max_image_bytes, f"persons[{i}].images")
+        for i, p in enumerate(body.persons)
+    ]
+    offered = await _offer(engine, [b for images in decoded for b in images])
+    out, start = [], 0
+    for p, images in zip(body.persons, decoded):
+        mine, start = offered[start : start + len(images)], start + len(images)
+        enrollment = await _call(manager.enroll, gallery_id, mine, p.person_id, p.name, p.metadata or {})
+        out.append(_enroll_response(request, enrollment))
+    return BatchEnrollResponse(persons=out)
+
+
+@router.get(
+    "/galleries/{gallery_id}/persons",
+    response_model=PersonList,
+    responses=ERRORS,
+    summary="List a gallery's persons",
+)
+async def list_persons(
+    gallery_id: str,
+    state: Galleries,
+    _: ApiKey,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    offset: Annotated[int, Query(ge=0)] = 0,
+) -> PersonList:
+    manager = await _manager(state)
+    gallery_id = _id(gallery_id, "gallery")
+    record = await _call(manager.store.get_gallery, gallery_id)
+    persons = await _call(manager.store.list_persons, gallery_id, limit, offset)
+    return PersonList(
+        persons=[_person_out(p) for p in persons], total=record.persons, limit=limit, offset=offset
+    )
+
+
+@router.get(
+    "/galleries/{gallery_id}/persons/{person_id}",
+    response_model=PersonDetail,
+    responses=ERRORS,
+    summary="One person with its samples",
+)
+async def get_person(gallery_id: str, person_id: str, state: Galleries, _: ApiKey) -> PersonDetail:
+    manager = await _manager(state)
+    gallery_id, person_id = _id(gallery_id, "gallery"), _id(person_id, "person")
+    person = await _call(manager.store.get_person, gallery_id, person_id)
+    samples = await _call(manager.store.list_samples, gallery_id, person_id)
+    return PersonDetail(
+        **_person_out(person).model_dump(),
+        sample_list=[SampleOut(id=s.id, created_at=s.created_at, info=s.info) for s in samples],
+    )
+
+
+@router.patch(
+    "/galleries/{gallery_id}/persons/{person_id}",
+    response_model=PersonOut,
+    responses=ERRORS,
+    summary="Rename a person or replace its metadata",
+)
+async def update_person(
+    gallery_id: str, person_id: str, body: PersonUpdate, state: Galleries, _: ApiKey
+) -> PersonOut:
+    manager = await _manager(state)
+    person = await _call(
+        manager.store.update_person,
+        _id(gallery_id, "gallery"),
+        _id(person_id, "person"),
+        body.name,
+        body.metadata,
+    )
+    return _person_out(person)
+
+
+@router.delete(
+    "/galleries/{gallery_id}/persons/{person_id}",
+    status_code=204,
+    responses=ERRORS,
+    summary="Delete a person and all its samples",
+)
+async def delete_person(gallery_id: str, person_id: str, state: Galleries, _: ApiKey) -> Response:
+    manager = await _manager(state)
+    await _call(manager.store.delete_person, _id(gallery_id, "gallery"), _id(person_id, "person"))
+    log.info("gallery %s: person %s deleted", gallery_id, person_id)
+    return Response(status_code=204)
+
+
+@router.delete(
+    "/galleries/{gallery_id}/persons/{person_id}/samples/{sample_id}",
+    status_code=204,
+    responses=ERRORS,
+    summary="Delete one sample of a person",
+)
+async def delete_sample(
+    gallery_id: str, person_id: str, sample_id: str, state: Galleries, _: ApiKey
+) -> Response:
+    manager = await _manager(state)
+    await _call(
+        manager.store.delete_sample,
+        _id(gallery_id, "gallery"),
+        _id(person_id, "person"),
+        _id(sample_id, "sample"),
+    )
+    return Response(status_code=204)
+
+
+# ============================================================================ search
+
+
+@router.post(
+    "/galleries/{gallery_id}/search",
+    response_model=SearchResponse,
+    responses=ERRORS,
+    openapi_extra=SEARCH_DOC,
+    summary="Who is this? Open-set 1:N search",
+    description="Multipart `image` [, `top_k`, `threshold`, `fpir`] or JSON. The largest face is "
+    "searched; `decision` is `match` when the best person's similarity reaches the threshold "
+    "(calibrated for the gallery's FPIR and size, unless the request gives `threshold` or "
+    "`fpir`), else `unknown`.",
+)
+async def search(
+    gallery_id: str, request: Request, engine: EngineDep, state: Galleries, _: ApiKey
+) -> SearchResponse:
+    gallery_id = _id(gallery_id, "gallery")
+    manager = await _manager(state)
+    record = await _call(manager.store.get_gallery, gallery_id)
+    await _call(manager.require_contract, record)
+    if body_kind(request) == "multipart":
+        form = await read_form(request, 1)
+        try:
+            check_fields(form, {"image", "top_k", "threshold", "fpir"})
+            raw = {k: form_text(form, k) for k in ("top_k", "threshold", "fpir")}
+            image = (await read_files(form, "image", 1, engine.settings.max_image_bytes))[0]
+        finally:
+            await form.close()
+        try:
+            body = SearchJSON.model_validate(
+                {"image": "", **{k: v for k, v in raw.items() if v not in (None, "")}}
+            )
+        except ValidationError as exc:
+            raise ApiError(
+                422,
+                "validation_error",
+                "invalid search parameters",
+                _validation_details(exc.errors(include_input=False)),
+            ) from None
+    else:
+        body = await json_body(request, SearchJSON)
+        image = _b64("image", body.image, engine.settings.max_image_bytes)
+    if body.threshold is not None and body.fpir is not None:
+        raise ApiError(422, "validation_error", "give `threshold` or `fpir`, not both")
+    async with engine.admit():
+        try:
+            result = await engine.process(image)
+        except Exception as exc:  # noqa: BLE001 - mapped to an API error, or re-raised
+            raise from_exception(exc, "image") or exc
+    found = await _call(
+        manager.search, gallery_id, result.faces[0].embedding, body.top_k, body.fpir, body.threshold
+    )
+    names = {}
+    for c in found.candidates:
+        with contextlib.suppress(NotFound):  # deleted between search and lookup: dropped below
+            names[c.person_id] = await _call(manager.store.get_person, gallery_id, c.person_id)
+    candidates = [
+        CandidateOut(
+            person_id=c.person_id,
+            name=names[c.person_id].name,
+            similarity=c.similarity,
+            sample_id=c.sample_id,
+        )
+        for c in found.candidates
+        if c.person_id in names
+    ]
+    match = found.match if found.match is not None and found.match.person_id in names else None
+    decision = "match" if match is not None else "unknown"
+    metrics = getattr(request.app.state, "metrics", None)
+    if metrics is not None and hasattr(metrics, "gallery_searches"):
+        metrics.gallery_searches.labels(decision=decision).inc()
+    return SearchResponse(
+        decision=decision,
+        person=None if match is None else _person_out(names[match.person_id]),
+        similarity=candidates[0].similarity if candidates else None,
+        threshold=found.decision.threshold,
+        operating_point=OperatingPointOut(**found.decision.to_dict()),
+        candidates=candidates,
+        contract_id=engine.backend.contract.contract_id,
+        image=image_report(engine, result),
+    )

@@ -1,0 +1,325 @@
+"""Request and response bodies of the gallery routes, and reading them from a request.
+
+The image routes read their bodies themselves (multipart files or base64 JSON, as the rest of the
+API); ``*_DOC`` documents both encodings in the OpenAPI schema.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Literal
+
+from fastapi import Request
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from starlette.datastructures import UploadFile
+
+from facerec.gallery import EnrollmentPolicy, Reason
+from service.errors import ApiError, _validation_details
+from service.inputs import _b64, image_too_large
+from service.schemas import ImageReport
+
+MAX_IMAGES_PER_REQUEST = 32
+_B64 = "image file (JPEG, PNG, WebP, ...), base64 encoded; a data: URI prefix is accepted"
+
+
+# ============================================================================ schemas
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class GalleryCreate(_Strict):
+    name: str = Field(..., min_length=1, max_length=200)
+    policy: EnrollmentPolicy | None = Field(
+        None, description="enrollment gate (default: the standard policy)"
+    )
+    target_fpir: float | None = Field(
+        None, gt=0, lt=1, description="FPIR of the match threshold (default: the calibration's, 0.01)"
+    )
+    match_threshold: float | None = Field(None, ge=-1, le=1, description="fixed threshold instead")
+
+
+class GalleryUpdate(_Strict):
+    name: str | None = Field(None, min_length=1, max_length=200)
+    policy: dict[str, Any] | None = Field(None, description="policy fields to change")
+    target_fpir: float | None = Field(None, gt=0, lt=1)
+    match_threshold: float | None = Field(None, ge=-1, le=1, description="null: use the calibrated one")
+
+
+class OperatingPointOut(BaseModel):
+    threshold: float
+    source: Literal["model", "gallery", "request"]
+    fpir: float | None = Field(..., description="false-positive identification rate it was calibrated for")
+    calibrated_on: str | None
+    gallery_size: int = Field(..., description="samples in the gallery")
+    calibrated_gallery_size: int | None = Field(..., description="gallery size of the calibration used")
+    beyond_calibration: bool = Field(..., description="the gallery is larger than any calibrated size")
+    calibration_method: Literal["searches", "pairs"] | None = Field(
+        ..., description="validation searches at this size, or impostor pairs extrapolated to it"
+    )
+
+
+class GalleryOut(BaseModel):
+    id: str
+    name: str
+    contract_id: str
+    embedding_size: int
+    model_name: str
+    created_at: str
+    persons: int
+    samples: int
+    policy: EnrollmentPolicy
+    target_fpir: float
+    match_threshold: float | None
+    usable: bool = Field(..., description="false when the service runs another model than the gallery's")
+    operating_point: OperatingPointOut | None = Field(..., description="the match threshold now in force")
+
+
+class GalleryList(BaseModel):
+    galleries: list[GalleryOut]
+
+
+class SampleOut(BaseModel):
+    id: str
+    created_at: str
+    info: dict = Field(..., description="measurements at enrollment (detector score, size, pose, quality)")
+
+
+class PersonOut(BaseModel):
+    id: str
+    name: str
+    metadata: dict
+    created_at: str
+    samples: int
+
+
+class PersonDetail(PersonOut):
+    sample_list: list[SampleOut]
+
+
+class PersonList(BaseModel):
+    persons: list[PersonOut]
+    total: int
+    limit: int
+    offset: int
+
+
+class PersonUpdate(_Strict):
+    name: str | None = Field(None, min_length=1, max_length=200)
+    metadata: dict[str, Any] | None = None
+
+
+class ReasonOut(BaseModel):
+    code: Reason
+    message: str
+
+
+class ImageOutcome(BaseModel):
+    index: int
+    status: Literal["enrolled", "refused", "error"]
+    reasons: list[ReasonOut] = Field(default_factory=list, description="why it was refused")
+    sample_id: str | None = None
+    measurements: dict | None = None
+    duplicate_of: dict | None = None
+    error: dict | None = Field(None, description="{code, message} when the image itself is unusable")
+
+
+class EnrollResponse(BaseModel):
+    person: PersonOut | None
+    created: bool
+    enrolled: int
+    refused: int
+    results: list[ImageOutcome]
+
+
+class PersonEnrollJSON(_Strict):
+    name: str | None = Field(None, min_length=1, max_length=200)
+    metadata: dict[str, Any] | None = None
+    images: list[str] = Field(..., min_length=1, description=_B64)
+
+
+class SamplesJSON(_Strict):
+    images: list[str] = Field(..., min_length=1, description=_B64)
+
+
+class BatchPerson(PersonEnrollJSON):
+    person_id: str | None = Field(None, description="add to this person instead of creating one")
+
+
+class BatchEnrollJSON(_Strict):
+    persons: list[BatchPerson] = Field(..., min_length=1)
+
+
+class BatchEnrollResponse(BaseModel):
+    persons: list[EnrollResponse]
+
+
+class SearchJSON(_Strict):
+    image: str = Field(..., description=_B64)
+    top_k: int = Field(5, ge=1, le=50)
+    threshold: float | None = Field(None, ge=-1, le=1, description="cosine threshold for this request")
+    fpir: float | None = Field(None, gt=0, lt=1, description="calibrated FPIR to use for this request")
+
+
+class CandidateOut(BaseModel):
+    person_id: str
+    name: str
+    similarity: float = Field(..., description="cosine of the person's best-matching sample, -1..1")
+    sample_id: str
+
+
+class SearchResponse(BaseModel):
+    decision: Literal["match", "unknown"]
+    person: PersonOut | None = Field(..., description="the matched person (decision match)")
+    similarity: float | None = Field(..., description="best candidate's similarity (null: empty gallery)")
+    threshold: float
+    operating_point: OperatingPointOut
+    candidates: list[CandidateOut] = Field(..., description="top-k persons, best first")
+    contract_id: str
+    image: ImageReport
+
+
+# ============================================================================ request bodies
+async def read_form(request: Request, max_files: int):
+    try:
+        return await request.form(max_files=max_files, max_fields=8, max_part_size=64 * 1024)
+    except Exception as exc:  # noqa: BLE001 - parse errors are the client's
+        raise ApiError(422, "invalid_multipart", f"malformed multipart body ({exc})") from None
+
+
+async def json_body(request: Request, model: type[BaseModel]):
+    body = await request.body()
+    try:
+        payload = json.loads(body) if body.strip() else None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ApiError(422, "invalid_json", f"the body is not valid JSON ({exc})") from None
+    try:
+        return model.model_validate(payload)
+    except ValidationError as exc:
+        raise ApiError(
+            422,
+            "validation_error",
+            "the JSON body does not match the API schema",
+            _validation_details(exc.errors(include_input=False)),
+        ) from None
+
+
+def body_kind(request: Request) -> str:
+    ct = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if ct == "multipart/form-data":
+        return "multipart"
+    if ct == "application/json" or ct.endswith("+json"):
+        return "json"
+    raise ApiError(
+        415,
+        "unsupported_media_type",
+        f"send multipart/form-data or application/json (got {ct or 'no Content-Type'})",
+    )
+
+
+async def read_files(form, field: str, limit: int, max_bytes: int) -> list[bytes]:
+    parts = form.getlist(field)
+    if not parts:
+        raise ApiError(422, "validation_error", f"missing file field {field!r}", {"field": field})
+    if len(parts) > limit:
+        raise ApiError(422, "validation_error", f"at most {limit} images per request", {"field": field})
+    out = []
+    for part in parts:
+        if not isinstance(part, UploadFile):
+            raise ApiError(422, "validation_error", f"{field!r} must be a file part", {"field": field})
+        data = await part.read(max_bytes + 1)
+        if len(data) > max_bytes:
+            raise image_too_large(field, max_bytes)
+        if not data:
+            raise ApiError(422, "empty_image", f"{field}: empty file", {"field": field})
+        out.append(data)
+    return out
+
+
+def check_fields(form, allowed: set[str]) -> None:
+    unknown = sorted(set(form.keys()) - allowed)
+    if unknown:
+        raise ApiError(
+            422,
+            "validation_error",
+            f"unknown field(s) {', '.join(unknown)}; expected {', '.join(sorted(allowed))}",
+            {"unknown": unknown},
+        )
+
+
+def form_text(form, field: str) -> str | None:
+    value = form.get(field)
+    if isinstance(value, UploadFile):
+        raise ApiError(422, "validation_error", f"{field} must be a text field", {"field": field})
+    return value
+
+
+def json_field(value: str | None, field: str):
+    if value is None or value == "":
+        return None
+    try:
+        return json.loads(value)
+    except json.JSONDecodeError:
+        raise ApiError(422, "validation_error", f"{field} must be JSON", {"field": field}) from None
+
+
+def decode_images(images: list[str], max_bytes: int, prefix: str = "images") -> list[bytes]:
+    if len(images) > MAX_IMAGES_PER_REQUEST:
+        raise ApiError(422, "validation_error", f"at most {MAX_IMAGES_PER_REQUEST} images per request")
+    return [_b64(f"{prefix}[{i}]", text, max_bytes) for i, text in enumerate(images)]
+
+
+async def enroll_input(request: Request, max_bytes: int, named: bool) -> tuple[list[bytes], str | None, Any]:
+    if body_kind(request) == "multipart":
+        form = await read_form(request, MAX_IMAGES_PER_REQUEST)
+        try:
+            check_fields(form, {"images", "metadata"} | ({"name"} if named else set()))
+            name = form_text(form, "name") if named else None
+            metadata = json_field(form_text(form, "metadata"), "metadata")
+            images = await read_files(form, "images", MAX_IMAGES_PER_REQUEST, max_bytes)
+        finally:
+            await form.close()
+    else:
+        body = await json_body(request, PersonEnrollJSON if named else SamplesJSON)
+        name, metadata = getattr(body, "name", None), getattr(body, "metadata", None)
+        images = decode_images(body.images, max_bytes)
+    if metadata is not None and not isinstance(metadata, dict):
+        raise ApiError(422, "validation_error", "metadata must be a JSON object", {"field": "metadata"})
+    if named and not (name or "").strip():
+        raise ApiError(422, "validation_error", "a new person needs a `name`", {"field": "name"})
+    return images, name, metadata
+
+
+def body_doc(json_model: type[BaseModel], props: dict, required: list[str]) -> dict:
+    """``openapi_extra`` documenting both encodings of a route that reads its body itself."""
+    return {
+        "requestBody": {
+            "required": True,
+            "content": {
+                "multipart/form-data": {
+                    "schema": {"type": "object", "properties": props, "required": required}
+                },
+                "application/json": {"schema": json_model.model_json_schema()},
+            },
+        }
+    }
+
+
+_FILE = {"type": "string", "format": "binary"}
+_IMAGES = {"type": "array", "items": _FILE, "minItems": 1, "maxItems": MAX_IMAGES_PER_REQUEST}
+_METADATA = {"type": "string", "description": "a JSON object, as text"}
+SEARCH_DOC = body_doc(
+    SearchJSON,
+    {
+        "image": _FILE,
+        "top_k": {"type": "integer", "minimum": 1, "maximum": 50},
+        "threshold": {"type": "number", "minimum": -1, "maximum": 1},
+        "fpir": {"type": "number", "exclusiveMinimum": 0, "exclusiveMaximum": 1},
+    },
+    ["image"],
+)
+PERSON_DOC = body_doc(
+    PersonEnrollJSON,
+    {"name": {"type": "string", "minLength": 1, "maxLength": 200}, "metadata": _METADATA, "images": _IMAGES},
+    ["name", "images"],
+)
+SAMPLES_DOC = body_doc(SamplesJSON, {"images": _IMAGES}, ["images"])
