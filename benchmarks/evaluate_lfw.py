@@ -1,127 +1,134 @@
 """Evaluate a model on the project's protocol: validation (LFW fold 5) and LFW-H2 (folds 6-10).
 
     python benchmarks/evaluate_lfw.py MODEL --aligned-lfw DIR [--data ../shared/data] [--tag NAME]
+        [--meta LFW_META.npz] [--no-flip] [--cache-dir DIR]
 
-MODEL is a training checkpoint (model.pt / step dir) or a torch artefact. DIR is the aligned LFW
-tree made by ``facerec align --preset lfw``. Reports, with flip-augmented embeddings:
+MODEL is a `facerec export` folder or .onnx (onnxruntime, CPU), or a training checkpoint / torch
+artefact (torch, CPU). DIR is the aligned LFW tree made by ``facerec align --preset lfw``.
+Reports, with flip-augmented embeddings unless --no-flip:
 - validation: 10-fold accuracy on the 600 fold-5 pairs; TAR at FAR on all cross-identity pairs of
   the fold-5 people's images; the verification threshold at FAR 1e-3 on those pairs (what a
   deployment would ship, chosen on validation only) and the raw-quality percentiles;
 - LFW-H2 (final report only): for each of the 5 folds 6-10, the threshold chosen on the other 4,
-  accuracy mean +- std; TAR at FAR 1e-2..1e-4 on all cross-identity pairs of the LFW-H2 people.
-Writes benchmarks/results/eval_lfw_<tag>.json and .md, and an ROC plot (PNG).
+  accuracy mean +- std; EER; TAR at FAR 1e-2..1e-4 on all cross-identity pairs of the LFW-H2
+  people; and, with --meta (a detection cache of the original photos, ``python -m
+  facerec.eval.face_meta``), all of it split by head-pose bin (|yaw| < 15, 15-30, >= 30 degrees).
+Writes benchmarks/results/eval_lfw_<tag>.json and .md, and the LFW-H2 report folder
+eval_lfw_<tag>_lfw_h2/ (metrics.json, roc.json, roc.png, pose.png, summary.md) made by
+facerec.eval.reports.verify_report, the same code as `facerec eval verify --protocol lfw-h2`.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shlex
+import sys
+import time
 from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from facerec.data import protocol
-from facerec.eval.calibration import all_pairs_scores, embed_images, quality_percentiles, threshold_at_far
-from facerec.eval.verification import best_threshold, kfold_accuracy, roc_curve, tar_at_far
-from facerec.export.torch_artifact import load_model_file
+from facerec.eval.allpairs import genuine_pairs, identity_ids, impostor_scores
+from facerec.eval.calibration import quality_percentiles, threshold_at_far
+from facerec.eval.embedder import embed_cached, load_embedder
+from facerec.eval.face_meta import FaceMeta
+from facerec.eval.pose_bins import image_yaw
+from facerec.eval.reports import PairList, verify_report
+from facerec.eval.verification import best_threshold, kfold_accuracy, tar_at_far
 
 FARS = (1e-2, 1e-3, 1e-4)
 
 
-def torch_embedder(model):
-    @torch.no_grad()
-    def run(x: np.ndarray):
-        out = model(torch.from_numpy(x))
-        q = out.quality if out.quality is not None else out.embedding.norm(dim=1)
-        return out.embedding.numpy(), q.numpy()
-
-    return run
-
-
-def pair_scores(pairs, index: dict, emb: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    a = np.array([index[(p.name1, p.index1)] for p in pairs])
-    b = np.array([index[(p.name2, p.index2)] for p in pairs])
-    return (emb[a] * emb[b]).sum(1), np.array([p.same for p in pairs]), np.array([p.fold for p in pairs])
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model")
     parser.add_argument("--aligned-lfw", required=True)
-    parser.add_argument("--data", default=None, help="shared data root (default FACEREC_DATA or ../shared/data)")
+    parser.add_argument("--data", default=None,
+                        help="shared data root (default FACEREC_DATA or ../shared/data)")
     parser.add_argument("--tag", default="model")
     parser.add_argument("--out", default="benchmarks/results")
-    args = parser.parse_args()
-    torch.set_grad_enabled(False)
-    source = load_model_file(args.model)
-    model = source.model.eval()
+    parser.add_argument("--meta", default=None, help="detection cache of the original LFW photos (pose bins)")
+    parser.add_argument("--no-flip", action="store_true", help="embed each image once (as the service does)")
+    parser.add_argument("--cache-dir", default=None,
+                        help="reuse / save embeddings here (val.npz, lfw_h2.npz)")
+    parser.add_argument("--threads", type=int, default=0)
+    args = parser.parse_args(argv)
+    t0 = time.time()
+    flip = not args.no_flip
+    embedder = load_embedder(args.model, threads=args.threads)
     aligned = Path(args.aligned_lfw)
-    report: dict = {"model": args.model, "model_name": source.name, "version": source.version}
+    command = "python benchmarks/evaluate_lfw.py " + " ".join(
+        shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
+    report: dict = {"model": args.model, "model_name": embedder.name, "command": command, "flip": flip}
 
     def images(people):
         items = protocol.lfw_images_of(people, args.data)
-        keys = [(name, int(path.stem.rsplit("_", 1)[1])) for path, name in items]
-        return [aligned / name / path.name for path, name in items], [k[0] for k in keys], keys
+        keys = [f"{name}/{path.name}" for path, name in items]
+        paths = [aligned / k for k in keys]
+        missing = [p for p in paths if not p.exists()]
+        if missing:
+            raise SystemExit(f"{len(missing)} images not aligned, e.g. {missing[0]}")
+        return paths, [name for _, name in items], keys
+
+    def cache(name):
+        return Path(args.cache_dir) / f"{name}.npz" if args.cache_dir else None
+
+    def pair_list(pairs, keys, name):
+        index = {k: i for i, k in enumerate(keys)}
+        a = np.array([index[f"{p.name1}/{p.name1}_{p.index1:04d}.jpg"] for p in pairs])
+        b = np.array([index[f"{p.name2}/{p.name2}_{p.index2:04d}.jpg"] for p in pairs])
+        return PairList(a, b, np.array([p.same for p in pairs]), np.array([p.fold for p in pairs]), name)
 
     # --- validation: every choice is made here ---
     v_paths, v_names, v_keys = images(protocol.validation_people(args.data))
-    run = torch_embedder(model)
-    v_emb, v_quality = embed_images(run, v_paths)
-    v_index = {k: i for i, k in enumerate(v_keys)}
-    scores, same, _ = pair_scores(protocol.validation_pairs(args.data), v_index, v_emb)
-    kf = kfold_accuracy(scores, same, 10)
-    genuine, impostor = all_pairs_scores(v_emb, v_names)
+    v_set = embed_cached(embedder, v_paths, cache("val"), flip=flip)
+    v_emb = v_set.normalised(flip)
+    v_pairs = pair_list(protocol.validation_pairs(args.data), v_keys, "validation pairs")
+    scores = np.sum(v_emb[v_pairs.a] * v_emb[v_pairs.b], axis=1)
+    kf = kfold_accuracy(scores, v_pairs.same, 10)
+    ids = identity_ids(v_names)
+    ga, gb = genuine_pairs(ids)
+    genuine = np.sum(v_emb[ga] * v_emb[gb], axis=1)
+    impostor = impostor_scores(v_emb, ids).scores.astype(np.float64)
     report["validation"] = {
-        "pairs": int(len(scores)), "accuracy_mean": kf.mean, "accuracy_std": kf.std,
-        "images": len(v_paths), "genuine": int(len(genuine)), "impostors": int(len(impostor)),
+        "pairs": len(scores), "accuracy_mean": kf.mean, "accuracy_std": kf.std,
+        "images": len(v_paths), "genuine": len(genuine), "impostors": len(impostor),
         "tar_at_far": [asdict(t) for t in tar_at_far(genuine, impostor, FARS)],
         "threshold_far_1e-3": threshold_at_far(impostor, 1e-3),
-        "threshold_best_accuracy_pairs": best_threshold(scores, same)[0],
-        "quality_percentiles": quality_percentiles(v_quality),
+        "threshold_best_accuracy_pairs": best_threshold(scores, v_pairs.same)[0],
+        "quality_percentiles": (quality_percentiles(v_set.quality) if v_set.quality is not None else None),
     }
     # --- LFW-H2: final report only ---
     t_paths, t_names, t_keys = images(protocol.test_people(args.data))
-    t_emb, _ = embed_images(run, t_paths)
-    t_index = {k: i for i, k in enumerate(t_keys)}
-    scores, same, folds = pair_scores(protocol.lfw_h2_pairs(args.data), t_index, t_emb)
-    accs = []
-    for fold in np.unique(folds):
-        train = folds != fold
-        threshold, _ = best_threshold(scores[train], same[train])
-        test = ~train
-        accs.append(float(((scores[test] > threshold) == same[test]).mean()))
-    genuine, impostor = all_pairs_scores(t_emb, t_names)
-    fpr, tpr, _ = roc_curve(np.concatenate([genuine, impostor]),
-                            np.concatenate([np.ones(len(genuine), bool), np.zeros(len(impostor), bool)]))
-    report["lfw_h2"] = {
-        "pairs": int(len(scores)), "accuracy_mean": float(np.mean(accs)), "accuracy_std": float(np.std(accs)),
-        "fold_accuracies": accs, "images": len(t_paths), "genuine": int(len(genuine)),
-        "impostors": int(len(impostor)),
-        "tar_at_far": [asdict(t) for t in tar_at_far(genuine, impostor, FARS)],
-    }
+    t_set = embed_cached(embedder, t_paths, cache("lfw_h2"), flip=flip)
+    yaw = None
+    if args.meta:
+        meta = FaceMeta.load(args.meta).select(t_keys)
+        yaw = image_yaw(meta.landmarks)
     out = Path(args.out)
+    folder = out / f"eval_lfw_{args.tag}_lfw_h2"
+    h2 = verify_report(
+        t_set.normalised(flip), folder, names=t_names,
+        pairs=pair_list(protocol.lfw_h2_pairs(args.data), t_keys, "LFW-H2 pairs (folds 6-10)"),
+        yaw=yaw, fars=FARS, title=f"{embedder.name} on LFW-H2", command=command,
+        meta={"model": embedder.name,
+              "embeddings": "flip-augmented (normalised sum with the mirror image)" if flip else "unflipped",
+              "pose_source": args.meta})
+    pl, ap = h2["pair_list"], h2["all_pairs"]
+    report["lfw_h2"] = {
+        "pairs": pl["pairs"], "accuracy_mean": pl["accuracy_mean"], "accuracy_std": pl["accuracy_std"],
+        "fold_accuracies": pl["fold_accuracies"], "images": len(t_paths), "genuine": ap["genuine"],
+        "impostors": ap["impostors"], "tar_at_far": ap["tar_at_far"], "eer_all_pairs": ap["eer"]["eer"],
+        "eer_pairs": pl["eer"]["eer"], "report_folder": str(folder),
+        "pose_table": h2.get("pose_table"), "yaw_bins": h2.get("yaw_bins"),
+    }
+    report["seconds"] = round(time.time() - t0, 1)
     out.mkdir(parents=True, exist_ok=True)
     (out / f"eval_lfw_{args.tag}.json").write_text(json.dumps(report, indent=1, default=float))
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        keep = np.unique(np.geomspace(1, len(fpr) - 1, 2000).astype(int))
-        plt.figure(figsize=(5, 4))
-        plt.semilogx(fpr[keep], tpr[keep])
-        plt.xlabel("FAR (all cross-identity pairs of LFW-H2 people)")
-        plt.ylabel("TAR")
-        plt.title(f"{source.name} on LFW-H2")
-        plt.xlim(1e-5, 1)
-        plt.grid(True, which="both", alpha=0.3)
-        plt.tight_layout()
-        plt.savefig(out / f"eval_lfw_{args.tag}_roc.png", dpi=110)
-    except ImportError:
-        pass
     v, t = report["validation"], report["lfw_h2"]
 
     def tars(r):
@@ -130,17 +137,25 @@ def main() -> None:
             for x in r["tar_at_far"]
         )
 
-    md = [f"# {source.name} ({args.model}) on the LFW protocol", "",
-          f"Command: `python benchmarks/evaluate_lfw.py {args.model} --aligned-lfw {args.aligned_lfw} --tag {args.tag}`",
-          "Embeddings: L2-normalised sum of the image's and its mirror's embeddings; cosine similarity.", "",
-          "| split | pairs | accuracy (mean ± std over folds) | images | impostor pairs | TAR at FAR |",
-          "|---|---|---|---|---|---|",
-          f"| validation (LFW fold 5, 10 folds) | {v['pairs']} | {100 * v['accuracy_mean']:.2f}% ± {100 * v['accuracy_std']:.2f} | {v['images']} | {v['impostors']:,} | {tars(v)} |",
-          f"| LFW-H2 (folds 6-10, 5 folds) | {t['pairs']} | {100 * t['accuracy_mean']:.2f}% ± {100 * t['accuracy_std']:.2f} | {t['images']} | {t['impostors']:,} | {tars(t)} |",
-          "", f"Verification threshold at FAR 1e-3 on validation: {v['threshold_far_1e-3']:.4f}."]
+    emb_text = ("L2-normalised sum of the image's and its mirror's embeddings" if flip
+                else "L2-normalised embedding of the image (no flip)")
+    md = [f"# {embedder.name} on the LFW protocol", "",
+          f"Command: `{command}`",
+          f"Embeddings: {emb_text}; cosine similarity.", "",
+          ("| split | pairs | accuracy (mean ± std over folds) | images | impostor pairs | TAR at FAR "
+           "| EER (all pairs) |"),
+          "|---|---|---|---|---|---|---|",
+          (f"| validation (LFW fold 5, 10 folds) | {v['pairs']} | {100 * v['accuracy_mean']:.2f}% ± "
+           f"{100 * v['accuracy_std']:.2f} | {v['images']} | {v['impostors']:,} | {tars(v)} | – |"),
+          (f"| LFW-H2 (folds 6-10, 5 folds) | {t['pairs']} | {100 * t['accuracy_mean']:.2f}% ± "
+           f"{100 * t['accuracy_std']:.2f} | {t['images']} | {t['impostors']:,} | {tars(t)} | "
+           f"{100 * t['eer_all_pairs']:.2f}% |"),
+          "", f"Verification threshold at FAR 1e-3 on validation: {v['threshold_far_1e-3']:.4f}.",
+          f"LFW-H2 details (ROC, EER on the pair list, results by head pose): `{folder.name}/summary.md`."]
     (out / f"eval_lfw_{args.tag}.md").write_text("\n".join(md) + "\n")
     print("\n".join(md))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

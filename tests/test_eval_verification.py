@@ -6,13 +6,16 @@ import numpy as np
 import pytest
 
 from facerec.eval import (
+    accuracy_by_group,
     best_threshold,
     contiguous_folds,
     cosine_scores,
+    equal_error_rate,
     evaluate_pairs,
     kfold_accuracy,
     roc_curve,
     tar_at_far,
+    tar_by_group,
 )
 
 pytestmark = pytest.mark.timeout(30)
@@ -87,3 +90,75 @@ def test_evaluate_pairs_perfect_separation():
     res = evaluate_pairs(np.tile(scores, 5), np.tile(labels, 5), folds=5, fars=(0.1,))
     assert res.kfold.mean == 1.0 and res.tar[0].tar == 1.0
     assert res.as_dict()["accuracy"] == 1.0 and "tar@far=0.1" in res.as_dict()
+
+
+# ------------------------------------------------------------------ EER
+def test_eer_on_a_roc_vertex_by_hand():
+    # desc: .9G .8G .7I .4G .3I .2I -> ROC (far, frr): (0,1) (0,2/3) (0,1/3) (1/3,1/3) ...
+    scores = np.array([0.9, 0.8, 0.7, 0.4, 0.3, 0.2])
+    labels = np.array([True, True, False, True, False, False])
+    r = equal_error_rate(scores, labels)
+    assert r.eer == pytest.approx(1 / 3)
+    assert r.threshold == pytest.approx(0.7)  # accept >= 0.7: FAR 1/3, FRR 1/3
+    assert np.mean(scores[~labels] >= r.threshold) == pytest.approx(np.mean(scores[labels] < r.threshold))
+
+
+def test_eer_interpolates_across_a_tie():
+    # genuine .9 .5 .5, impostor .5 .1: the tie at .5 makes a diagonal ROC segment from
+    # (far 0, frr 2/3) to (far 1/2, frr 0); FAR = FRR where t*(1/2) = 2/3 - t*(2/3): t = 4/7
+    scores = np.array([0.9, 0.5, 0.5, 0.5, 0.1])
+    labels = np.array([True, True, True, False, False])
+    r = equal_error_rate(scores, labels)
+    assert r.eer == pytest.approx(2 / 7)
+    # symmetric case: genuine .9 .5, impostor .5 .1 -> the segment (0, 1/2)-(1/2, 0) crosses at 1/4
+    r2 = equal_error_rate(np.array([0.9, 0.5, 0.5, 0.1]), np.array([True, True, False, False]))
+    assert r2.eer == pytest.approx(0.25) and r2.threshold == pytest.approx(0.5)
+
+
+def test_eer_extremes_and_brute_force():
+    assert equal_error_rate(np.array([0.9, 0.8, 0.1, 0.2]), np.array([1, 1, 0, 0], bool)).eer == 0.0
+    assert equal_error_rate(np.array([0.1, 0.2, 0.9, 0.8]), np.array([1, 1, 0, 0], bool)).eer == 1.0
+    rng = np.random.default_rng(5)
+    labels = rng.random(4000) < 0.5
+    scores = rng.normal(labels * 1.5, 1.0)
+    r = equal_error_rate(scores, labels)
+    grid = np.linspace(-3, 4, 20001)
+    far = np.array([np.mean(scores[~labels] >= t) for t in grid[::20]])
+    frr = np.array([np.mean(scores[labels] < t) for t in grid[::20]])
+    i = np.argmin(np.abs(far - frr))
+    assert r.eer == pytest.approx((far[i] + frr[i]) / 2, abs=2e-3)
+    # for two unit-variance Gaussians 1.5 apart the EER is Phi(-0.75) = 0.2266
+    assert r.eer == pytest.approx(0.2266, abs=0.02)
+
+
+# ------------------------------------------------------------------ split by group
+def test_accuracy_by_group_uses_the_global_fold_thresholds():
+    scores = np.array([0.6, 0.4, 0.1, 0.0] + [0.1, 0.0] * 6)
+    labels = np.array([True, False, True, False] + [True, False] * 6)
+    folds = np.r_[[0] * 4, np.repeat([1, 2, 3], 4)]
+    groups = np.r_[[1, 1, 0, 0], np.zeros(12, int)]
+    res = accuracy_by_group(scores, labels, folds, groups)
+    # fold 0's threshold (from folds 1-3) is ~0.05: group 1 = {0.6 G ok, 0.4 I false accept}
+    assert res[1] == {"accuracy": 0.5, "pairs": 2, "genuine": 1, "impostors": 1}
+    assert res[0]["accuracy"] == 1.0 and res[0]["pairs"] == 14
+    total = sum(r["accuracy"] * r["pairs"] for r in res.values()) / len(scores)
+    assert total == pytest.approx(kfold_accuracy(scores, labels, folds).accuracies.mean())
+
+
+def test_tar_by_group_within_and_at_global_threshold():
+    impostor = np.r_[np.arange(100) / 100.0, np.arange(10) / 10.0 + 0.005]
+    igroups = np.r_[np.zeros(100, int), np.ones(10, int)]
+    genuine = np.array([0.995, 0.985, 0.5, 0.95, 0.3])
+    ggroups = np.array([0, 0, 0, 1, 1])
+    res = tar_by_group(genuine, ggroups, impostor, igroups, fars=(0.01, 0.1))
+    w0 = {t.far: t for t in res[0]["within"]}
+    assert w0[0.01].supported and w0[0.01].tar == pytest.approx(2 / 3)  # threshold 0.98
+    w1 = {t.far: t for t in res[1]["within"]}
+    # group 1 has 10 impostors: FAR 0.01 is unsupported there, FAR 0.1 lets 0.905 through
+    assert not w1[0.01].supported and np.isnan(w1[0.01].tar)
+    assert w1[0.1].threshold == pytest.approx(0.805) and w1[0.1].tar == pytest.approx(0.5)
+    g = {e["far"]: e for e in res[1]["at_global"]}
+    # over all 110 impostors FAR 0.01 allows 1 above: threshold = 2nd highest = 0.98
+    assert g[0.01]["threshold"] == pytest.approx(0.98)
+    assert g[0.01]["tar"] == 0.0 and g[0.01]["far_in_group"] == 0.0
+    assert res[1]["genuine"] == 2 and res[1]["impostors"] == 10

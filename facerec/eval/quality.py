@@ -273,19 +273,21 @@ def plot_edc(curves: Mapping[str, EDCResult], path: str | Path, title: str = "")
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig, ax = plt.subplots(figsize=(6, 4.2), dpi=120)
+    import textwrap
+
+    fig, ax = plt.subplots(figsize=(6.5, 4.6), dpi=120)
     for name, res in curves.items():
         if res.supported:
-            ax.plot(res.discard, res.fnmr, label=name)
+            ax.plot(res.discard, res.fnmr, label=name, lw=1.4 if name == next(iter(curves)) else 1.0)
     ax.set_xlabel("fraction of genuine pairs discarded (lowest pair quality)")
     ax.set_ylabel("FNMR (threshold fixed at 0% discard)")
     ax.set_xlim(0, float(max(r.discard[-1] for r in curves.values())))
     ax.set_ylim(bottom=0)
     ax.grid(alpha=0.3)
-    ax.legend()
+    # below the axes, so that no curve is hidden behind it
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=2, frameon=False)
     if title:
-        ax.set_title(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path)
+        ax.set_title("\n".join(textwrap.wrap(title, 80)), fontsize=9)
+    fig.savefig(path, bbox_inches="tight")
     plt.close(fig)
     return path

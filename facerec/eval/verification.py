@@ -14,8 +14,8 @@ reported as unsupported rather than silently as a number.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 import numpy as np
 
@@ -129,6 +129,40 @@ def roc_curve(scores, labels) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 
 @dataclass
+class EqualErrorRate:
+    eer: float  # the rate where FAR = FRR on the linearly interpolated ROC
+    threshold: float  # accept score >= threshold: the ROC point where FAR - FRR turns >= 0
+    num_genuine: int
+    num_impostors: int
+
+    def __str__(self) -> str:
+        return f"EER {100 * self.eer:.2f}% (threshold {self.threshold:.4f})"
+
+
+def equal_error_rate(scores, labels) -> EqualErrorRate:
+    """The equal error rate, where the false accept and false reject rates are equal.
+
+    The ROC is a staircase of points, one per distinct score; FAR - FRR increases along it from -1
+    to +1. Between the last point where it is negative and the first where it is not, the two
+    rates are interpolated linearly (the straight segment between the points, which is what ties
+    or a randomised threshold achieve), and the EER is where they meet. A curve that passes through
+    a point with FAR = FRR gives that value exactly.
+    """
+    far, tar, thresholds = roc_curve(scores, labels)
+    frr = 1.0 - tar
+    diff = far - frr
+    i = int(np.argmax(diff >= -1e-12))  # first point at or past the crossing; diff[0] = -1
+    d0, d1 = diff[i - 1], diff[i]
+    t = 0.0 if d1 == d0 else -d0 / (d1 - d0)
+    eer = far[i - 1] + t * (far[i] - far[i - 1])
+    # Every point of the segment from point i-1 to i is reached by accepting some of the pairs
+    # that score exactly thresholds[i] (all of them at point i), so that is the threshold.
+    threshold = thresholds[i]
+    labels = np.asarray(labels, dtype=bool).ravel()
+    return EqualErrorRate(float(eer), float(threshold), int(labels.sum()), int((~labels).sum()))
+
+
+@dataclass
 class TarAtFar:
     far: float  # the target
     tar: float  # NaN when unsupported
@@ -161,7 +195,7 @@ def tar_at_far(genuine, impostor, fars: Sequence[float] = (1e-1, 1e-2, 1e-3, 1e-
     n = impostor.size
     out = []
     for far in fars:
-        allowed = int(math.floor(far * n + 1e-9))  # impostors allowed above the threshold
+        allowed = math.floor(far * n + 1e-9)  # impostors allowed above the threshold
         supported = n > 0 and allowed >= 1 and far < 1
         if n == 0 or allowed >= n:
             threshold = -math.inf
@@ -200,3 +234,64 @@ def evaluate_pairs(
         num_genuine=int(labels.sum()),
         num_impostors=int((~labels).sum()),
     )
+
+
+# ------------------------------------------------------------------ results split by a pair attribute
+def accuracy_by_group(scores, labels, folds: int | Sequence[int], groups) -> dict[int, dict[str, float]]:
+    """k-fold accuracy restricted to each group of pairs (e.g. a pose bin).
+
+    The threshold for fold k is chosen on *all* pairs of the other folds, as in
+    :func:`kfold_accuracy`; only the counting is split, so the groups' correct counts add up to the
+    overall result. Returns {group: {"accuracy", "pairs", "genuine", "impostors"}}.
+    """
+    scores, labels = _check(scores, labels)
+    groups = np.asarray(groups).ravel()
+    if groups.shape != scores.shape:
+        raise ValueError("one group id per pair is needed")
+    fold_ids = contiguous_folds(scores.size, folds) if isinstance(folds, int) else np.asarray(folds)
+    correct = np.zeros(scores.size, dtype=bool)
+    for k in np.unique(fold_ids):
+        test = fold_ids == k
+        threshold, _ = best_threshold(scores[~test], labels[~test])
+        correct[test] = (scores[test] > threshold) == labels[test]
+    out = {}
+    for g in np.unique(groups):
+        m = groups == g
+        out[int(g)] = {"accuracy": float(correct[m].mean()), "pairs": int(m.sum()),
+                       "genuine": int(labels[m].sum()), "impostors": int((~labels[m]).sum())}
+    return out
+
+
+def tar_by_group(
+    genuine, genuine_groups, impostor, impostor_groups, fars: Sequence[float] = (1e-2, 1e-3, 1e-4)
+) -> dict[int, dict]:
+    """TAR at FAR within each group, and at the operating point fixed on all impostors.
+
+    For each group: ``within`` = TAR at FAR on that group's genuine pairs against that group's
+    impostors (unsupported when the group has fewer than 1 / FAR impostors); ``at_global`` = the
+    group's TAR and FAR at the thresholds that give each FAR over *all* impostors (how a deployed
+    threshold behaves on that kind of pair).
+    """
+    genuine = np.asarray(genuine, dtype=np.float64).ravel()
+    impostor = np.asarray(impostor, dtype=np.float64).ravel()
+    gg, ig = np.asarray(genuine_groups).ravel(), np.asarray(impostor_groups).ravel()
+    if gg.shape != genuine.shape or ig.shape != impostor.shape:
+        raise ValueError("one group id per genuine and per impostor score is needed")
+    overall = tar_at_far(genuine, impostor, fars)
+    out = {}
+    for g in np.unique(np.r_[gg, ig]):
+        gen, imp = genuine[gg == g], impostor[ig == g]
+        entry: dict = {"genuine": int(gen.size), "impostors": int(imp.size)}
+        if gen.size:
+            entry["within"] = tar_at_far(gen, imp, fars)
+        else:
+            entry["within"] = [TarAtFar(float(f), math.nan, math.nan, math.nan, False, int(imp.size))
+                               for f in fars]
+        entry["at_global"] = [
+            {"far": t.far, "threshold": t.threshold, "supported": t.supported,
+             "tar": float(np.mean(gen > t.threshold)) if gen.size and t.supported else math.nan,
+             "far_in_group": float(np.mean(imp > t.threshold)) if imp.size and t.supported else math.nan}
+            for t in overall
+        ]
+        out[int(g)] = entry
+    return out

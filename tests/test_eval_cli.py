@@ -1,0 +1,181 @@
+"""``facerec eval verify|quality|ood`` end to end on 12 people x 5 images of the bundled LFW sample.
+
+The sample's originals are detected once (``facerec.eval.face_meta``), aligned with those
+landmarks, and the shipped model (models/default, or $FACEREC_MODEL) embeds the crops. The
+reports' numbers are re-derived here from the embedding cache the command wrote.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from facerec.cli import main
+
+pytestmark = pytest.mark.timeout(300)
+
+REPO = Path(__file__).resolve().parents[1]
+SAMPLE = REPO / "tests" / "data" / "lfw_sample"
+MODEL = Path(os.environ.get("FACEREC_MODEL") or REPO / "models" / "default")
+
+
+@pytest.fixture(scope="module")
+def sample(tmp_path_factory):
+    if not any(MODEL.glob("*.onnx")):
+        pytest.skip(f"no exported model at {MODEL}")
+    from facerec.data.align import norm_crop
+    from facerec.data.datasets import read_rgb
+    from facerec.data.verification import Pair, save_bin, write_pairs
+    from facerec.eval import face_meta
+
+    tmp = tmp_path_factory.mktemp("eval_cli")
+    people = sorted(p.name for p in SAMPLE.iterdir() if p.is_dir())[:12]
+    (tmp / "people.txt").write_text("\n".join(people))
+    meta_path = tmp / "meta.npz"
+    assert face_meta.main([str(SAMPLE), "--out", str(meta_path), "--people", str(tmp / "people.txt")]) == 0
+    meta = face_meta.FaceMeta.load(meta_path)
+    aligned = tmp / "aligned"
+    for key, ok, lm in zip(meta.keys, meta.found, meta.landmarks, strict=True):
+        assert ok, key
+        crop = norm_crop(read_rgb(SAMPLE / key), lm, 112)
+        out = aligned / key
+        out.parent.mkdir(parents=True, exist_ok=True)
+        cv2.imwrite(str(out), cv2.cvtColor(crop, cv2.COLOR_RGB2BGR))
+    # 2 folds x (6 same + 6 different) pairs, LFW layout
+    pairs = []
+    for fold in range(2):
+        group = people[fold * 6 : (fold + 1) * 6]
+        pairs += [Pair(n, 1, n, 2, fold) for n in group]
+        pairs += [Pair(group[i], 3, group[(i + 1) % 6], 4, fold) for i in range(6)]
+    write_pairs(tmp / "pairs.txt", pairs, 2, 6)
+    blobs = []
+    for p in pairs:
+        for name, idx in ((p.name1, p.index1), (p.name2, p.index2)):
+            blobs.append((aligned / name / f"{name}_{idx:04d}.jpg").read_bytes())
+    save_bin(tmp / "sample.bin", blobs, [p.same for p in pairs])
+    return tmp
+
+
+def _normalised(cache: Path, flip: bool) -> np.ndarray:
+    z = np.load(cache)
+    e = z["embedding"] / np.linalg.norm(z["embedding"], axis=1, keepdims=True)
+    if flip:
+        f = z["embedding_flip"] / np.linalg.norm(z["embedding_flip"], axis=1, keepdims=True)
+        e = (e + f) / np.linalg.norm(e + f, axis=1, keepdims=True)
+    return e
+
+
+def test_verify_pairs_all_pairs_and_pose(sample, capsys):
+    out = sample / "verify"
+    rc = main(["eval", "verify", str(MODEL), "--images", str(sample / "aligned"), "--pairs",
+               str(sample / "pairs.txt"), "--meta", str(sample / "meta.npz"), "--flip", "--cache",
+               str(sample / "emb.npz"), "--fars", "1e-2,1e-3,1e-5", "--out", str(out), "--no-progress"])
+    assert rc == 0
+    for f in ("metrics.json", "roc.json", "roc.png", "pose.png", "summary.md"):
+        assert (out / f).exists(), f
+    m = json.loads((out / "metrics.json").read_text())
+    pl, ap = m["pair_list"], m["all_pairs"]
+    assert pl["pairs"] == 24 and pl["folds"] == 2 and 0.5 <= pl["accuracy_mean"] <= 1.0
+    assert ap["genuine"] == 12 * 10 and ap["impostors"] == 60 * 59 // 2 - 120
+    tars = {t["far"]: t for t in ap["tar_at_far"]}
+    assert tars[1e-2]["supported"] and not tars[1e-5]["supported"] and tars[1e-5]["tar"] is None
+    # the pair list's 12 impostors cannot measure FAR 1e-2: flagged, not a number
+    assert not {t["far"]: t for t in pl["tar_at_far"]}[1e-2]["supported"]
+    # re-derive the all-pairs numbers from the embeddings the command cached
+    e = _normalised(sample / "emb.npz", flip=True)
+    names = np.repeat(np.arange(12), 5)
+    sims = e @ e.T
+    iu = np.triu_indices(60, 1)
+    same = names[iu[0]] == names[iu[1]]
+    genuine, impostor = sims[iu][same], sims[iu][~same]
+    thr = np.sort(impostor)[::-1][int(np.floor(1e-2 * impostor.size))]
+    assert tars[1e-2]["tar"] == pytest.approx(np.mean(genuine > thr), abs=1e-6)
+    cuts = np.sort(np.r_[genuine, impostor])
+    far = 1 - np.searchsorted(np.sort(impostor), cuts, side="left") / impostor.size  # P(imp >= t)
+    frr = np.searchsorted(np.sort(genuine), cuts, side="left") / genuine.size  # P(gen < t)
+    i = np.argmin(np.abs(far - frr))
+    assert ap["eer"]["eer"] == pytest.approx((far[i] + frr[i]) / 2, abs=0.01)
+    # pose: every image in a bin, pair counts of the bins add up
+    per_bin = m["yaw_bins"]["images_per_bin"]
+    assert sum(per_bin.values()) == 60
+    assert sum(r.get("pairs", 0) for r in m["pose_table"]) == 24
+    assert sum(b["genuine"] for b in ap["by_pose"].values()) == 120
+    assert "By head pose" in (out / "summary.md").read_text()
+
+
+def test_verify_bin_with_detected_pose(sample):
+    out = sample / "verify_bin"
+    rc = main(["eval", "verify", str(MODEL), "--bin", str(sample / "sample.bin"), "--folds", "2",
+               "--detect-pose", "--out", str(out), "--no-progress"])
+    assert rc == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["pair_list"]["pairs"] == 24 and "all_pairs" not in m
+    assert m["faces_found"] >= 44  # MTCNN finds the face in (almost) every one of the 48 crops
+    assert (out / "roc.png").exists()
+
+
+def test_quality_with_head_detector_score_and_identity_bootstrap(sample):
+    out = sample / "quality"
+    rc = main(["eval", "quality", str(MODEL), "--images", str(sample / "aligned"), "--meta",
+               str(sample / "meta.npz"), "--pool", str(sample / "aligned"),
+               "--head", str(sample / "head.npz"),
+               "--pool-cache", str(sample / "emb.npz"),
+               "--cache", str(sample / "emb.npz"), "--fmrs", "1e-2,1e-5", "--resamples", "20",
+               "--out", str(out), "--no-progress"])
+    assert rc == 0
+    q = json.loads((out / "quality.json").read_text())
+    assert (sample / "head.npz").exists() and (out / "edc_fmr0.01.png").exists()
+    assert not q["fmr"]["1e-05"]["supported"] and "unsupported" in q["fmr"]["1e-05"]["note"]
+    ms = q["fmr"]["0.01"]["measures"]
+    names = list(ms)
+    assert names[0].startswith("model quality output") and q["reference"] == names[0]
+    for wanted in ("CR-FIQA-style head on the embedding", "detector score", "face size (detector box)",
+                   "embedding norm", "random"):
+        assert wanted in ms
+    for name, m in ms.items():
+        b = m["bootstrap"]
+        assert b["num_resamples"] == 20
+        assert b["ci_low"]["pauc_0.3"] <= b["point"]["pauc_0.3"] <= b["ci_high"]["pauc_0.3"]
+        assert (name == names[0]) == ("difference_to_reference" not in m)
+    # FNMR at 0% discard is the same for every measure: one threshold, one set of pairs
+    assert len({m["edc"]["fnmr"][0] for m in ms.values()}) == 1
+    assert "Δ pAUC" in (out / "summary.md").read_text()
+
+
+def test_ood_uses_the_shipped_detector(sample):
+    if not (MODEL / "ood.npz").exists():
+        pytest.skip("model has no ood.npz")
+    nonface = sample / "nonface" / "x"
+    nonface.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i in range(12):
+        img = cv2.resize(rng.integers(0, 256, (2, 2, 3)).astype(np.uint8), (32, 32))
+        cv2.imwrite(str(nonface / f"{i}.png"), img)
+    out = sample / "ood"
+    rc = main(["eval", "ood", str(MODEL), "--images", str(sample / "aligned"), "--ood",
+               str(sample / "nonface"), "--limit", "24", "--out", str(out)])
+    assert rc == 0
+    r = json.loads((out / "ood.json").read_text())
+    assert r["faces"] == 24 and set(r["families"]) >= {"nonface", "blur", "noise"}
+    assert r["families"]["nonface"]["n"] == 12
+    assert 0.0 <= r["families"]["nonface"]["auroc"] <= 1.0
+    assert (out / "summary.md").exists()
+
+
+def test_clear_errors(sample, capsys):
+    with pytest.raises(SystemExit, match="either --bin or --images"):
+        main(["eval", "verify", str(MODEL), "--bin", "x.bin", "--images", str(sample), "--out", "o"])
+    with pytest.raises(SystemExit, match="give --images"):
+        main(["eval", "quality", str(MODEL), "--out", str(sample / "q2")])
+    with pytest.raises(SystemExit, match="does not exist"):
+        main(["eval", "verify", str(sample / "nope"), "--images", str(sample / "aligned"), "--out",
+              str(sample / "v2"), "--no-progress"])
+    with pytest.raises(SystemExit):
+        main(["eval", "verify", str(MODEL), "--images", str(sample / "aligned"), "--fars", "a,b",
+              "--out", "o"])
+    assert "expected comma-separated numbers" in capsys.readouterr().err
