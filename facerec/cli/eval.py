@@ -1,0 +1,436 @@
+"""``facerec eval verify|quality|ood``: evaluate a model and write a report folder.
+
+Every sub-command writes JSON numbers, PNG plots and a short ``summary.md`` into ``--out``.
+The numbers come from ``facerec.eval`` (``reports.verify_report`` / ``reports.quality_report``)
+and, for ``ood``, from ``facerec.ood`` with the detector shipped in the model folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+HELP = "evaluate a model (verification, face-image quality, OOD detection) into a report folder"
+
+EPILOG = """\
+data sets:
+  --images DIR                 an aligned tree DIR/<identity>/<image>: all-pairs protocol (every
+                               same-identity pair genuine, every cross-identity pair an impostor)
+  --images DIR --pairs FILE    plus an LFW-style pairs.txt (folds from the file) over DIR
+  --images DIR --protocol P    the project's LFW splits over an aligned LFW tree: 'validation'
+                               (fold 5) or 'lfw-h2' (folds 6-10, final reports only)
+  --bin FILE                   an insightface verification .bin (pairs of aligned images; 10 folds)
+
+examples:
+  facerec eval verify models/default --images /data/lfw112 --protocol lfw-h2 \\
+      --meta lfw_meta.npz --flip --out reports/verify
+  facerec eval verify models/default --bin /data/lfw112/validation.bin --detect-pose --out reports/bin
+  facerec eval quality models/default --images /data/lfw112 --protocol lfw-h2 --meta lfw_meta.npz \\
+      --pool /data/pool112 --out reports/quality
+  facerec eval ood models/default --images /data/lfw112 --protocol lfw-h2 \\
+      --ood ../shared/data/cifar10_ood --out reports/ood
+
+--meta is a detection cache made by `python -m facerec.eval.face_meta ORIGINALS --out FILE` on the
+original (unaligned) photos, keyed identity/file: it gives the yaw (pose bins), the detector
+score and the face size. --detect-pose runs the detector on the evaluated crops instead.
+"""
+
+
+def _floats(text: str) -> list[float]:
+    try:
+        return [float(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
+def _common(p: argparse.ArgumentParser, with_bin: bool = True) -> None:
+    p.add_argument("model", help="a `facerec export` folder, an .onnx file, or a checkpoint / torch artefact")
+    p.add_argument("--images", help="aligned image tree <dir>/<identity>/<image>")
+    p.add_argument("--pairs", help="LFW-style pairs.txt whose images are under --images")
+    p.add_argument("--protocol", choices=("validation", "lfw-h2"),
+                   help="the project's LFW split over --images (an aligned LFW tree)")
+    p.add_argument("--data", default=None, help="shared data root for --protocol (default $FACEREC_DATA)")
+    if with_bin:
+        p.add_argument("--bin", help="insightface verification .bin")
+    p.add_argument("--out", required=True, help="report folder (created)")
+    p.add_argument("--flip", action="store_true", help="add the mirrored image's embedding (test-time flip)")
+    p.add_argument("--cache", default=None, help="npz to reuse / save the embeddings of this model and set")
+    p.add_argument("--meta", default=None, help="detection cache (python -m facerec.eval.face_meta)")
+    p.add_argument("--threads", type=int, default=0, help="inference threads (0 = runtime default)")
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.epilog = EPILOG
+    sub = parser.add_subparsers(dest="eval_command", metavar="{verify,quality,ood}", required=True)
+    v = sub.add_parser("verify", help="k-fold accuracy, ROC, EER, TAR@FAR (pair list and all pairs), by pose",
+                       epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _common(v)
+    v.add_argument("--no-all-pairs", action="store_true", help="skip the all-pairs protocol")
+    v.add_argument("--detect-pose", action="store_true", help="detect landmarks on the evaluated crops")
+    v.add_argument("--fars", type=_floats, default=[1e-2, 1e-3, 1e-4], help="e.g. 1e-2,1e-3,1e-4")
+    v.add_argument("--yaw-edges", type=_floats, default=[15.0, 30.0], help="|yaw| bin edges, degrees")
+    v.add_argument("--folds", type=int, default=10, help="folds for a .bin (contiguous)")
+    q = sub.add_parser("quality", help="EDC / pAUC of quality measures with identity-bootstrap intervals",
+                       epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _common(q, with_bin=False)
+    q.add_argument("--pool", default=None,
+                   help="aligned training-pool tree: train the CR-FIQA-style head on it")
+    q.add_argument("--pool-cache", default=None, help="npz for the pool embeddings")
+    q.add_argument("--head", default=None, help="a trained CR-FIQA-style head (.npz) to load, or to save "
+                   "when --pool is given")
+    q.add_argument("--fmrs", type=_floats, default=[1e-2, 1e-3])
+    q.add_argument("--resamples", type=int, default=200)
+    q.add_argument("--seed", type=int, default=0)
+    o = sub.add_parser("ood", help="AUROC / TNR of the model's shipped OOD detector (ood.npz)",
+                       epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    o.add_argument("model", help="a `facerec export` folder with ood.npz")
+    o.add_argument("--images", required=True,
+                   help="aligned faces (in-distribution): <dir>/<identity>/<image>")
+    o.add_argument("--protocol", choices=("validation", "lfw-h2"), help="only these LFW people's images")
+    o.add_argument("--data", default=None)
+    o.add_argument("--ood", action="append", default=[], help="folder of non-face images (repeatable)")
+    o.add_argument("--limit", type=int, default=400, help="faces and OOD images per family")
+    o.add_argument("--no-corruptions", action="store_true", help="skip blur/noise/occlusion/brightness")
+    o.add_argument("--seed", type=int, default=0)
+    o.add_argument("--out", required=True)
+
+
+# --------------------------------------------------------------------------------- inputs
+@dataclass
+class DataSet:
+    """Images to embed (paths or decoded crops), their keys and identities, an optional pair list."""
+
+    images: list | np.ndarray
+    keys: list[str]
+    names: list[str] | None
+    pairs: object = None  # facerec.eval.reports.PairList
+    description: str = ""
+
+
+def load_dataset(args) -> DataSet:
+    from facerec.data import protocol
+    from facerec.data.folders import scan_identity_folders
+    from facerec.data.verification import parse_pairs
+    from facerec.eval.reports import PairList
+
+    if getattr(args, "bin", None):
+        if args.images or args.pairs or args.protocol:
+            raise SystemExit("facerec eval: give either --bin or --images, not both")
+        return _load_bin(args)
+    if not args.images:
+        raise SystemExit("facerec eval: give --images DIR (aligned tree)" +
+                         (" or --bin FILE" if hasattr(args, "bin") else ""))
+    root = Path(args.images)
+    if not root.is_dir():
+        raise SystemExit(f"facerec eval: --images {root} is not a folder")
+    if args.protocol and args.pairs:
+        raise SystemExit("facerec eval: --protocol brings its own pairs; drop --pairs")
+    pair_list = None
+    if args.protocol:
+        if not protocol.has_lfw(args.data):
+            raise SystemExit(f"facerec eval: no LFW people.txt/pairs.txt under "
+                             f"{protocol.data_root(args.data)}")
+        people = (protocol.validation_people(args.data) if args.protocol == "validation"
+                  else protocol.test_people(args.data))
+        keys = [f"{n}/{p.stem}.jpg" for p, n in protocol.lfw_images_of(people, args.data)]
+        pair_list = (protocol.validation_pairs(args.data) if args.protocol == "validation"
+                     else protocol.lfw_h2_pairs(args.data))
+        what = f"{args.protocol} ({'LFW fold 5' if args.protocol == 'validation' else 'LFW folds 6-10'})"
+    else:
+        keys = [rel for rel, _ in scan_identity_folders(root)]
+        what = str(root)
+        if args.pairs:
+            pair_list = parse_pairs(args.pairs)
+    if not keys:
+        raise SystemExit(f"facerec eval: no images under {root}")
+    paths = [root / k for k in keys]
+    missing = [p for p in paths if not p.exists()]
+    if missing:
+        raise SystemExit(f"facerec eval: {len(missing)} images missing under {root}, e.g. {missing[0]}")
+    names = [k.split("/")[0] for k in keys]
+    pairs = None
+    if pair_list is not None:
+        index = {k: i for i, k in enumerate(keys)}
+        try:
+            a = np.array([index[f"{p.name1}/{p.name1}_{p.index1:04d}.jpg"] for p in pair_list])
+            b = np.array([index[f"{p.name2}/{p.name2}_{p.index2:04d}.jpg"] for p in pair_list])
+        except KeyError as e:
+            raise SystemExit(f"facerec eval: a pair uses an image that is not under {root}: {e}") from None
+        folds = np.array([p.fold for p in pair_list])
+        pairs = PairList(a, b, np.array([p.same for p in pair_list]), folds,
+                         name=f"{args.protocol or Path(args.pairs).name} pairs")
+    return DataSet(paths, keys, names, pairs, what)
+
+
+def _load_bin(args) -> DataSet:
+    import cv2
+
+    from facerec.data.verification import load_bin
+    from facerec.eval.reports import PairList
+
+    try:
+        blobs, issame = load_bin(args.bin)
+    except (OSError, ValueError, EOFError) as e:
+        raise SystemExit(f"facerec eval: cannot read {args.bin}: {e}") from None
+    images = []
+    for i, blob in enumerate(blobs):
+        img = cv2.imdecode(np.frombuffer(blob, np.uint8), cv2.IMREAD_COLOR)
+        if img is None:
+            raise SystemExit(f"facerec eval: image {i} of {args.bin} does not decode")
+        if img.shape[:2] != (112, 112):
+            img = cv2.resize(img, (112, 112), interpolation=cv2.INTER_AREA)
+        images.append(cv2.cvtColor(img, cv2.COLOR_BGR2RGB))
+    n = len(issame)
+    pairs = PairList(np.arange(n) * 2, np.arange(n) * 2 + 1, issame, args.folds, name=Path(args.bin).name)
+    keys = [f"{i:06d}" for i in range(2 * n)]
+    return DataSet(np.stack(images), keys, None, pairs, f"{args.bin} ({n} pairs)")
+
+
+def _meta(args, ds: DataSet, detect: bool):
+    from facerec.eval.face_meta import FaceMeta, detect_meta
+
+    if args.meta:
+        try:
+            return FaceMeta.load(args.meta).select(ds.keys)
+        except KeyError as e:
+            raise SystemExit(f"facerec eval: --meta {args.meta}: {e.args[0]}") from None
+    if detect:
+        from facerec.data.detect import create_detector
+
+        images = list(ds.images) if isinstance(ds.images, np.ndarray) else ds.images
+        return detect_meta(images, ds.keys, create_detector("mtcnn", backend="onnx", threads=1),
+                           progress=not args.no_progress)
+    return None
+
+
+def _command() -> str:
+    return "facerec " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+
+
+def _embed(args, ds: DataSet):
+    from facerec.eval.embedder import embed_cached, load_embedder
+
+    try:
+        embedder = load_embedder(args.model, threads=args.threads)
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"facerec eval: {e}") from None
+    return embedder, embed_cached(embedder, ds.images, args.cache, flip=args.flip, batch=args.batch,
+                                  progress=not args.no_progress)
+
+
+# ------------------------------------------------------------------------------- commands
+def run_verify(args) -> int:
+    from facerec.eval.pose_bins import image_yaw
+    from facerec.eval.reports import verify_report
+
+    ds = load_dataset(args)
+    embedder, es = _embed(args, ds)
+    meta = _meta(args, ds, args.detect_pose)
+    yaw = None if meta is None else image_yaw(meta.landmarks)
+    if ds.pairs is None and (ds.names is None or args.no_all_pairs):
+        raise SystemExit("facerec eval verify: nothing to evaluate (no pairs, and all-pairs is off)")
+    report = verify_report(
+        es.normalised(args.flip), args.out, names=ds.names, pairs=ds.pairs, yaw=yaw,
+        all_pairs=not args.no_all_pairs, fars=args.fars, yaw_edges=args.yaw_edges,
+        title=f"Verification: {ds.description}", command=_command(),
+        meta={"model": embedder.name, "data": ds.description,
+              "embeddings": ("L2-normalised sum of the image's and its mirror's normalised embeddings"
+                             if args.flip else "L2-normalised embedding of the image"),
+              "pose_source": (None if meta is None else
+                              f"--meta {args.meta}" if args.meta else "detector on the evaluated crops"),
+              "faces_found": None if meta is None else int(meta.found.sum())})
+    print((Path(args.out) / "summary.md").read_text())
+    print(f"wrote {args.out}: {', '.join(report['files'].values())}, summary.md")
+    return 0
+
+
+def train_pool_head(args, embedder):
+    from facerec.eval.crfiqa_head import fit_head_on_pool
+
+    if not Path(args.pool).is_dir():
+        raise SystemExit(f"facerec eval: --pool {args.pool} is not a folder")
+    head = fit_head_on_pool(embedder, args.pool, cache=args.pool_cache, seed=args.seed, batch=args.batch,
+                            progress=not args.no_progress)
+    if args.head:
+        head.save(args.head)
+    return head
+
+
+def run_quality(args) -> int:
+    from facerec.eval.crfiqa_head import QualityHead
+    from facerec.eval.reports import quality_report, standard_quality_measures
+
+    ds = load_dataset(args)
+    embedder, es = _embed(args, ds)
+    meta = _meta(args, ds, detect=False)
+    head = None
+    if args.pool:
+        head = train_pool_head(args, embedder)
+    elif args.head:
+        head = QualityHead.load(args.head)
+    measures = standard_quality_measures(es, meta, head, args.seed)
+    report = quality_report(
+        es.normalised(args.flip), ds.names, measures, args.out, fmrs=args.fmrs, resamples=args.resamples,
+        seed=args.seed, title=f"Face-image quality: {ds.description}", command=_command(),
+        progress=not args.no_progress,
+        meta={"model": embedder.name, "data": ds.description, "flip": args.flip,
+              "crfiqa_head": None if head is None else head.info,
+              "detector_meta": args.meta})
+    print((Path(args.out) / "summary.md").read_text())
+    print(f"wrote {args.out}: quality.json, {len(report['files']['edc_plots'])} EDC plot(s), summary.md")
+    return 0
+
+
+def _onnx_features(graph: Path):
+    """The graph's ``feature_*`` outputs in index order (the service's order) for a model input."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(graph), providers=["CPUExecutionProvider"])
+    names = sorted((o.name for o in session.get_outputs() if o.name.startswith("feature_")),
+                   key=lambda n: int(n.split("_")[1]))
+    if not names:
+        raise SystemExit(f"facerec eval ood: {graph} has no feature_* outputs (export it with features)")
+    input_name = session.get_inputs()[0].name
+
+    def run(x: np.ndarray, batch: int = 64) -> list[np.ndarray]:
+        parts = [session.run(names, {input_name: np.ascontiguousarray(x[i : i + batch], np.float32)})
+                 for i in range(0, len(x), batch)]
+        return [np.concatenate([p[j] for p in parts]) for j in range(len(names))]
+
+    return run
+
+
+def _corruptions(x: np.ndarray, seed: int) -> dict[str, np.ndarray]:
+    """Blur, noise, occlusion and bad exposure of normalised crops, rounded to 8-bit pixels."""
+    import torch
+
+    from facerec.ood import attacks
+
+    g = torch.Generator().manual_seed(seed)
+    t = torch.from_numpy(x)
+    half = len(t) // 2
+    sets = {"blur": attacks.gaussian_blur(t, 4.0), "noise": attacks.gaussian_noise(t, 0.2, generator=g),
+            "occlusion": attacks.occlude(t, 0.4, generator=g),
+            "brightness": torch.cat([attacks.brightness(t[:half], 3.0), attacks.brightness(t[half:], 0.15)])}
+    return {k: ((np.clip(np.round(v.numpy() * 127.5 + 127.5), 0, 255) - 127.5) / 127.5).astype(np.float32)
+            for k, v in sets.items()}
+
+
+def run_ood(args) -> int:
+    """Thin: the detector, its combiner and threshold come from ``ood.npz`` (``facerec fit-ood``);
+    this scores the given aligned faces and OOD inputs with it and reports the separation."""
+    import cv2
+
+    from facerec.contract import EmbeddingContract
+    from facerec.data import protocol
+    from facerec.data.datasets import read_rgb
+    from facerec.data.folders import IMAGE_EXTENSIONS, scan_identity_folders
+    from facerec.eval.calibration import load_batch
+    from facerec.eval.embedder import normalise_images
+    from facerec.eval.reports import write_json
+    from facerec.ood import load as load_ood
+    from facerec.ood.metrics import ood_report, rates_at_threshold
+
+    folder = Path(args.model)
+    if not (folder / "ood.npz").exists() or not (folder / "contract.json").exists():
+        raise SystemExit(f"facerec eval ood: {folder} needs ood.npz and contract.json "
+                         "(run `facerec fit-ood`)")
+    contract = EmbeddingContract.from_json((folder / "contract.json").read_text())
+    det = load_ood(folder / "ood.npz", contract.contract_id)
+    if det.combiner is None or det.threshold is None:
+        raise SystemExit(f"facerec eval ood: {folder / 'ood.npz'} has no combiner / threshold")
+    graphs = [p for p in sorted(folder.glob("*.onnx")) if not p.name.endswith(".fp16.onnx")]
+    if len(graphs) != 1:
+        raise SystemExit(f"facerec eval ood: {folder}: expected one fp32 .onnx graph")
+    features = _onnx_features(graphs[0])
+    rng = np.random.default_rng(args.seed)
+    root = Path(args.images)
+    if args.protocol:
+        people = (protocol.validation_people(args.data) if args.protocol == "validation"
+                  else protocol.test_people(args.data))
+        faces = [root / n / f"{p.stem}.jpg" for p, n in protocol.lfw_images_of(people, args.data)]
+    else:
+        faces = [root / r for r, _ in scan_identity_folders(root)]
+    faces = [faces[i] for i in sorted(rng.permutation(len(faces))[: args.limit])]
+    if not faces:
+        raise SystemExit(f"facerec eval ood: no faces under {root}")
+
+    def score(x: np.ndarray) -> np.ndarray:
+        return det.combine(det.layer_scores(features(x)).detach().numpy())
+
+    x_faces = load_batch(faces)
+    s_in = score(x_faces)
+    sets = {} if args.no_corruptions else _corruptions(x_faces, args.seed)
+    for d in args.ood:
+        files = sorted(f for f in Path(d).rglob("*") if f.suffix.lower() in IMAGE_EXTENSIONS)
+        if not files:
+            raise SystemExit(f"facerec eval ood: no images under {d}")
+        chosen = [files[i] for i in sorted(rng.permutation(len(files))[: args.limit])]
+        crops = np.stack([cv2.resize(read_rgb(f), (112, 112), interpolation=cv2.INTER_LINEAR)
+                          for f in chosen])
+        sets[Path(d).name] = normalise_images(crops)
+    if not sets:
+        raise SystemExit("facerec eval ood: no OOD inputs (give --ood DIR or allow corruptions)")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    tpr_target = det.target_tpr or 0.95
+    rows, scores_out = {}, {}
+    for name, x in sets.items():
+        s_out = score(x)
+        scores_out[name] = s_out
+        r = ood_report(s_in, s_out, tpr_target)
+        r["tnr_at_shipped_threshold"] = rates_at_threshold(s_in, s_out, det.threshold)[1]
+        r["n"] = len(s_out)
+        rows[name] = r
+    tpr_in = float(np.mean(s_in >= det.threshold))
+    report = {"command": _command(), "model": str(folder), "faces": len(faces), "threshold": det.threshold,
+              "tpr_at_shipped_threshold": tpr_in, "families": rows,
+              "faces_source": args.protocol or str(root),
+              "inputs": ("aligned 112x112 face crops; --ood images resized to 112x112 as if the face "
+                         "detector had let them through; corruptions of the face crops rounded to 8 bits")}
+    write_json(out / "ood.json", report)
+    _plot_ood(s_in, scores_out, det.threshold, out / "scores.png")
+    key = next(k for k in next(iter(rows.values())) if k.startswith("tnr_at_tpr"))
+    lines = ["# OOD detection (shipped ood.npz)", "", f"Command: `{report['command']}`", "",
+             (f"{len(faces)} faces from {report['faces_source']}; shipped threshold "
+              f"{det.threshold:.4f} keeps {100 * tpr_in:.1f}% of them. Inputs: {report['inputs']}."), "",
+             f"| family | n | AUROC | {key} | TNR at shipped threshold |", "|---|---|---|---|---|"]
+    for n, r in rows.items():
+        lines.append(f"| {n} | {r['n']} | {r['auroc']:.3f} | {r[key]:.3f} | "
+                     f"{r['tnr_at_shipped_threshold']:.3f} |")
+    lines += ["", "![scores](scores.png)" if (out / "scores.png").exists() else ""]
+    (out / "summary.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
+def _plot_ood(s_in, scores_out, threshold, path: Path) -> None:
+    from facerec.eval.reports import _plt
+
+    plt = _plt()
+    if plt is None:
+        return
+    fig, ax = plt.subplots(figsize=(6, 3.8), dpi=120)
+    allv = np.concatenate([s_in, *scores_out.values()])
+    bins = np.linspace(np.percentile(allv, 0.5), np.percentile(allv, 99.5), 50)
+    ax.hist(s_in, bins=bins, alpha=0.6, density=True, label="faces")
+    for n, s in scores_out.items():
+        ax.hist(s, bins=bins, histtype="step", density=True, label=n)
+    ax.axvline(threshold, color="k", ls="--", lw=1, label="threshold")
+    ax.set_xlabel("in-distribution score (below the threshold = OOD)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def run(args: argparse.Namespace) -> int:
+    return {"verify": run_verify, "quality": run_quality, "ood": run_ood}[args.eval_command](args)
