@@ -1,274 +1,524 @@
-"""Mahalanobis OOD detector on LFW: both variants, every input family, leave-one-family-out.
+"""Mahalanobis OOD detector of a trained model, evaluated as the service sees its inputs.
 
-Protocol (shared/data/README.md): statistics are fitted on LFW training-pool people (View-2 folds
-1-4); the combiner, the pre-processing ε and the threshold on validation people (fold 5); results
-on test people (folds 6-10). Faces are a central crop of the deep-funneled image (a rough
-alignment). OOD families, built separately from validation and test faces / CIFAR halves:
+Every OOD input is a photo that goes through the service's own face location (MTCNN + alignment,
+``facerec.ood.evalsets.ServiceLocator``); photos without a face are counted as rejected by the
+face detector and not scored. Protocol (shared/data/README.md):
 
-  cifar (non-faces, 32 px upsampled to 112), blur, noise, occlusion, brightness (half blown out,
-  half nearly black), fgsm@e and pgd@e (dodging: away from the clean embedding), impersonation
-  (PGD toward another test face's embedding, ε 8/255).
+- statistics: a sample of the aligned training pool (``--aligned-pool``), all three variants
+  (class-conditional, global, prototypes) from one streaming pass;
+- combiner and threshold: validation people (LFW fold 5) and validation samples of the OOD
+  families; nothing of the test split is used for fitting or tuning;
+- results: test people (LFW folds 6-10) and test samples of every family. Each family is also
+  reported with a combiner that never saw it (leave-one-family-out): all ε of an attack and both
+  attack domains are held out together.
 
-Each family is reported with a combiner that never saw it (fitted on the other families'
-validation samples); its ε is chosen on that same validation data. Writes
-``benchmarks/results/ood_eval_<model>[_<tag>].{json,md}``.
+Families: non-faces (CIFAR-10 at 32/112/224 px; scikit-image photos, crops and non-face patches;
+photos split between validation and test), corruptions of the photos (blur, noise, occlusion,
+brightness), FGSM / PGD dodging at ε/255 and PGD impersonation, on the photo (through the
+alignment, then detected again) and on the aligned crop (the model input), and — on test only,
+against the shipped variant — the adaptive PGD that also raises the detector's score. Controls
+(grey, small, JPEG-30, mild noise) are genuine faces that should pass.
 
-    python benchmarks/ood_eval.py --limit 100               # random-init mobilefacenet
-    python benchmarks/ood_eval.py --checkpoint ckpt.pt --model mobilefacenet --eps-grid 0,0.001,0.002
+The combiner caps every layer score at a quantile of the validation faces' scores, the quantile
+chosen on validation (``--ceiling-candidates``; ``none`` = the plain linear combiner).
+
+Inputs and features are cached under ``--cache`` (delete it to recompute; ``facerec fit-ood`` with
+the same settings shares it). Writes ``benchmarks/results/ood_eval_<model>[_<tag>].{json,md}``.
+
+    OMP_NUM_THREADS=2 python benchmarks/ood_eval.py --checkpoint /work/runs/gpu_vit/model.pt \\
+        --aligned-pool /work/aligned/pool --cache /work/cache/ood_eval
+    # the previous detector's recipe on the same inputs: pooled ViT tokens only, no ceiling
+    ... --layers 0,1,2,3 --ceiling-candidates none --variants prototypes --tag tokens_only
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
-import platform
 import shlex
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
-import cv2
 import numpy as np
 import torch
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from facerec.contract import EmbeddingContract  # noqa: E402
-from facerec.data import protocol  # noqa: E402
-from facerec.data.align import center_crop  # noqa: E402
-from facerec.data.datasets import read_rgb, to_tensor  # noqa: E402
-from facerec.models import create_model  # noqa: E402
-from facerec.ood import MahalanobisFitter, leave_one_family_out, select_by_validation  # noqa: E402
-from facerec.ood import attacks  # noqa: E402
-from facerec.ood.metrics import auroc  # noqa: E402
+from facerec.cli.fit_ood import default_cache
+from facerec.contract import EmbeddingContract
+from facerec.ood import (
+    MahalanobisFitter,
+    fit_combiner,
+    leave_one_family_out,
+    select_by_validation,
+)
+from facerec.ood import evalsets as ev
+from facerec.ood.evaldata import (
+    EvalConfig,
+    InputCache,
+    adaptive_row,
+    adaptive_sets,
+    build_split,
+    evaluate,
+    family,
+    lfw_splits,
+    log,
+    markdown_rows,
+    pool_sample,
+    read_photos,
+)
+from facerec.ood.metrics import auroc
+
+NON_OOD = ("faces",)  # genuine sets; names starting with "ctl_" are genuine controls
 
 
-def load_faces(paths: list[Path]) -> torch.Tensor:
-    return torch.stack([to_tensor(center_crop(read_rgb(p), 112, 0.5)) for p in paths])
-
-
-def load_cifar(paths: list[Path]) -> torch.Tensor:
-    return torch.stack([to_tensor(cv2.resize(read_rgb(p), (112, 112), interpolation=cv2.INTER_LINEAR))
-                        for p in paths])
-
-
-def pick_pool(root: Path, n_images: int, per_person: int, rng) -> list[tuple[Path, str]]:
-    """Up to ``per_person`` images of randomly ordered pool people with >= 2 images."""
-    by_person: dict[str, list[Path]] = {}
-    for path, name in protocol.lfw_images_of(protocol.pool_people(root), root):
-        by_person.setdefault(name, []).append(path)
-    people = [p for p in sorted(by_person) if len(by_person[p]) >= 2]
-    out: list[tuple[Path, str]] = []
-    for i in rng.permutation(len(people)):
-        out += [(p, people[i]) for p in by_person[people[i]][:per_person]]
-        if len(out) >= n_images:
-            break
-    return out[:n_images]
-
-
-def batched(x: torch.Tensor, size: int):
-    for i in range(0, len(x), size):
-        yield x[i : i + size]
-
-
-def build_families(model, faces: torch.Tensor, cifar: torch.Tensor, args, seed: int) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    half = len(faces) // 2
-    sets = {
-        "cifar": cifar,
-        "blur": attacks.gaussian_blur(faces, 4.0),
-        "noise": attacks.gaussian_noise(faces, 0.2, generator=g),
-        "occlusion": attacks.occlude(faces, 0.4, generator=g),
-        "brightness": torch.cat([attacks.brightness(faces[:half], 3.0), attacks.brightness(faces[half:], 0.15)]),
-    }
-    for e in args.attack_eps:
-        t0 = time.time()
-        sets[f"fgsm@{e:g}"] = torch.cat([attacks.fgsm(model, b, e / 255) for b in batched(faces, args.batch_size)])
-        sets[f"pgd@{e:g}"] = torch.cat([attacks.pgd(model, b, e / 255, steps=args.pgd_steps, generator=g)
-                                        for b in batched(faces, args.batch_size)])
-        print(f"  attacks at eps {e:g}/255: {time.time() - t0:.0f} s", flush=True)
+def features_of(model, crops: np.ndarray, bs: int = 50) -> dict:
+    feats, embs = [], []
     with torch.no_grad():
-        emb = torch.cat([model(b).embedding for b in batched(faces, args.batch_size)])
-    target = emb.roll(1, dims=0)  # the next face: almost always another person
-    sets["impersonation"] = torch.cat([
-        attacks.pgd(model, b, 8 / 255, steps=args.pgd_steps, target=t, generator=g)
-        for b, t in zip(batched(faces, args.batch_size), batched(target, args.batch_size))])
-    return sets
+        for i in range(0, len(crops), bs):
+            out = model(ev.to_input(crops[i : i + bs]), return_features=True)
+            feats.append([f.double().numpy() for f in out.features])
+            embs.append(out.embedding.double().numpy())
+    if not feats:
+        return {"n": np.array(0)}
+    d = {f"f{j}": np.concatenate([b[j] for b in feats]) for j in range(len(feats[0]))}
+    d["emb"] = np.concatenate(embs)
+    d["n"] = np.array(len(crops))
+    return d
 
 
-def family(name: str) -> str:
-    return name.split("@")[0]
-
-
-def layer_scores(detectors: dict, model, x: torch.Tensor, eps: float, bs: int) -> dict[str, np.ndarray]:
-    """(N, L) layer scores per variant; at ε = 0 one forward serves every variant."""
-    out: dict[str, list] = {v: [] for v in detectors}
-    for b in batched(x, bs):
-        if eps == 0:
-            with torch.no_grad():
-                feats = model(b, return_features=True).features
-            for v, det in detectors.items():
-                out[v].append(det.layer_scores(feats).numpy())
-        else:
-            for v, det in detectors.items():
-                out[v].append(det.input_layer_scores(model, b, eps).numpy())
-    return {v: np.concatenate(s) for v, s in out.items()}
+def layers_of(feat: dict) -> list[np.ndarray]:
+    return [feat[f"f{j}"] for j in range(sum(k.startswith("f") and k[1:].isdigit() for k in feat))]
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="mobilefacenet")
-    ap.add_argument("--checkpoint", default=None, help="state dict (or {'model': ...}); random init if absent")
+    ap.add_argument(
+        "--checkpoint", required=True, help="torch weights of the model (training checkpoint or artefact)"
+    )
+    ap.add_argument("--aligned-pool", required=True, help="aligned pool tree (statistics)")
     ap.add_argument("--data", default=None, help="shared data root (default $FACEREC_DATA or ../shared/data)")
-    ap.add_argument("--limit", type=int, default=100, help="validation and test images each (and CIFAR)")
-    ap.add_argument("--pool", type=int, default=0, help="pool images for the statistics (default 4x limit)")
-    ap.add_argument("--per-person", type=int, default=4)
+    ap.add_argument(
+        "--cache",
+        default=default_cache(),
+        help="input/feature cache, outside the repo (default: %(default)s)",
+    )
+    ap.add_argument("--faces", type=int, default=500, help="genuine photos per split")
+    ap.add_argument(
+        "--attacked", type=int, default=200, help="faces per attack / corruption / control set, test"
+    )
+    ap.add_argument("--attacked-val", type=int, default=100, help="the same on validation")
+    ap.add_argument("--cifar", type=int, default=1000, help="CIFAR images per split (each at 32/112/224 px)")
+    ap.add_argument("--skimage-crops", type=int, default=150, help="random crops per scikit-image photo")
+    ap.add_argument("--pool-images", type=int, default=3000)
     ap.add_argument("--variants", default="class_conditional,global,prototypes")
-    ap.add_argument("--n-prototypes", type=int, default=8)
-    ap.add_argument("--min-identities", type=int, default=10)
+    ap.add_argument(
+        "--ship", default="prototypes", help="the variant the service ships (adaptive attack target)"
+    )
+    ap.add_argument("--n-prototypes", type=int, default=16)
+    ap.add_argument("--min-identities", type=int, default=20)
     ap.add_argument("--shrinkage", type=float, default=0.01)
-    ap.add_argument("--eps-grid", default="0", help="pre-processing ε candidates, [0,1] pixel units")
+    ap.add_argument(
+        "--no-one-sided", action="store_true", help="treat the pixel-statistics layer two-sidedly"
+    )
+    ap.add_argument("--layers", default="", help="use only these layer indices (comma list; default all)")
+    ap.add_argument(
+        "--ceiling-candidates",
+        default="none,0.5,0.25,0.1,0.05",
+        help="combiner ceiling quantiles to choose from on validation ('none' = no cap)",
+    )
     ap.add_argument("--attack-eps", default="2,4,8", help="FGSM/PGD ε in grey levels (/255)")
+    ap.add_argument(
+        "--domains", default="photo,crop", help="attack the photo (through alignment) and/or the crop"
+    )
     ap.add_argument("--pgd-steps", type=int, default=5)
+    ap.add_argument("--adaptive-eps", type=float, default=4.0)
+    ap.add_argument("--adaptive-steps", type=int, default=10)
+    ap.add_argument(
+        "--adaptive-weights",
+        default="1,10",
+        help="weights of the detector term (log-odds above the threshold, capped at +2); each is run",
+    )
+    ap.add_argument("--eps-grid", default="0", help="input pre-processing ε candidates ([0,1] pixel units)")
+    ap.add_argument(
+        "--preproc-limit", type=int, default=100, help="inputs per set in the pre-processing study"
+    )
     ap.add_argument("--tpr", type=float, default=0.95)
-    ap.add_argument("--batch-size", type=int, default=50)
+    ap.add_argument(
+        "--verification-threshold",
+        type=float,
+        default=None,
+        help="cosine threshold for attack success (default: models/default/manifest.json)",
+    )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--tag", default="")
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
     args = ap.parse_args()
     args.attack_eps = [float(e) for e in args.attack_eps.split(",") if e]
+    args.domains = [d for d in args.domains.split(",") if d]
+    args.adaptive_weights = [float(w) for w in args.adaptive_weights.split(",") if w]
+    ceilings = tuple(None if c == "none" else float(c) for c in args.ceiling_candidates.split(",") if c)
     eps_grid = [float(e) for e in args.eps_grid.split(",")]
     variants = args.variants.split(",")
-    torch.manual_seed(args.seed)
-    rng = np.random.default_rng(args.seed)
-    root = protocol.data_root(args.data)
+    if args.ship not in variants:
+        raise SystemExit(f"--ship {args.ship} must be one of --variants")
+    thr_v = args.verification_threshold
+    if thr_v is None:
+        thr_v = json.loads((REPO / "models" / "default" / "manifest.json").read_text())["verification"][
+            "threshold"
+        ]
     t_start = time.time()
 
-    model = create_model(args.model).eval()
-    if args.checkpoint:
-        state = torch.load(args.checkpoint, map_location="cpu", weights_only=True)
-        state = state.get("model", state.get("state_dict", state))
-        model.load_state_dict(state)
-        version = hashlib.sha256(Path(args.checkpoint).read_bytes()).hexdigest()[:12]
-    else:
-        version = f"random-init-seed{args.seed}"
-    with torch.no_grad():
-        dim = model(torch.zeros(1, 3, 112, 112)).embedding.shape[1]
-    contract = EmbeddingContract(args.model, version, dim)
+    from facerec.export.torch_artifact import load_model_file
 
-    pool = pick_pool(root, args.pool or 4 * args.limit, args.per_person, rng)
-    val_paths = [p for p, _ in protocol.lfw_images_of(protocol.validation_people(root), root)]
-    test_paths = [p for p, _ in protocol.lfw_images_of(protocol.test_people(root), root)]
-    val_paths = [val_paths[i] for i in rng.permutation(len(val_paths))[: args.limit]]
-    test_paths = [test_paths[i] for i in rng.permutation(len(test_paths))[: args.limit]]
-    cifar_paths = sorted((root / "cifar10_ood").glob("*/*.jpg"))
-    cifar_paths = [cifar_paths[i] for i in rng.permutation(len(cifar_paths))]
-    half = len(cifar_paths) // 2
-    print(f"pool {len(pool)} images / {len({n for _, n in pool})} people, val {len(val_paths)}, "
-          f"test {len(test_paths)}", flush=True)
+    torch.manual_seed(args.seed)
+    src = load_model_file(args.checkpoint)
+    model = src.model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    contract = EmbeddingContract(
+        src.name, src.version, int(model(torch.zeros(1, 3, 112, 112)).embedding.shape[1])
+    )
+    n_layers = len(model.feature_dims)
+    one_sided = [] if args.no_one_sided or getattr(model, "pixel_stats", None) is None else [n_layers - 1]
+    use = [int(i) for i in args.layers.split(",")] if args.layers else list(range(n_layers))
+    rng = np.random.default_rng(args.seed)
+    cfg = EvalConfig(
+        checkpoint=args.checkpoint,
+        faces=args.faces,
+        attacked=args.attacked,
+        attacked_val=args.attacked_val,
+        cifar=args.cifar,
+        skimage_crops=args.skimage_crops,
+        attack_eps=tuple(args.attack_eps),
+        domains=tuple(args.domains),
+        pgd_steps=args.pgd_steps,
+        seed=args.seed,
+    )
+    cache = InputCache(args.cache, cfg.cache_key(model.feature_dims))
+    log(f"cache {cache.dir}")
+    locator = ev.ServiceLocator(contract)
+    specs = lfw_splits(cfg, args.data, rng)
+    sets, feats = {}, {}
+    for split, spec in specs.items():
+        log(f"{split}: building inputs")
+        sets[split] = build_split(split, spec, cfg, model, locator, cache)
+        feats[split] = {
+            name: cache.get(f"feat_{split}_{name}", lambda s=s: features_of(model, s["crops"]))
+            for name, s in sets[split].items()
+        }
 
-    # One streaming pass over the pool gives every variant's statistics.
+    # Statistics: one streaming pass over the pool sample gives every variant.
+    pool = pool_sample(Path(args.aligned_pool), args.pool_images, rng)
+
+    def pool_feats():
+        out: dict[str, list] = {}
+        for i in range(0, len(pool), 50):
+            f = features_of(model, read_photos([p for p, _ in pool[i : i + 50]]))
+            for k, v in f.items():
+                if k != "n":
+                    out.setdefault(k, []).append(v)
+        return {k: np.concatenate(v) for k, v in out.items()}
+
+    pf = cache.get("feat_pool", pool_feats)
+    labels = np.array([n for _, n in pool])
     fitter = MahalanobisFitter()
-    for i in range(0, len(pool), args.batch_size):
-        chunk = pool[i : i + args.batch_size]
-        with torch.no_grad():
-            feats = model(load_faces([p for p, _ in chunk]), return_features=True).features
-        fitter.update(feats, [n for _, n in chunk])
-    detectors = {v: fitter.finalize(v, shrinkage=args.shrinkage, n_prototypes=args.n_prototypes,
-                                    min_identities_per_prototype=args.min_identities,
-                                    contract_id=contract.contract_id) for v in variants}
-    print(f"fitted in {time.time() - t_start:.0f} s", flush=True)
+    pool_layers = layers_of(pf)
+    for i in range(0, len(labels), 256):  # streaming, in chunks
+        fitter.update([f[i : i + 256] for f in pool_layers], labels[i : i + 256])
+    dets = {
+        v: fitter.finalize(
+            v,
+            shrinkage=args.shrinkage,
+            n_prototypes=args.n_prototypes,
+            min_identities_per_prototype=args.min_identities,
+            contract_id=contract.contract_id,
+            seed=args.seed,
+            one_sided=one_sided,
+        )
+        for v in variants
+    }
+    log(f"statistics: {len(pool)} pool images of {fitter.n_identities} people")
 
-    splits = {}
-    for split, paths, cifar in (("val", val_paths, cifar_paths[:half]), ("test", test_paths, cifar_paths[half:])):
-        faces = load_faces(paths)
-        t0 = time.time()
-        sets = build_families(model, faces, load_cifar(cifar[: args.limit]), args, args.seed + (split == "test"))
-        print(f"{split}: built {len(sets)} OOD sets in {time.time() - t0:.0f} s", flush=True)
-        sets = {"faces": faces, **sets}
-        splits[split] = {eps: {name: layer_scores(detectors, model, x, eps, args.batch_size)
-                               for name, x in sets.items()} for eps in eps_grid}
+    def scores(det, f: dict) -> np.ndarray:
+        if int(f["n"]) == 0:
+            return np.zeros((0, len(use)))
+        return det.layer_scores(layers_of(f)).numpy()[:, use]
 
-    names = [n for n in splits["test"][eps_grid[0]] if n != "faces"]
-    fams = sorted({family(n) for n in names})
+    ood_names = [n for n in sets["val"] if n not in NON_OOD]
+    fams = sorted({family(n) for n in ood_names})
+    emb_test = {n: f.get("emb", np.zeros((0, 1))) for n, f in feats["test"].items()}
+    clean_test = emb_test["faces"]
     results: dict = {}
-    for v in variants:
-        per_eps = {}
-        for eps in eps_grid:
-            val, test = splits["val"][eps], splits["test"][eps]
-            val_fams = {f: np.concatenate([val[n][v] for n in names if family(n) == f]) for f in fams}
-            per_eps[eps] = leave_one_family_out(
-                val["faces"][v], val_fams, test["faces"][v], {n: test[n][v] for n in names},
-                tpr=args.tpr, family_of={n: family(n) for n in names})
-            for n in names:
-                per_eps[eps][n]["layer_auroc"] = [auroc(test["faces"][v][:, j], test[n][v][:, j])
-                                                  for j in range(test["faces"][v].shape[1])]
-        rows = {}
-        for n in names:
-            # ε is picked on validation only, without the held-out family.
-            seen = [m for m in names if family(m) != family(n)]
-            groups = np.concatenate([np.full(len(splits["val"][eps_grid[0]][m][v]), fams.index(family(m)))
-                                     for m in seen])
-            cands = {eps: (splits["val"][eps]["faces"][v],
-                           np.concatenate([splits["val"][eps][m][v] for m in seen]), groups)
-                     for eps in eps_grid}
-            best, _ = select_by_validation(cands, args.tpr) if len(eps_grid) > 1 else (eps_grid[0], None)
-            rows[n] = {**per_eps[best][n], "epsilon": best,
-                       "auroc_by_epsilon": {str(e): per_eps[e][n]["auroc"] for e in eps_grid}}
-        results[v] = rows
+    for v, det in dets.items():
+        sv = {n: scores(det, feats["val"][n]) for n in sets["val"]}
+        st = {n: scores(det, feats["test"][n]) for n in sets["test"]}
+        r = evaluate(sv, st, sets["test"], emb_test, args.tpr, thr_v, ceilings)
+        results[v] = {
+            k: r[k]
+            for k in (
+                "rows",
+                "threshold",
+                "tpr_test",
+                "tpr_val",
+                "combiner_weights",
+                "ceiling_quantile",
+                "ceiling_table",
+            )
+        }
+        if v == args.ship:
+            det.combiner, det.threshold, det.target_tpr = r["combiner"], r["threshold"], args.tpr
+            s_in_ship = r["s_in"]
+        log(f"{v}: done")
+
+    # Adaptive attack against the shipped variant (test faces only; never used for fitting).
+    det = dets[args.ship]
+    g = sets["test"]["faces"]
+    adaptive = {}
+    for name, s in adaptive_sets(
+        model,
+        det,
+        locator,
+        g,
+        clean_test,
+        cache,
+        args.domains,
+        args.adaptive_eps,
+        args.adaptive_steps,
+        args.adaptive_weights,
+        args.seed + 7,
+        args.ship,
+        use,
+    ).items():
+        f = features_of(model, s["crops"])
+        s_out = det.combine(scores(det, f)) if len(s["crops"]) else np.zeros(0)
+        row = adaptive_row(s_in_ship, s_out, det.threshold, s, f.get("emb"), g, clean_test, args.tpr, thr_v)
+        if len(s["crops"]):
+            row["layer_auroc"] = [
+                auroc(scores(det, feats["test"]["faces"])[:, j], scores(det, f)[:, j])
+                for j in range(len(use))
+            ]
+        adaptive[name] = row
+    results[args.ship]["rows"].update(adaptive)
+
+    # Optional input pre-processing (torch only): ε chosen on validation, never on the held-out family.
+    preproc = None
+    if len(eps_grid) > 1:
+        preproc = preprocessing_study(dets[args.ship], model, sets, ood_names, fams, eps_grid, args, use,
+                                      results[args.ship]["ceiling_quantile"])
 
     meta = {
         "command": "python benchmarks/ood_eval.py " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
-        "model": args.model, "checkpoint": args.checkpoint, "random_init": args.checkpoint is None,
-        "contract_id": contract.contract_id, "feature_dims": list(getattr(model, "feature_dims", [])),
-        "pool_images": len(pool), "pool_people": fitter.n_identities, "val_faces": len(val_paths),
-        "test_faces": len(test_paths), "eps_grid": eps_grid, "attack_eps_255": args.attack_eps,
-        "pgd_steps": args.pgd_steps, "tpr": args.tpr, "shrinkage": args.shrinkage,
-        "prototypes_per_layer": [len(g.means) for g in detectors["prototypes"].layers] if "prototypes" in detectors else None,
-        "min_identities_per_prototype": args.min_identities, "seconds": round(time.time() - t_start, 1),
-        "torch": torch.__version__, "cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
+        "checkpoint": args.checkpoint,
+        "model": src.name,
+        "contract_id": contract.contract_id,
+        "feature_dims": list(model.feature_dims),
+        "layers_used": use,
+        "one_sided_layers": one_sided,
+        "pool_images": len(pool),
+        "pool_people": fitter.n_identities,
+        "prototypes_per_layer": [len(g_.means) for g_ in dets["prototypes"].layers]
+        if "prototypes" in dets
+        else None,
+        "min_identities_per_prototype": args.min_identities,
+        "shrinkage": args.shrinkage,
+        "val_faces": len(sets["val"]["faces"]["crops"]),
+        "test_faces": len(sets["test"]["faces"]["crops"]),
+        "val_photos": len(specs["val"].photos),
+        "test_photos": len(specs["test"].photos),
+        "attacked_test": args.attacked,
+        "attacked_val": args.attacked_val,
+        "cifar_images_per_split": args.cifar,
+        "skimage_crops_per_photo": args.skimage_crops,
+        "attack_eps_255": args.attack_eps,
+        "pgd_steps": args.pgd_steps,
+        "adaptive": {
+            "eps_255": args.adaptive_eps,
+            "steps": args.adaptive_steps,
+            "weights": args.adaptive_weights,
+        },
+        "domains": args.domains,
+        "tpr": args.tpr,
+        "verification_threshold": thr_v,
+        "ship": args.ship,
+        "val_sets": {
+            n: {"offered": int(s["offered"]), "scored": len(s["crops"])} for n, s in sets["val"].items()
+        },
+        "seconds": round(time.time() - t_start, 1),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "cache": {"computed": cache.computed, "loaded": cache.loaded},
     }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    stem = f"ood_eval_{args.model}" + (f"_{args.tag}" if args.tag else "")
-    (out / f"{stem}.json").write_text(json.dumps({"meta": meta, "results": results}, indent=1))
-    (out / f"{stem}.md").write_text(markdown(meta, results, names, variants))
+    stem = f"ood_eval_{src.name}" + (f"_{args.tag}" if args.tag else "")
+    payload = {"meta": meta, "results": results, "preprocessing": preproc}
+    (out / f"{stem}.json").write_text(json.dumps(payload, indent=1))
+    (out / f"{stem}.md").write_text(markdown(meta, results, variants, preproc))
     print((out / f"{stem}.md").read_text())
     return 0
 
 
-def markdown(meta: dict, results: dict, names: list[str], variants: list[str]) -> str:
+def preprocessing_study(det, model, sets, ood_names, fams, eps_grid, args, use, ceiling) -> dict:
+    """Held-out AUROC per family at each ε, and the ε picked on validation without that family
+    (combiners capped at the shipped ``ceiling`` quantile)."""
+
+    def ls(crops, eps):
+        if len(crops) == 0:
+            return np.zeros((0, len(use)))
+        return np.concatenate(
+            [
+                det.input_layer_scores(model, ev.to_input(crops[i : i + 25]), eps).numpy()
+                for i in range(0, len(crops), 25)
+            ]
+        )[:, use]
+
+    n = args.preproc_limit
+    sc = {
+        split: {
+            e: {
+                name: ls(s["crops"][:n], e)
+                for name, s in sets[split].items()
+                if name in ("faces", *ood_names)
+            }
+            for e in eps_grid
+        }
+        for split in ("val", "test")
+    }
+    out = {}
+    for held in fams:
+        seen = [m for m in ood_names if family(m) != held]
+        cands = {}
+        for e in eps_grid:
+            v = sc["val"][e]
+            parts = [v[m] for m in seen if len(v[m])]
+            groups = np.concatenate([np.full(len(v[m]), fams.index(family(m))) for m in seen if len(v[m])])
+            cands[e] = (v["faces"], np.concatenate(parts), groups)
+        best, _ = select_by_validation(cands, args.tpr, ceiling_quantile=ceiling)
+        per_eps = {}
+        for e in eps_grid:
+            v, t = sc["val"][e], sc["test"][e]
+            others = {
+                f: np.concatenate([v[m] for m in ood_names if family(m) == f and len(v[m])])
+                for f in fams
+                if any(family(m) == f and len(v[m]) for m in ood_names)
+            }
+            tests = {m: t[m] for m in ood_names if family(m) == held and len(t[m])}
+            lofo = leave_one_family_out(
+                v["faces"], others, t["faces"], tests, tpr=args.tpr, family_of={m: held for m in tests},
+                fit=partial(fit_combiner, ceiling_quantile=ceiling),
+            )
+            per_eps[str(e)] = {m: r["auroc"] for m, r in lofo.items()}
+        out[held] = {"epsilon_picked_on_validation": best, "held_out_auroc_by_epsilon": per_eps}
+    return out
+
+
+def ceiling_text(r: dict) -> str:
+    table = ", ".join(f"{k}: {v:.4f}" for k, v in r["ceiling_table"].items())
+    if r["ceiling_quantile"] is None:
+        return f"Combiner without a ceiling (candidates and mean held-out AUROC within validation: {table})."
+    return (
+        f"Combiner ceiling: layer scores capped at their {r['ceiling_quantile']} quantile over validation "
+        f"faces, chosen on validation (mean held-out AUROC within validation: {table})."
+    )
+
+
+def markdown(meta, results, variants, preproc) -> str:
     tpr = round(meta["tpr"] * 100)
-    lines = [f"# Mahalanobis OOD detector: {meta['model']}" + (" (RANDOM INIT)" if meta["random_init"] else ""), ""]
-    if meta["random_init"]:
-        lines += [("**The model is randomly initialised, not trained.** These numbers only show the pipeline "
-                   "runs. Random convolutional features can already tell some families from faces (pixel "
-                   "statistics change a lot); none of this predicts what a trained model will do."), ""]
-    lines += [f"Command: `{meta['command']}`", "",
-              (f"Statistics: {meta['pool_images']} pool images of {meta['pool_people']} people (LFW folds 1-4); "
-               f"combiner, ε and threshold on {meta['val_faces']} validation faces (fold 5) and the other "
-               f"families' validation samples; reported on {meta['test_faces']} test faces (folds 6-10). Each "
-               f"row's family was held out of the combiner fit. Prototypes per layer: "
-               f"{meta['prototypes_per_layer']} (>= {meta['min_identities_per_prototype']} people each). "
-               f"{meta['seconds']} s, {meta['threads']} threads, torch {meta['torch']}."), "",
-              (f"AUROC / TNR@TPR{tpr} on test (threshold-free); `tpr/tnr@val` = the rates of the threshold "
-               f"calibrated for TPR {tpr}% on validation faces."), ""]
-    with_eps = len(meta["eps_grid"]) > 1  # show the ε picked on validation for each row
-    cols = f"AUROC | TNR@{tpr} | tpr/tnr@val" + (" | ε" if with_eps else "")
-    head = "| family | " + " | ".join(f"{v} {cols}" for v in variants) + " |"
-    lines += [head, "|---|" + ("---|" * (3 + with_eps)) * len(variants)]
+    key = f"tnr_at_tpr{tpr}"
+    ship = meta["ship"]
+    lines = [
+        f"# Mahalanobis OOD detector: {meta['model']}, inputs as the service sees them",
+        "",
+        f"Command: `{meta['command']}`",
+        "",
+        (
+            f"Statistics: {meta['pool_images']} aligned pool images of {meta['pool_people']} people "
+            f"(prototypes per layer {meta['prototypes_per_layer']}, "
+            f">= {meta['min_identities_per_prototype']} "
+            f"people each); feature layers {meta['feature_dims']}, used {meta['layers_used']}, one-sided "
+            f"{meta['one_sided_layers']}. Combiner and threshold on {meta['val_faces']} validation faces "
+            f"(LFW fold 5) and validation samples of every OOD family; reported on {meta['test_faces']} test "
+            f"faces (LFW folds 6-10). Attacks and corruptions: {meta['attacked_test']} test faces per set "
+            f"(validation {meta['attacked_val']}), PGD {meta['pgd_steps']} steps; CIFAR "
+            f"{meta['cifar_images_per_split']} images per split at 32/112/224 px; scikit-image: "
+            f"{meta['skimage_crops_per_photo']} crops per photo. {meta['seconds']} s on "
+            f"{meta['threads']} CPU threads (torch {meta['torch']}); {meta['cache']['computed']} input / "
+            "feature sets computed in this "
+            f"run, {meta['cache']['loaded']} read from the cache."
+        ),
+        "",
+        (
+            "Every input is a photo located and aligned by the service's own code; `rejected by face "
+            "detector` = photos in which it found no face (never scored). `photo`: the attacker perturbs the "
+            "whole photo through the alignment (white box, clean landmarks) and the service detects and "
+            "aligns the result again; `crop`: the aligned crop (the model input) is perturbed directly. "
+            "Dodging moves away from the person's gallery face (another photo of them), impersonation "
+            "toward another person's face; the last column is the share of scored faces the service would "
+            f"call a match (cosine >= {meta['verification_threshold']}, its FAR-1e-3 threshold) before and "
+            "after the attack."
+        ),
+        "",
+        (
+            f"AUROC / TNR@TPR{tpr}: threshold-free, combiner fitted on *all* validation families; "
+            "`held-out`: "
+            "the same with a combiner that never saw this family (leave-one-family-out; all ε and both "
+            "domains of an attack are held out together) — the honest number for an unseen kind of input. "
+            "`adaptive` was never seen by any combiner."
+        ),
+        "",
+        f"## Shipped variant ({ship})",
+        "",
+        (
+            f"Threshold {results[ship]['threshold']:.4f} for TPR {tpr}% on validation faces; TPR on test "
+            f"faces **{results[ship]['tpr_test']:.3f}**. {ceiling_text(results[ship])}"
+        ),
+        "",
+        *markdown_rows(results[ship]["rows"], meta["tpr"]),
+    ]
+    names = [n for n in results[ship]["rows"] if "held_out" in results[ship]["rows"][n]]
+    lines += [
+        "",
+        f"## Variants compared (held-out AUROC / held-out TNR@{tpr})",
+        "",
+        "| set | " + " | ".join(variants) + " |",
+        "|---|" + "---|" * len(variants),
+    ]
     for n in names:
         cells = []
         for v in variants:
-            r = results[v][n]
-            cells.append(f"{r['auroc']:.3f} | {r[f'tnr_at_tpr{tpr}']:.3f} | "
-                         f"{r['tpr_at_val_threshold']:.2f}/{r['tnr_at_val_threshold']:.2f}"
-                         + (f" | {r['epsilon']:g}" if with_eps else ""))
+            r = results[v]["rows"].get(n, {})
+            cells.append(
+                f"{r['held_out']['auroc']:.3f} / {r['held_out'][key]:.3f}" if "held_out" in r else "–"
+            )
         lines.append(f"| {n} | " + " | ".join(cells) + " |")
-    extra = ", the combiner weights and the AUROC at every ε" if with_eps else " and the combiner weights"
-    lines += ["", f"Per-layer test AUROCs{extra} are in the JSON file."]
+    lines.append(
+        "| TPR on test faces | " + " | ".join(f"{results[v]['tpr_test']:.3f}" for v in variants) + " |"
+    )
+    if preproc:
+        lines += [
+            "",
+            "## Input pre-processing (torch only)",
+            "",
+            "| held-out family | ε picked on validation | held-out AUROC by ε |",
+            "|---|---|---|",
+        ]
+        for f, r in preproc.items():
+            lines.append(
+                f"| {f} | {r['epsilon_picked_on_validation']:g} | "
+                + "; ".join(
+                    f"ε {e}: " + ", ".join(f"{m} {a:.3f}" for m, a in d.items())
+                    for e, d in r["held_out_auroc_by_epsilon"].items()
+                )
+                + " |"
+            )
+    lines += [
+        "",
+        "Per-layer test AUROCs, AUPR, detection accuracy and combiner weights are in the JSON file.",
+    ]
     return "\n".join(lines) + "\n"
 
 

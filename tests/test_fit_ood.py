@@ -1,7 +1,9 @@
-"""``facerec fit-ood`` core on tiny synthetic folders: a random-init export, sample faces."""
+"""``facerec fit-ood`` core on tiny synthetic sets: a random-init export, sample faces."""
 
 from __future__ import annotations
 
+import argparse
+import json
 from pathlib import Path
 
 import cv2
@@ -19,6 +21,11 @@ def _write(path: Path, rgb: np.ndarray) -> Path:
     return path
 
 
+def _set(crops) -> dict:
+    crops = np.asarray(crops, np.uint8)
+    return {"crops": crops, "offered": np.array(len(crops)), "source": np.arange(len(crops))}
+
+
 @pytest.fixture(scope="module")
 def fitted(tmp_path_factory):
     import torch
@@ -29,38 +36,89 @@ def fitted(tmp_path_factory):
     from facerec.data.datasets import read_rgb
     from facerec.export import export_bundle
     from facerec.models import create_model
+    from facerec.ood import save
+    from facerec.ood.evaldata import evaluate
 
     tmp = tmp_path_factory.mktemp("fit_ood")
     torch.manual_seed(0)
     model = create_model("vit_tiny_fiqa", depth=1).eval()
-    export_bundle(model, tmp / "export", model_name="vit_tiny_fiqa", overrides={"depth": 1}, version="t1",
-                  fp16=False, torch_artifact=False, dynamo=False)
+    export_bundle(
+        model,
+        tmp / "export",
+        model_name="vit_tiny_fiqa",
+        overrides={"depth": 1},
+        version="t1",
+        fp16=False,
+        torch_artifact=False,
+        dynamo=False,
+    )
     contract = EmbeddingContract.from_json((tmp / "export" / "contract.json").read_text())
     graph = next((tmp / "export").glob("*.onnx"))
-    features, names = fit_ood.onnx_features(graph)
+    run, names, meta = fit_ood.onnx_runner(graph)
+    one_sided = fit_ood.one_sided_layers(meta, len(names))
 
     # "Aligned" faces: central crops of the sample images; people split into pool / val / test.
     people = sorted(p for p in SAMPLE.iterdir() if p.is_dir())
-    faces: dict[str, list[Path]] = {}
-    for person in people:
-        faces[person.name] = [_write(tmp / "aligned" / person.name / f.name, center_crop(read_rgb(f), 112, 0.5))
-                              for f in sorted(person.glob("*.jpg"))]
-    pool = [(f, p.name) for p in people[:20] for f in faces[p.name][:3]]
-    val = [f for p in people[20:27] for f in faces[p.name]]
-    test = [f for p in people[27:] for f in faces[p.name]]
+    crops = {p.name: [center_crop(read_rgb(f), 112, 0.5) for f in sorted(p.glob("*.jpg"))] for p in people}
+    pool = [
+        (_write(tmp / "pool" / p.name / f"{i}.jpg", c), p.name)
+        for p in people[:20]
+        for i, c in enumerate(crops[p.name][:3])
+    ]
+    val = np.stack([c for p in people[20:26] for c in crops[p.name]])
+    test = np.stack([c for p in people[26:] for c in crops[p.name]])
     rng = np.random.default_rng(0)
-    # Non-faces: flat colours and smooth colour gradients, 32 px like CIFAR.
-    cifar = []
-    for i in range(16):
-        base = rng.integers(0, 256, size=(2, 2, 3)).astype(np.uint8)
-        cifar.append(_write(tmp / "nonface" / f"{i}.jpg", cv2.resize(base, (32, 32), interpolation=cv2.INTER_LINEAR)))
-    det, report = fit_ood.fit_ood(features, contract.contract_id, pool, val, test, cifar[:8], cifar[8:],
-                                  tpr=0.9, n_prototypes=2, min_identities=5, log=lambda *_: None)
-    from facerec.ood import save
 
+    def nonfaces(n):  # flat colours and smooth gradients, 32 px like CIFAR, upsampled
+        return [
+            cv2.resize(rng.integers(0, 256, size=(2, 2, 3)).astype(np.uint8), (112, 112)) for _ in range(n)
+        ]
+
+    def noisy(x):
+        return np.clip(x + rng.normal(0, 40, x.shape), 0, 255).astype(np.uint8)
+
+    det, _ = fit_ood.fit_statistics(
+        run, contract.contract_id, pool, one_sided, n_prototypes=2, min_identities=5
+    )
+    sets = {
+        "val": {"faces": _set(val), "cifar": _set(nonfaces(12)), "noise": _set(noisy(val))},
+        "test": {
+            "faces": _set(test),
+            "cifar": _set(nonfaces(12)),
+            "noise": _set(noisy(test)),
+            "ctl_grey": _set(np.repeat(test.mean(3, keepdims=True).round(), 3, axis=3)),
+        },
+    }
+    feats = {s: {n: fit_ood.crop_features(run, v["crops"]) for n, v in d.items()} for s, d in sets.items()}
+    sv = {n: fit_ood.layer_scores(det, f) for n, f in feats["val"].items()}
+    st = {n: fit_ood.layer_scores(det, f) for n, f in feats["test"].items()}
+    result = evaluate(sv, st, sets["test"], {n: f["emb"] for n, f in feats["test"].items()}, tpr=0.9)
+    det.combiner, det.threshold, det.target_tpr = result["combiner"], result["threshold"], 0.9
     save(det, tmp / "export" / "ood.npz")
-    return {"tmp": tmp, "det": det, "report": report, "contract": contract, "features": features,
-            "val": val, "names": names}
+    return {
+        "tmp": tmp,
+        "det": det,
+        "result": result,
+        "contract": contract,
+        "run": run,
+        "names": names,
+        "meta": meta,
+        "one_sided": one_sided,
+        "val": val,
+        "test": test,
+        "st": st,
+    }
+
+
+def test_graph_marks_the_pixel_statistics_layer_and_the_fit_makes_it_one_sided(fitted):
+    from facerec.models.pixel_stats import PIXEL_STATS_DIM
+
+    kinds = json.loads(fitted["meta"]["facerec.feature_kinds"])
+    assert kinds == ["tokens"] * (len(fitted["names"]) - 1) + ["pixel_stats"]
+    assert json.loads(fitted["meta"]["facerec.feature_dims"])[-1] == PIXEL_STATS_DIM
+    assert fitted["one_sided"] == [len(kinds) - 1]
+    det = fitted["det"]
+    assert det.layers[-1].floor is not None and all(g.floor is None for g in det.layers[:-1])
 
 
 def test_npz_loads_with_its_contract_only(fitted):
@@ -72,30 +130,93 @@ def test_npz_loads_with_its_contract_only(fitted):
     assert det.variant == "prototypes" and det.combiner is not None
     assert det.threshold == pytest.approx(fitted["det"].threshold) and det.target_tpr == 0.9
     assert len(det.layers) == len(fitted["names"])
+    np.testing.assert_array_equal(det.layers[-1].floor, fitted["det"].layers[-1].floor)
     with pytest.raises(ContractMismatchError):
         load(path, "0123456789abcdef")
 
 
-def test_threshold_meets_tpr_on_calibration_faces(fitted):
-    from facerec.eval.calibration import load_batch
+def test_threshold_meets_tpr_on_calibration_faces_as_the_service_scores_them(fitted):
+    from facerec.ood.evalsets import to_input
     from facerec.runtime.pipeline import FeatureListScorer
 
     det = fitted["det"]
-    x = load_batch(fitted["val"])
-    outputs = dict(zip(fitted["names"], fitted["features"](x)))
-    scores = FeatureListScorer(det)(outputs)  # as the service scores a face
+    feats, _ = fitted["run"](to_input(fitted["val"]).numpy())
+    scores = FeatureListScorer(det)(dict(zip(fitted["names"], feats)))  # as the service scores a face
     assert np.mean(scores >= det.threshold) >= 0.9
-    assert fitted["report"]["tpr_val"] >= 0.9
-    assert set(fitted["report"]["families"]) == {"cifar", "blur", "noise", "occlusion", "brightness"}
+    assert fitted["result"]["tpr_val"] >= 0.9
+
+
+def test_report_rows_and_grey_faces_are_not_penalised_by_the_pixel_layer(fitted):
+    from facerec.cli.fit_ood import markdown
+
+    rows = fitted["result"]["rows"]
+    assert set(rows) == {"cifar", "noise", "ctl_grey"}
+    assert rows["noise"]["auroc"] > 0.9 and rows["noise"]["held_out"]["auroc"] > 0.9
+    assert "pass_rate_at_threshold" in rows["ctl_grey"] and "auroc" not in rows["ctl_grey"]
+    # The pixel layer is one-sided: a grey face's chroma statistics (log δ, no chroma energy) lie
+    # below the floor, so they count as typical: its score is the one with chroma at the floor.
+    from facerec.models.pixel_stats import pixel_stats_names
+    from facerec.ood.evalsets import to_input
+
+    det = fitted["det"]
+    grey = fitted["run"](
+        to_input(np.repeat(fitted["test"].mean(3, keepdims=True).round(), 3, axis=3).astype(np.uint8)).numpy()
+    )[0][-1].astype(np.float64)
+    chroma = [i for i, n in enumerate(pixel_stats_names()) if "/Y/" not in n]
+    layer = det.layers[-1]
+    assert np.all(grey[:, chroma] < layer.floor[chroma])
+    at_floor = grey.copy()
+    at_floor[:, chroma] = layer.floor[chroma]
+    np.testing.assert_allclose(layer.scores(grey).numpy(), layer.scores(at_floor).numpy(), rtol=1e-12)
+    np.testing.assert_allclose(fitted["st"]["ctl_grey"][:, -1], layer.scores(grey).numpy(), rtol=1e-5)
+    report = {
+        "command": "facerec fit-ood x",
+        "pool_images": 60,
+        "pool_people": 20,
+        "prototypes_per_layer": [2],
+        "min_identities_per_prototype": 5,
+        "feature_dims": [192, 27],
+        "one_sided_layers": [1],
+        "val_faces": 30,
+        "test_faces": 30,
+        "graph": "g.onnx",
+        "threshold": fitted["det"].threshold,
+        "tpr_target": 0.9,
+        "tpr_val": 0.9,
+        "tpr_test": fitted["result"]["tpr_test"],
+        "rows": rows,
+        "verification_threshold": 0.36,
+        "seconds": 1.0,
+        "ceiling_quantile": 0.5,
+        "ceiling_table": {"None": 0.9, "0.5": 0.95},
+        "cache": {"computed": 1, "loaded": 2},
+    }
+    text = markdown(report)
+    assert "| noise | 30 | 0 | 30 |" in text and "| ctl_grey | 30 | 0 |" in text
 
 
 def test_blank_and_noise_images_score_as_more_ood_than_faces(fitted):
-    from facerec.eval.calibration import load_batch
+    from facerec.ood.evalsets import to_input
 
-    det, features = fitted["det"], fitted["features"]
-    faces = det.score(features(load_batch(fitted["val"])))
+    det, run = fitted["det"], fitted["run"]
+    faces = det.score(run(to_input(fitted["val"]).numpy())[0])
     rng = np.random.default_rng(1)
-    blank = np.zeros((4, 3, 112, 112), np.float32) + np.array([-1, 0, 0.5, 1], np.float32)[:, None, None, None]
+    blank = (
+        np.zeros((4, 3, 112, 112), np.float32) + np.array([-1, 0, 0.5, 1], np.float32)[:, None, None, None]
+    )
     noise = rng.uniform(-1, 1, size=(4, 3, 112, 112)).astype(np.float32)
     for x in (blank, noise):
-        assert det.score(features(x)).max() < np.median(faces)
+        assert det.score(run(x)[0]).max() < np.median(faces)
+
+
+def test_cli_requires_the_checkpoint_and_explains_itself(capsys):
+    from facerec.cli import fit_ood
+
+    parser = argparse.ArgumentParser(prog="facerec fit-ood", description=fit_ood.HELP)
+    fit_ood.add_arguments(parser)
+    with pytest.raises(SystemExit) as err:
+        parser.parse_args(["--help"])
+    assert err.value.code == 0 and "--checkpoint" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as err:
+        parser.parse_args(["models/default", "--aligned-pool", "p"])
+    assert err.value.code == 2 and "--checkpoint" in capsys.readouterr().err

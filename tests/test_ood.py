@@ -24,7 +24,14 @@ from facerec.ood import (
     threshold_at_tpr,
     tnr_at_tpr,
 )
-from facerec.ood.attacks import brightness, fgsm, gaussian_blur, gaussian_noise, occlude, pgd
+from facerec.ood.attacks import (
+    brightness,
+    fgsm,
+    gaussian_blur,
+    gaussian_noise,
+    occlude,
+    pgd,
+)
 from facerec.ood.metrics import aupr_in, aupr_out
 
 pytestmark = pytest.mark.timeout(300)
@@ -76,7 +83,8 @@ def test_streaming_class_conditional_equals_direct_formula():
         np.testing.assert_allclose(
             layer.covariance, cov + 0.05 * np.trace(cov) / cov.shape[0] * np.eye(cov.shape[0]))
         probe = f[:20] + rng.normal(0, 2, f[:20].shape)
-        np.testing.assert_allclose(layer.scores(probe).numpy(), _direct_scores(probe, means, layer.covariance),
+        np.testing.assert_allclose(layer.scores(probe).numpy(),
+                                   _direct_scores(probe, means, layer.covariance),
                                    rtol=1e-8)
 
 
@@ -196,7 +204,8 @@ def test_combiner_beats_best_single_layer_on_complementary_layers():
 
 def test_combiner_weighs_ood_groups_equally():
     rng = np.random.default_rng(1)
-    s_in, a, b = rng.normal(size=(200, 2)), rng.normal(size=(50, 2)) - [2, 0], rng.normal(size=(50, 2)) - [0, 2]
+    s_in = rng.normal(size=(200, 2))
+    a, b = rng.normal(size=(50, 2)) - [2, 0], rng.normal(size=(50, 2)) - [0, 2]
     once = fit_combiner(s_in, np.vstack([a, b]), out_groups=[0] * 50 + [1] * 50)
     # Five copies of group a (e.g. five attack strengths) must not pull the fit toward it.
     many = fit_combiner(s_in, np.vstack([a] * 5 + [b]), out_groups=[0] * 250 + [1] * 50)
@@ -245,7 +254,8 @@ def test_save_load_round_trip(tmp_path):
     path = tmp_path / "ood.npz"
     save(det, path)
     back = load(path, "c1")
-    assert (back.variant, back.threshold, back.target_tpr, back.contract_id) == ("prototypes", det.threshold, 0.95, "c1")
+    assert (back.variant, back.threshold, back.target_tpr, back.contract_id) == (
+        "prototypes", det.threshold, 0.95, "c1")
     probe = [f[::7] for f in feats]
     np.testing.assert_array_equal(back.score(probe), det.score(probe))
     np.testing.assert_array_equal(back.layers[1].support, det.layers[1].support)
@@ -352,3 +362,256 @@ def test_adaptive_pgd_also_raises_the_detector_score(tiny_model):
         s_plain = detector_score(tiny_model(plain, return_features=True).features)
         s_adaptive = detector_score(tiny_model(adaptive, return_features=True).features)
     assert s_adaptive.mean() > s_plain.mean() + 0.2 * s_plain.abs().mean(), (s_adaptive, s_plain)
+
+
+# --- pixel statistics, one-sided layers, attacks through the alignment, service-path inputs -------
+
+
+def _pixel_stats_direct(x: np.ndarray, block: int = 8, delta: float = 1e-6) -> np.ndarray:
+    """The docstring of facerec/models/pixel_stats.py, written out in float64 numpy with loops."""
+    out = []
+    for img in x.astype(np.float64):
+        r, g, b = img
+        row = []
+        chans = [(r + g + b) / 3, r - g, b - (r + g) / 2]
+        for kind in ("box3", "dx", "dy"):
+            for c in chans:
+                if kind == "box3":
+                    p = np.pad(c, 1, mode="edge")
+                    h, w = c.shape
+                    box = sum(p[i : i + h, j : j + w] for i in range(3) for j in range(3)) / 9
+                    res = c - box
+                elif kind == "dx":
+                    res = c[:, 1:] - c[:, :-1]
+                else:
+                    res = c[1:, :] - c[:-1, :]
+                nh, nw = res.shape[0] // block, res.shape[1] // block
+                e = np.array([[np.mean(res[i * block : (i + 1) * block, j * block : (j + 1) * block] ** 2)
+                               for j in range(nw)] for i in range(nh)]).ravel()
+                le = np.log(e + delta)
+                row += [le.mean(), le.std(), np.log(e.mean() + delta)]
+        out.append(row)
+    return np.array(out)
+
+
+def test_pixel_stats_match_the_direct_formula():
+    from facerec.models.pixel_stats import (
+        PIXEL_STATS_DIM,
+        pixel_stats,
+        pixel_stats_names,
+    )
+
+    g = torch.Generator().manual_seed(0)
+    x = (_faces(3, seed=5) + 0.05 * torch.randn(3, 3, 112, 112, generator=g)).clamp(-1, 1)
+    x[2] = x[2].mean(0, keepdim=True)  # a grey image: chroma residuals are exactly 0
+    got = pixel_stats(x).double().numpy()
+    want = _pixel_stats_direct(x.numpy())
+    assert got.shape == (3, PIXEL_STATS_DIM) == (3, len(pixel_stats_names()))
+    np.testing.assert_allclose(got, want, rtol=2e-4, atol=2e-4)
+    grey = dict(zip(pixel_stats_names(), got[2]))
+    assert grey["dx/R-G/log_mean"] == pytest.approx(np.log(1e-6), abs=1e-5)
+    # Sign noise of 4 grey levels (what FGSM adds) raises every chroma statistic of a smooth image.
+    smooth = _faces(1, seed=8)
+    noisy = (smooth + (torch.randint(0, 2, smooth.shape, generator=g) * 2 - 1) * 8 / 255).clamp(-1, 1)
+    up = pixel_stats(noisy)[0] - pixel_stats(smooth)[0]
+    means = [i for i, n in enumerate(pixel_stats_names()) if "/Y/" not in n and not n.endswith("std_log")]
+    assert torch.all(up[means] > 0.2), up
+
+
+def test_vit_features_end_with_the_pixel_statistics():
+    from facerec.models.pixel_stats import PIXEL_STATS_DIM, pixel_stats
+
+    torch.manual_seed(0)
+    model = create_model("vit_tiny_fiqa", depth=2).eval()
+    x = _faces(2, seed=6)
+    with torch.no_grad():
+        feats = model(x, return_features=True).features
+    assert model.feature_dims[-1] == PIXEL_STATS_DIM and len(feats) == len(model.feature_dims)
+    torch.testing.assert_close(feats[-1], pixel_stats(x))
+    plain = create_model("vit_tiny_fiqa", depth=2, pixel_stats=False)
+    assert len(plain.feature_dims) == len(model.feature_dims) - 1
+    # No weights: checkpoints saved without the pixel statistics still load strictly.
+    assert not any(k.startswith("pixel_stats") for k in model.state_dict())
+
+
+def test_one_sided_layer_equals_the_direct_formula():
+    feats, labels = _labelled_data(n=400, n_classes=20)
+    fitter = _stream(feats, labels, [64] * 6 + [16])
+    det = fitter.finalize("global", shrinkage=0.02, one_sided=[1])
+    two = fitter.finalize("global", shrinkage=0.02)
+    assert det.layers[0].floor is None
+    floor = feats[1].mean(0)
+    np.testing.assert_allclose(det.layers[1].floor, floor, rtol=1e-10)
+    rng = np.random.default_rng(2)
+    probe = feats[1][:30] + rng.normal(0, 3, feats[1][:30].shape)
+    want = _direct_scores(np.maximum(probe, floor), det.layers[1].means, det.layers[1].covariance)
+    np.testing.assert_allclose(det.layers[1].scores(probe).numpy(), want, rtol=1e-9)
+    # Anything at or below the floor in every coordinate is as typical as the mean itself...
+    below = floor - np.abs(rng.normal(0, 5, (10, len(floor))))
+    np.testing.assert_allclose(det.layers[1].scores(below).numpy(), 0.0, atol=1e-9)
+    assert np.all(two.layers[1].scores(below).numpy() < -1.0)  # ...unlike the two-sided layer
+    # ...and the untouched layer is unchanged; the floor survives save/load.
+    np.testing.assert_array_equal(det.layers[0].scores(feats[0]).numpy(),
+                                  two.layers[0].scores(feats[0]).numpy())
+    with pytest.raises(ValueError, match="out of range"):
+        fitter.finalize("global", one_sided=[5])
+
+
+def test_save_load_keeps_the_one_sided_floor(tmp_path):
+    feats, labels = _labelled_data(n=600, n_classes=60)
+    det = _stream(feats, labels, [600]).finalize("prototypes", min_identities_per_prototype=5,
+                                                 contract_id="c", one_sided=[0])
+    save(det, tmp_path / "ood.npz")
+    back = load(tmp_path / "ood.npz", "c")
+    np.testing.assert_array_equal(back.layers[0].floor, det.layers[0].floor)
+    assert back.layers[1].floor is None
+    probe = [f[::3] - 5 for f in feats]
+    np.testing.assert_array_equal(back.layer_scores(probe).numpy(), det.layer_scores(probe).numpy())
+
+
+def test_alignment_warp_matches_norm_crop_and_passes_gradients():
+    import cv2
+
+    from facerec.data.align import ARCFACE_TEMPLATE, estimate_norm
+    from facerec.ood.attacks import AlignmentWarp
+
+    rng = np.random.default_rng(0)
+    photo = cv2.GaussianBlur(rng.integers(0, 256, (150, 140, 3)).astype(np.uint8), (0, 0), 1.5)
+    lms = [ARCFACE_TEMPLATE * 0.9 + [20, 15], ARCFACE_TEMPLATE * 1.1 - [30, 10] + rng.normal(0, 2, (5, 2))]
+    mats = np.stack([estimate_norm(lm) for lm in lms])  # the second crop reaches outside the photo
+    x = torch.from_numpy(np.stack([photo, photo])).permute(0, 3, 1, 2).double() / 127.5 - 1
+    x.requires_grad_(True)
+    crops = AlignmentWarp(mats, photo.shape[:2])(x)
+    for i, m in enumerate(mats):
+        want = cv2.warpAffine(photo, m, (112, 112), borderValue=0.0).astype(np.float64)
+        got = (crops[i].detach().permute(1, 2, 0).numpy() + 1) * 127.5
+        assert np.abs(got - want).max() <= 0.51  # cv2 rounds its output (and its weights to 1/32)
+    assert (crops[1].detach() == -1).any()  # black outside the photo, as borderValue=0
+    crops.sum().backward()
+    assert x.grad.abs().sum() > 0 and torch.all(x.grad[0, :, :5, :5] == 0)  # a corner never sampled
+
+
+def test_pgd_through_the_alignment_stays_in_the_photo_ball(tiny_model):
+    from facerec.data.align import ARCFACE_TEMPLATE, estimate_norm
+    from facerec.ood.attacks import AlignmentWarp
+
+    photos = torch.nn.functional.interpolate(_faces(2, seed=7), size=150, mode="bilinear",
+                                             align_corners=False)
+    warp = AlignmentWarp(np.stack([estimate_norm(ARCFACE_TEMPLATE + 19)] * 2), (150, 150))
+    eps = 8 / 255
+    adv = pgd(tiny_model, photos, eps, steps=3, generator=torch.Generator().manual_seed(0),
+              input_transform=warp)
+    assert (adv - photos).abs().max() <= eps / 0.5 + 1e-6 and adv.abs().max() <= 1.0
+    with torch.no_grad():
+        moved = torch.nn.functional.cosine_similarity(tiny_model(warp(adv)).embedding,
+                                                      tiny_model(warp(photos)).embedding)
+    assert torch.all(moved < 0.999)
+    # Dodging away from another image's embedding (a gallery entry): a real gradient at the start.
+    with torch.no_grad():
+        gallery = tiny_model(warp(photos.flip(3))).embedding
+    one = fgsm(tiny_model, photos, eps, input_transform=warp, reference=gallery)
+    changed = (one - photos).abs() > 1e-6
+    assert changed[:, :, 40:110, 40:110].float().mean() > 0.9  # the face region is perturbed...
+    assert not changed[:, :, :10, :10].any()  # ...pixels the crop never samples are not
+
+
+def test_service_locator_and_corruptions():
+    from facerec.contract import EmbeddingContract
+    from facerec.data.align import norm_crop
+    from facerec.data.datasets import read_rgb
+    from facerec.ood import evalsets as ev
+
+    sample = sorted((__import__("pathlib").Path(__file__).parent / "data" / "lfw_sample").glob("*/*.jpg"))[:2]
+    photos = np.stack([read_rgb(p) for p in sample])
+    loc = ev.ServiceLocator(EmbeddingContract("m", "1", 8))
+    found = [loc.locate(p) for p in photos]
+    assert all(f is not None for f in found)
+    for p, (crop, lm) in zip(photos, found):
+        np.testing.assert_array_equal(crop, norm_crop(p, lm))  # the service's crop of its largest face
+    blank = np.full((100, 100, 3), 128, np.uint8)
+    s = loc.crops([photos[0], blank, photos[1]])
+    assert (s.offered, len(s.crops), s.rejected, s.source.tolist()) == (3, 2, 1, [0, 2])
+    # Occlusion: ~40% of the face square, random noise, nothing changed outside it.
+    lms = np.stack([f[1] for f in found])
+    occ = ev.occlude_boxes(photos, lms, 0.4, np.random.default_rng(0))
+    for i, lm in enumerate(lms):
+        changed = np.any(occ[i] != photos[i], axis=2)
+        half = max(lm.max(0) - lm.min(0))
+        ys, xs = np.nonzero(changed)
+        c = lm.mean(0)
+        assert xs.min() >= c[0] - half - 1 and xs.max() <= c[0] + half and ys.min() >= c[1] - half - 1
+        assert 0.3 < changed.sum() / (2 * half) ** 2 < 0.45
+    for name, imgs in ev.controls(photos, 0).items():
+        assert len(imgs) == 2 and all(np.asarray(im).dtype == np.uint8 for im in imgs), name
+    assert ev.controls(photos, 0)["ctl_grey"][0].std(axis=2).max() == 0
+    np.testing.assert_array_equal(ev.to_uint8(ev.to_input(photos)), photos)
+
+
+def test_combiner_ceiling_caps_every_layer_at_a_quantile_of_genuine_scores():
+    rng = np.random.default_rng(0)
+    s_in, s_out = rng.normal(size=(400, 3)), rng.normal(size=(300, 3)) - 2.0
+    comb = fit_combiner(s_in, s_out, ceiling_quantile=0.5)
+    np.testing.assert_allclose(comb.ceiling, np.median(s_in, axis=0))
+    probe = rng.normal(size=(20, 3)) * 3
+    want = ((np.minimum(probe, comb.ceiling) - comb.mean) / comb.std) @ comb.weights + comb.bias
+    np.testing.assert_allclose(comb.decision(probe), want, rtol=1e-12)
+    np.testing.assert_allclose(comb.decision(torch.from_numpy(probe)).numpy(), want, rtol=1e-12)
+    # Raising a layer above its ceiling buys nothing; lowering any layer costs.
+    up = probe.copy()
+    up[:, 0] = comb.ceiling[0] + 50
+    at = probe.copy()
+    at[:, 0] = comb.ceiling[0]
+    np.testing.assert_allclose(comb.decision(up), comb.decision(at))
+    assert np.all(comb.decision(at - [1, 0, 0]) < comb.decision(at))
+    with pytest.raises(ValueError, match="ceiling_quantile"):
+        fit_combiner(s_in, s_out, ceiling_quantile=0.0)
+
+
+def test_ceiling_stops_hyper_typical_layers_from_hiding_an_atypical_one(tmp_path):
+    from facerec.ood import select_ceiling_quantile
+
+    rng = np.random.default_rng(1)
+
+    def split(n):
+        faces = rng.normal(size=(n, 2))
+        fams = {"a": np.c_[rng.normal(-4, 1, n), rng.normal(size=n)],
+                "b": np.c_[rng.normal(size=n), rng.normal(-4, 1, n)],
+                # c: hyper-typical in layer 0 (what an adaptive attack produces), atypical in layer 1
+                "c": np.c_[rng.normal(4, 0.5, n), rng.normal(-3, 1, n)]}
+        return faces, fams
+
+    (val_in, val), (test_in, test) = split(300), split(300)
+    plain = leave_one_family_out(val_in, val, test_in, test)
+    capped = leave_one_family_out(val_in, val, test_in, test, ceiling_candidates=(None, 0.5))
+    assert plain["c"]["auroc"] < 0.5, plain["c"]["auroc"]
+    assert capped["c"]["auroc"] > 0.93, capped["c"]["auroc"]
+    assert capped["c"]["ceiling_quantile"] == 0.5  # chosen on a and b's validation halves only
+    best, table = select_ceiling_quantile(val_in, val, (None, 0.5))
+    assert best == 0.5 and table[0.5] > table[None]
+    # The ceiling survives save / load with the detector.
+    feats, labels = _labelled_data(n=300, n_classes=30)
+    det = _stream(feats, labels, [300]).finalize("prototypes", min_identities_per_prototype=5,
+                                                 contract_id="c")
+    s = det.layer_scores(feats).numpy()
+    det.combiner = fit_combiner(s, s - 5, ceiling_quantile=0.25)
+    det.threshold, det.target_tpr = calibrate_threshold(det.combine(s), 0.95), 0.95
+    save(det, tmp_path / "ood.npz")
+    back = load(tmp_path / "ood.npz", "c")
+    np.testing.assert_array_equal(back.combiner.ceiling, det.combiner.ceiling)
+    np.testing.assert_array_equal(back.score(feats), det.score(feats))
+    # Nothing to hold out with one family left: the first candidate, no table.
+    assert select_ceiling_quantile(val_in, {"a": val["a"]}, (0.25, None)) == (0.25, {})
+
+
+def test_attack_plan_pairs_each_face_with_its_gallery_photo_and_another_person():
+    from facerec.ood.evaldata import attack_plan, family
+
+    names = ["a", "b", "a", "c", "d", "d", "b", "e"]
+    att, gal, tgt = attack_plan(names, 10)
+    assert att.tolist() == [0, 1, 2, 4, 5, 6]  # c and e have one photo: no gallery entry, not attacked
+    for i, g, t in zip(att, gal, tgt):
+        assert names[g] == names[i] and g != i and names[t] != names[i] and t in att
+    assert attack_plan(names, 3)[0].tolist() == [0, 1, 2]
+    with pytest.raises(ValueError, match="too few people"):
+        attack_plan(["a", "a", "b"], 5)
+    assert [family(n) for n in ("fgsm@4/photo", "adaptive@4/crop/w10", "cifar")] == ["fgsm", "adaptive", "cifar"]

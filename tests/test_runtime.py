@@ -359,7 +359,9 @@ def test_pipeline_async_through_batcher_with_ood_scorer(ort_backend, detector):
     for r in results:
         assert np.allclose(r.faces[0].embedding, reference.faces[0].embedding, atol=1e-5)
         assert isinstance(r.faces[0].ood, float)
-    assert calls[0] == ["embedding", "feature_0", "feature_1"]
+    # the scorer sees the embedding and every exported feature output (whatever the model taps)
+    features = [n for n in ort_backend.output_names if n.startswith("feature_")]
+    assert len(features) >= 2 and calls[0] == sorted(["embedding", *features])
 
     class OtherModelsStatistics:
         contract_id = "0123456789abcdef"
@@ -370,11 +372,14 @@ def test_pipeline_async_through_batcher_with_ood_scorer(ort_backend, detector):
     with pytest.raises(ContractMismatchError):
         FacePipeline(ort_backend, detector=detector, ood_scorer=OtherModelsStatistics())
 
+    n_features = len(features)
+
     class LayerListDetector:  # the shape of facerec.ood's MahalanobisDetector: score(list of layers)
         contract_id = ort_backend.contract.contract_id
 
         def score(self, features):
-            assert [f.shape[1] for f in features] == [192, 192]
+            dims = [f.shape[1] for f in features]  # token taps (192) then any pixel-statistics tap
+            assert len(dims) == n_features and dims[:2] == [192, 192]
             return -np.stack([f.mean(1) for f in features], 1).sum(1)
 
     scorer = FeatureListScorer(LayerListDetector())

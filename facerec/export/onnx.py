@@ -12,7 +12,8 @@ Outputs, in order: ``embedding`` (N, D) unnormalised, ``quality`` (N,) for model
 
 Metadata (``metadata_props``, read by onnxruntime as ``custom_metadata_map``), keys prefixed
 ``facerec.``: ``contract`` (the contract JSON), ``contract_id``, ``model_name``, ``model_version``,
-``model_overrides``, ``output_names``, ``feature_dims``, ``input`` (the input convention as JSON),
+``model_overrides``, ``output_names``, ``feature_dims``, ``feature_kinds`` (what each ``feature_k`` is:
+``tokens`` or ``pixel_stats``), ``input`` (the input convention as JSON),
 ``precision``, ``facerec_version``, ``torch_version``, ``exporter``. Later calibration (thresholds,
 quality percentiles) is added with :func:`update_metadata` without touching the graph.
 
@@ -35,7 +36,12 @@ from torch import nn
 import facerec
 from facerec.contract import EmbeddingContract
 from facerec.export.parity import ParityError, ParityReport, check_parity
-from facerec.export.torch_artifact import ModelSource, default_contract, resolve_model, save_torch_artifact
+from facerec.export.torch_artifact import (
+    ModelSource,
+    default_contract,
+    resolve_model,
+    save_torch_artifact,
+)
 from facerec.models.export_wrapper import ExportWrapper, export_onnx
 
 # The reader lives with the runtime, so a server needs neither torch nor the onnx package.
@@ -96,6 +102,8 @@ def build_metadata(
         "model_overrides": json.dumps(source.overrides, sort_keys=True),
         "output_names": json.dumps(output_names),
         "feature_dims": json.dumps([int(d) for d in getattr(model, "feature_dims", [])]),
+        # What each feature_k is ("tokens", "pixel_stats", ...): the OOD fit treats pixel stats one-sidedly.
+        "feature_kinds": json.dumps(list(getattr(model, "feature_kinds", []))),
         "input": json.dumps(input_convention(contract)),
         "precision": precision,
         "facerec_version": facerec.__version__,

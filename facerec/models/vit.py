@@ -25,6 +25,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from facerec.models.output import FaceOutput
+from facerec.models.pixel_stats import PixelStats
 from facerec.models.registry import register_model
 
 _HEAD_BN_EPS = 2e-5
@@ -73,6 +74,7 @@ class FaceViT(nn.Module):
         head_hidden: int | None = None,
         head_rank: int | None = None,
         num_feature_taps: int = 4,
+        pixel_stats: bool = True,
     ) -> None:
         super().__init__()
         if not 0.0 <= mask_ratio < 1.0:
@@ -127,6 +129,13 @@ class FaceViT(nn.Module):
         step = max(depth // num_feature_taps, 1)
         self.feature_blocks = sorted({min(step * k, depth) - 1 for k in range(1, num_feature_taps + 1)})
         self.feature_dims = [embed_dim] * len(self.feature_blocks)
+        # Last OOD feature: high-frequency statistics of the input pixels (no weights; see
+        # facerec/models/pixel_stats.py). Small L∞ attacks show there, not in pooled tokens.
+        self.pixel_stats = PixelStats() if pixel_stats else None
+        self.feature_kinds = ["tokens"] * len(self.feature_blocks)
+        if self.pixel_stats is not None:
+            self.feature_dims.append(PixelStats.dim)
+            self.feature_kinds.append("pixel_stats")
         self._init_weights()
 
     def _init_weights(self) -> None:
@@ -192,6 +201,8 @@ class FaceViT(nn.Module):
         patches = tokens[:, self.num_prefix_tokens :]
         if return_features and last in self.feature_blocks:
             features.append(patches.mean(dim=1))
+        if return_features and self.pixel_stats is not None:
+            features.append(self.pixel_stats(x))
 
         if keep is not None:
             # Refill the dropped positions with the mask token so the flatten head sees all 144 slots.
@@ -209,12 +220,13 @@ def _build(defaults: dict, overrides: dict) -> FaceViT:
     return FaceViT(**{**defaults, **overrides})
 
 
-_VIT_T = dict(embed_dim=256, depth=12, num_heads=8)
-_VIT_S = dict(embed_dim=512, depth=12, num_heads=8)
-_VIT_B = dict(embed_dim=512, depth=24, num_heads=8)
+_VIT_T = {"embed_dim": 256, "depth": 12, "num_heads": 8}
+_VIT_S = {"embed_dim": 512, "depth": 12, "num_heads": 8}
+_VIT_B = {"embed_dim": 512, "depth": 24, "num_heads": 8}
 # Ships at <= 25 MB fp32: 192 wide (3 heads of 64, a shape the fused kernels like), 8 blocks, and a
 # rank-16 flatten head (144*16 -> 512) instead of the 144*D -> D matrix that dominates vit_s.
-_VIT_TINY = dict(embed_dim=192, depth=8, num_heads=3, head_rank=16, head_hidden=512, drop_path_rate=0.05)
+_VIT_TINY = {"embed_dim": 192, "depth": 8, "num_heads": 3, "head_rank": 16, "head_hidden": 512,
+             "drop_path_rate": 0.05}
 
 
 @register_model

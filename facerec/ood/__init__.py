@@ -11,6 +11,7 @@ from facerec.ood.combiner import (
     fit_combiner,
     leave_one_family_out,
     select_by_validation,
+    select_ceiling_quantile,
 )
 from facerec.ood.io import IdentityMeansError, load, save
 from facerec.ood.mahalanobis import (
@@ -52,6 +53,7 @@ __all__ = [
     "ood_report",
     "save",
     "select_by_validation",
+    "select_ceiling_quantile",
     "shrink",
     "threshold_at_tpr",
     "tnr_at_tpr",

@@ -19,17 +19,28 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from facerec.ood.metrics import ood_report, rates_at_threshold, threshold_at_tpr, tnr_at_tpr
+from facerec.ood.metrics import (
+    auroc,
+    ood_report,
+    rates_at_threshold,
+    threshold_at_tpr,
+    tnr_at_tpr,
+)
 
 
 @dataclass
 class LogisticCombiner:
-    """decision(s) = w · (s - mean)/std + b: the log-odds that an input is in-distribution."""
+    """decision(s) = w · (min(s, ceiling) - mean)/std + b: the log-odds that an input is
+    in-distribution. ``ceiling`` (per layer, optional) caps each layer score at a level genuine
+    faces reach (a quantile of them), so no layer can vouch for *more* than typical normality:
+    an input cannot make up for one glaringly atypical layer with hyper-typical others, which is
+    exactly what an adaptive attack does to an uncapped linear combiner."""
 
     mean: np.ndarray
     std: np.ndarray
     weights: np.ndarray
     bias: float
+    ceiling: np.ndarray | None = None
 
     def decision(self, layer_scores):
         """Works on numpy arrays and on torch tensors (keeps autograd, for adaptive attacks)."""
@@ -37,14 +48,22 @@ class LogisticCombiner:
             import torch
 
             p = [torch.as_tensor(v, dtype=layer_scores.dtype) for v in (self.mean, self.std, self.weights)]
+            if self.ceiling is not None:
+                cap = torch.as_tensor(self.ceiling, dtype=layer_scores.dtype)
+                layer_scores = torch.minimum(layer_scores, cap)
             return ((layer_scores - p[0]) / p[1]) @ p[2] + self.bias
         x = np.asarray(layer_scores, dtype=np.float64)
+        if self.ceiling is not None:
+            x = np.minimum(x, self.ceiling)
         return ((x - self.mean) / self.std) @ self.weights + self.bias
 
 
-def fit_combiner(scores_in, scores_out, l2: float = 1e-2, balanced: bool = True,
-                 out_groups=None, max_iter: int = 100) -> LogisticCombiner:
+def fit_combiner(scores_in, scores_out, l2: float = 1e-2, balanced: bool = True, out_groups=None,
+                 max_iter: int = 100, ceiling_quantile: float | None = None) -> LogisticCombiner:
     """Fit on (N, L) layer scores of in-distribution (label 1) and OOD (label 0) samples.
+
+    ``ceiling_quantile`` (e.g. 0.5): cap every layer's score at that quantile of the in-distribution
+    scores, before standardising and fitting (see ``LogisticCombiner``); None = no cap.
 
     ``l2`` penalises the weights (not the bias) on standardised scores, so it means the same for
     any layer scale; ``balanced`` weighs both classes equally whatever their counts, so the
@@ -54,6 +73,12 @@ def fit_combiner(scores_in, scores_out, l2: float = 1e-2, balanced: bool = True,
     """
     x_in = np.atleast_2d(np.asarray(scores_in, dtype=np.float64))
     x_out = np.atleast_2d(np.asarray(scores_out, dtype=np.float64))
+    ceiling = None
+    if ceiling_quantile is not None:
+        if not 0.0 < ceiling_quantile <= 1.0:
+            raise ValueError(f"ceiling_quantile must be in (0, 1], got {ceiling_quantile}")
+        ceiling = np.quantile(x_in, ceiling_quantile, axis=0)
+        x_in, x_out = np.minimum(x_in, ceiling), np.minimum(x_out, ceiling)
     x = np.concatenate([x_in, x_out])
     y = np.r_[np.ones(len(x_in)), np.zeros(len(x_out))]
     w_out = np.full(len(x_out), 1.0 / len(x_out))
@@ -89,7 +114,7 @@ def fit_combiner(scores_in, scores_out, l2: float = 1e-2, balanced: bool = True,
         theta = theta - t * step
         if np.max(np.abs(t * step)) < 1e-10:
             break
-    return LogisticCombiner(mean=mean, std=std, weights=theta[:-1], bias=float(theta[-1]))
+    return LogisticCombiner(mean=mean, std=std, weights=theta[:-1], bias=float(theta[-1]), ceiling=ceiling)
 
 
 def calibrate_threshold(scores_in, tpr: float = 0.95) -> float:
@@ -105,7 +130,7 @@ def _split_halves(n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndar
 
 def select_by_validation(
     candidates: Mapping[float, tuple[np.ndarray, np.ndarray]], tpr: float = 0.95, l2: float = 1e-2,
-    seed: int = 0,
+    seed: int = 0, ceiling_quantile: float | None = None,
 ) -> tuple[float, dict[float, float]]:
     """Pick a hyper-parameter (e.g. the pre-processing ε) from validation data only.
 
@@ -122,11 +147,49 @@ def select_by_validation(
         (ia, ib), (oa, ob) = _split_halves(len(s_in), rng), _split_halves(len(s_out), rng)
         tnrs = []
         for (fi, fo), (ti, to) in (((ia, oa), (ib, ob)), ((ib, ob), (ia, oa))):
-            comb = fit_combiner(s_in[fi], s_out[fo], l2, out_groups=groups[fo])
+            comb = fit_combiner(s_in[fi], s_out[fo], l2, out_groups=groups[fo],
+                                ceiling_quantile=ceiling_quantile)
             tnrs.append(tnr_at_tpr(comb.decision(s_in[ti]), comb.decision(s_out[to]), tpr))
         results[value] = float(np.mean(tnrs))
     best = max(results, key=lambda v: (results[v], -v))
     return best, results
+
+
+CEILING_CANDIDATES = (None, 0.5, 0.25, 0.1, 0.05)
+
+
+def select_ceiling_quantile(
+    val_in: np.ndarray, val_families: Mapping[str, np.ndarray], candidates=CEILING_CANDIDATES,
+    exclude: str | None = None, l2: float = 1e-2, seed: int = 0,
+) -> tuple[float | None, dict]:
+    """Choose the combiner's ``ceiling_quantile`` on validation data alone.
+
+    Within the validation split, every family F (but ``exclude``, e.g. the one a report holds out)
+    is held out in turn: a combiner is fitted on half of the faces and half of the *other* families'
+    samples and scored by AUROC on the other halves of the faces and of F, both ways round. The
+    candidate with the best mean AUROC over families wins (ties: the first candidate listed).
+    Returns (best, {candidate: mean AUROC}); with fewer than two families left there is nothing to
+    hold out, and the first candidate is returned with an empty table."""
+    fams = [f for f in val_families if f != exclude and len(val_families[f]) >= 2]
+    if len(fams) < 2:
+        return candidates[0], {}
+    rng = np.random.default_rng(seed)
+    face_halves = _split_halves(len(val_in), rng)
+    halves = {f: _split_halves(len(val_families[f]), rng) for f in fams}
+    table: dict = {}
+    for q in candidates:
+        aucs = []
+        for held in fams:
+            for a, b in ((0, 1), (1, 0)):
+                others = [f for f in fams if f != held]
+                out = np.concatenate([val_families[f][halves[f][a]] for f in others])
+                groups = np.concatenate([np.full(len(halves[f][a]), i) for i, f in enumerate(others)])
+                comb = fit_combiner(val_in[face_halves[a]], out, l2, out_groups=groups, ceiling_quantile=q)
+                aucs.append(auroc(comb.decision(val_in[face_halves[b]]),
+                                  comb.decision(val_families[held][halves[held][b]])))
+        table[q] = float(np.mean(aucs))
+    best = max(candidates, key=lambda q: (table[q], -list(candidates).index(q)))
+    return best, table
 
 
 def leave_one_family_out(
@@ -138,22 +201,31 @@ def leave_one_family_out(
     l2: float = 1e-2,
     family_of: Mapping[str, str] | None = None,
     fit: Callable = fit_combiner,
+    ceiling_candidates=None,
 ) -> dict[str, dict]:
     """For each test set T of family F: fit the combiner on validation faces vs. validation
     samples of every *other* family, calibrate the threshold on validation faces, report on test
     faces vs. T. ``family_of`` maps a test set to its family when sets are finer than families
     (e.g. "fgsm@4" -> "fgsm": every FGSM strength is held out together). Returns per test set the
     threshold-free metrics (AUROC, TNR@TPR...) on test, and the TPR/TNR of the validation-calibrated
-    threshold, which is what a deployment would see."""
+    threshold, which is what a deployment would see. With ``ceiling_candidates``, the combiner's
+    ceiling quantile is chosen per held-out family by ``select_ceiling_quantile`` without F."""
     out: dict[str, dict] = {}
     family_of = family_of or {}
+    chosen: dict[str, float | None] = {}
     for held in test_families:
         fam = family_of.get(held, held)
         others = [np.asarray(v) for k, v in val_families.items() if k != fam]
         if not others:
             raise ValueError("leave-one-family-out needs at least two families")
         groups = np.concatenate([np.full(len(v), i) for i, v in enumerate(others)])
-        comb = fit(val_in, np.concatenate(others), l2, out_groups=groups)
+        kw = {}
+        if ceiling_candidates is not None:
+            if fam not in chosen:
+                chosen[fam] = select_ceiling_quantile(val_in, val_families, ceiling_candidates, exclude=fam,
+                                                      l2=l2)[0]
+            kw["ceiling_quantile"] = chosen[fam]
+        comb = fit(val_in, np.concatenate(others), l2, out_groups=groups, **kw)
         threshold = calibrate_threshold(comb.decision(val_in), tpr)
         s_in, s_out = comb.decision(test_in), comb.decision(test_families[held])
         report = ood_report(s_in, s_out, tpr)
@@ -161,5 +233,7 @@ def leave_one_family_out(
             s_in, s_out, threshold)
         report["weights"] = comb.weights.tolist()
         report["held_out_family"] = fam
+        if ceiling_candidates is not None:
+            report["ceiling_quantile"] = chosen[fam]
         out[held] = report
     return out

@@ -61,10 +61,14 @@ def save(det: MahalanobisDetector, path: str | os.PathLike, allow_identity_means
         arrays[f"layer{i}_means"] = g.means
         arrays[f"layer{i}_covariance"] = g.covariance
         arrays[f"layer{i}_support"] = g.support
+        if g.floor is not None:
+            arrays[f"layer{i}_floor"] = g.floor
     if det.combiner is not None:
         c = det.combiner
         arrays.update(combiner_mean=c.mean, combiner_std=c.std, combiner_weights=c.weights,
                       combiner_bias=np.array(c.bias))
+        if c.ceiling is not None:
+            arrays["combiner_ceiling"] = c.ceiling
     with open(path, "wb") as fh:  # a file handle keeps numpy from appending ".npz" to the name
         np.savez(fh, **arrays)
 
@@ -79,13 +83,14 @@ def load(path: str | os.PathLike, expected_contract: str | EmbeddingContract) ->
             raise ValueError(f"{path} is not a {FORMAT} file")
         require_same_contract(expected, str(z["contract_id"]), f"OOD detector statistics {path}")
         layers = [
-            LayerGaussian(z[f"layer{i}_means"], z[f"layer{i}_covariance"], z[f"layer{i}_support"])
+            LayerGaussian(z[f"layer{i}_means"], z[f"layer{i}_covariance"], z[f"layer{i}_support"],
+                          z.get(f"layer{i}_floor", None))
             for i in range(int(z["n_layers"]))
         ]
         combiner = None
         if "combiner_weights" in z:
             combiner = LogisticCombiner(z["combiner_mean"], z["combiner_std"], z["combiner_weights"],
-                                        float(z["combiner_bias"]))
+                                        float(z["combiner_bias"]), z.get("combiner_ceiling"))
         threshold, tpr = float(z["threshold"]), float(z["target_tpr"])
         return MahalanobisDetector(
             layers=layers, variant=str(z["variant"]), contract_id=str(z["contract_id"]),

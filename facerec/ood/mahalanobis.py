@@ -16,6 +16,12 @@ Three variants share one pass over the data (``MahalanobisFitter``):
   single person contributes more than 1/m of a shipped vector. Σ is the scatter of the samples
   around their identity's prototype. This is the variant that ships.
 
+One-sided layers (``finalize(one_sided=...)``) clamp the features from below at the layer's mean
+before the distance: f ↦ max(f, floor). Only deviations *above* the genuine faces' typical values
+count. The pixel high-frequency statistics (``facerec/models/pixel_stats.py``) are such a layer:
+adversarial noise raises them, while grey photos (no chroma) and small upsampled faces (little
+detail) lower them and must not be flagged for it.
+
 Only O(L·d²) statistics plus one d-vector per identity are held while fitting, never the features.
 Sums are shifted by the first batch's mean before accumulating, which keeps the float64
 "scatter minus n·mean·meanᵀ" subtraction well conditioned.
@@ -24,7 +30,7 @@ Sums are shifted by the first batch's mean before accumulating, which keeps the 
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -56,16 +62,23 @@ def shrink(cov: np.ndarray, shrinkage: float) -> np.ndarray:
 @dataclass
 class LayerGaussian:
     """One layer's means (K, d), shrunk tied covariance (d, d) and, per mean, how many distinct
-    identities were averaged into it (1 = a personal template; -1 = unknown, unlabelled data)."""
+    identities were averaged into it (1 = a personal template; -1 = unknown, unlabelled data).
+    ``floor`` (d,), when set, makes the layer one-sided: features are clamped to >= floor first."""
 
     means: np.ndarray
     covariance: np.ndarray
     support: np.ndarray
+    floor: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         self.means = np.atleast_2d(np.asarray(self.means, dtype=np.float64))
         self.covariance = np.asarray(self.covariance, dtype=np.float64)
         self.support = np.asarray(self.support, dtype=np.int64).reshape(-1)
+        if self.floor is not None:
+            self.floor = np.asarray(self.floor, dtype=np.float64).reshape(-1)
+            if self.floor.shape != (self.means.shape[1],):
+                raise ValueError(f"floor of shape {self.floor.shape} for {self.means.shape[1]}-d features")
+        self._floor = None if self.floor is None else torch.from_numpy(self.floor)
         # Σ⁻¹ = WᵀW with W = Λ^-½ Vᵀ from the eigendecomposition in float64: a symmetric,
         # well-defined square root even where Cholesky would struggle with a near-singular Σ.
         w, v = np.linalg.eigh(self.covariance)
@@ -87,8 +100,10 @@ class LayerGaussian:
 
     def distances(self, features) -> torch.Tensor:
         """(B, K) squared Mahalanobis distances in float64; differentiable w.r.t. ``features``."""
-        f = torch.as_tensor(features)
-        z = (f.to(torch.float64) - self._c) @ self._w.T
+        f = torch.as_tensor(features).to(torch.float64)
+        if self._floor is not None:
+            f = torch.maximum(f, self._floor)  # one-sided: values below the floor count as typical
+        z = (f - self._c) @ self._w.T
         b, k, d = z.shape[0], self._zm.shape[0], z.shape[1]
         if b * k * d <= 1 << 22:  # direct differences: exact, and cheap at this size
             return ((z[:, None, :] - self._zm[None]) ** 2).sum(-1)
@@ -199,7 +214,10 @@ class MahalanobisFitter:
         min_identities_per_prototype: int = 20,
         contract_id: str = "",
         seed: int = 0,
+        one_sided: Sequence[int] = (),
     ) -> MahalanobisDetector:
+        """Build one variant from the accumulated statistics. ``one_sided``: indices of layers
+        whose features are clamped from below at the layer's overall mean (see module doc)."""
         if variant not in VARIANTS:
             raise ValueError(f"unknown variant {variant!r}; use one of {VARIANTS}")
         if self.layers is None or self.layers[0].n == 0:
@@ -208,13 +226,20 @@ class MahalanobisFitter:
             raise ValueError("shrinkage must be > 0 (a singular Σ has no inverse)")
         if variant != "global" and not self.labelled:
             raise ValueError(f"variant {variant!r} needs identity labels")
+        bad = [i for i in one_sided if not 0 <= i < len(self.layers)]
+        if bad:
+            raise ValueError(f"one_sided layers {bad} out of range for {len(self.layers)} layers")
         rng = np.random.default_rng(seed)
         self.assignments = []
         layers = [self._finalize_layer(a, variant, shrinkage, n_prototypes,
                                        min_identities_per_prototype, rng) for a in self.layers]
+        for i in sorted(set(one_sided)):
+            a = self.layers[i]
+            layers[i] = replace(layers[i], floor=a.total / a.n + a.shift)
         return MahalanobisDetector(
             layers=layers, variant=variant, contract_id=contract_id, shrinkage=shrinkage,
-            min_identities_per_prototype=min_identities_per_prototype if variant != "class_conditional" else 1,
+            min_identities_per_prototype=(min_identities_per_prototype if variant != "class_conditional"
+                                          else 1),
             meta={"n_samples": self.layers[0].n, "n_identities": self.n_identities},
         )
 
