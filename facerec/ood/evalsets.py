@@ -98,8 +98,10 @@ class ServiceLocator:
         return located.crops[0], np.asarray(located.detections[0].landmarks, np.float64)
 
     def crops(self, photos: Sequence[np.ndarray]) -> EvalSet:
+        from tqdm import tqdm
+
         kept, source = [], []
-        for i, p in enumerate(photos):
+        for i, p in enumerate(tqdm(photos, desc="face detection", leave=False, disable=len(photos) < 50)):
             found = self.locate(p)
             if found is not None:
                 kept.append(found[0])
@@ -194,6 +196,12 @@ def _batches(n: int, size: int):
         yield slice(i, min(i + size, n))
 
 
+def _progress(batches, n: int, size: int, desc: str):
+    from tqdm import tqdm
+
+    return tqdm(batches, desc=desc, total=-(-n // size), leave=False, disable=n <= size)
+
+
 def attack_photos(
     model,
     photos: np.ndarray,
@@ -215,7 +223,7 @@ def attack_photos(
 
     g = torch.Generator().manual_seed(seed)
     out = []
-    for s in _batches(len(photos), batch):
+    for s in _progress(_batches(len(photos), batch), len(photos), batch, f"{kind} on photos"):
         warp = attacks.AlignmentWarp(np.stack([estimate_norm(lm) for lm in landmarks[s]]), photos.shape[1:3])
         x = to_input(photos[s])
         t = None if target is None else target[s]
@@ -255,7 +263,7 @@ def attack_crops(
     """The same attacks on aligned crops (the model input itself)."""
     g = torch.Generator().manual_seed(seed)
     out = []
-    for s in _batches(len(crops), batch):
+    for s in _progress(_batches(len(crops), batch), len(crops), batch, f"{kind} on crops"):
         x = to_input(crops[s])
         t = None if target is None else target[s]
         r = None if reference is None else reference[s]
