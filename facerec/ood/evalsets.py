@@ -288,6 +288,15 @@ def attack_crops(
 # ----------------------------------------------------------------------------- non-faces
 
 
+def _skimage_data():
+    try:
+        import skimage.data
+    except ImportError as err:
+        raise RuntimeError("the scikit-image non-face family needs scikit-image (pip install scikit-image): "
+                           "its photos and lfw_subset patches ship inside the wheel") from err
+    return skimage.data
+
+
 def cifar_photos(paths: Sequence, sizes: Sequence[int] = (32, 112, 224)) -> list[np.ndarray]:
     """Each CIFAR image at every size (bilinear up-sampling; 32 is the original)."""
     from facerec.data.datasets import read_rgb
@@ -304,12 +313,12 @@ def cifar_photos(paths: Sequence, sizes: Sequence[int] = (32, 112, 224)) -> list
 
 def skimage_photos(names: Sequence[str], crops_per_photo: int, seed: int) -> list[np.ndarray]:
     """scikit-image photos, plus random square crops of each resized to 48-256 px."""
-    import skimage.data
+    skimage_data = _skimage_data()
 
     rng = np.random.default_rng(seed)
     out = []
     for name in names:
-        img = np.asarray(getattr(skimage.data, name)())
+        img = np.asarray(getattr(skimage_data, name)())
         if img.dtype != np.uint8:
             img = (
                 (np.clip(img, 0, 1) * 255).round().astype(np.uint8)
@@ -337,9 +346,9 @@ def skimage_photos(names: Sequence[str], crops_per_photo: int, seed: int) -> lis
 
 def skimage_patches(indices: Sequence[int], sizes: Sequence[int] = (25, 100)) -> list[np.ndarray]:
     """The non-face 25x25 patches of ``skimage.data.lfw_subset()`` (rows 100-199), grey, at each size."""
-    import skimage.data
+    skimage_data = _skimage_data()
 
-    patches = skimage.data.lfw_subset()[100:]
+    patches = skimage_data.lfw_subset()[100:]
     out = []
     for i in indices:
         grey = (np.clip(patches[i], 0, 1) * 255).round().astype(np.uint8)
