@@ -202,32 +202,18 @@ def _progress(batches, n: int, size: int, desc: str):
     return tqdm(batches, desc=desc, total=-(-n // size), leave=False, disable=n <= size)
 
 
-def attack_photos(
-    model,
-    photos: np.ndarray,
-    landmarks: np.ndarray,
-    kind: str,
-    epsilon: float,
-    steps: int = 5,
-    target: torch.Tensor | None = None,
-    detector_score: Callable | None = None,
-    detector_weight: float = 1.0,
-    seed: int = 0,
-    batch: int = 25,
-    reference: torch.Tensor | None = None,
-) -> np.ndarray:
-    """Attack whole photos (same size) through the alignment warp with the given landmarks;
-    ``kind`` is 'fgsm' or 'pgd'; ε in [0, 1] pixel units; ``target``: impersonation, else dodging
-    away from ``reference`` (the gallery embeddings). Returns perturbed uint8 photos."""
-    from facerec.data.align import estimate_norm
-
+def _attack_batches(model, images: np.ndarray, kind: str, epsilon: float, steps: int, target, detector_score,
+                    detector_weight: float, seed: int, batch: int, reference, desc: str,
+                    warp_of: Callable[[slice], Callable] | None = None) -> np.ndarray:
+    """FGSM or PGD over ``images`` in batches; ``warp_of(batch slice)`` gives the batch's input
+    transform (the alignment warp for whole photos), None attacks the images themselves."""
     g = torch.Generator().manual_seed(seed)
     out = []
-    for s in _progress(_batches(len(photos), batch), len(photos), batch, f"{kind} on photos"):
-        warp = attacks.AlignmentWarp(np.stack([estimate_norm(lm) for lm in landmarks[s]]), photos.shape[1:3])
-        x = to_input(photos[s])
+    for s in _progress(_batches(len(images), batch), len(images), batch, desc):
+        x = to_input(images[s])
         t = None if target is None else target[s]
         r = None if reference is None else reference[s]
+        warp = None if warp_of is None else warp_of(s)
         if kind == "fgsm":
             adv = attacks.fgsm(model, x, epsilon, target=t, input_transform=warp, reference=r)
         else:
@@ -247,6 +233,32 @@ def attack_photos(
     return np.concatenate(out)
 
 
+def attack_photos(
+    model,
+    photos: np.ndarray,
+    landmarks: np.ndarray,
+    kind: str,
+    epsilon: float,
+    steps: int = 5,
+    target: torch.Tensor | None = None,
+    detector_score: Callable | None = None,
+    detector_weight: float = 1.0,
+    seed: int = 0,
+    batch: int = 25,
+    reference: torch.Tensor | None = None,
+) -> np.ndarray:
+    """Attack whole photos (same size) through the alignment warp with the given landmarks;
+    ``kind`` is 'fgsm' or 'pgd'; ε in [0, 1] pixel units; ``target``: impersonation, else dodging
+    away from ``reference`` (the gallery embeddings). Returns perturbed uint8 photos."""
+    from facerec.data.align import estimate_norm
+
+    def warp_of(s: slice):
+        return attacks.AlignmentWarp(np.stack([estimate_norm(lm) for lm in landmarks[s]]), photos.shape[1:3])
+
+    return _attack_batches(model, photos, kind, epsilon, steps, target, detector_score, detector_weight,
+                           seed, batch, reference, f"{kind} on photos", warp_of)
+
+
 def attack_crops(
     model,
     crops: np.ndarray,
@@ -261,28 +273,8 @@ def attack_crops(
     reference: torch.Tensor | None = None,
 ) -> np.ndarray:
     """The same attacks on aligned crops (the model input itself)."""
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for s in _progress(_batches(len(crops), batch), len(crops), batch, f"{kind} on crops"):
-        x = to_input(crops[s])
-        t = None if target is None else target[s]
-        r = None if reference is None else reference[s]
-        if kind == "fgsm":
-            adv = attacks.fgsm(model, x, epsilon, target=t, reference=r)
-        else:
-            adv = attacks.pgd(
-                model,
-                x,
-                epsilon,
-                steps=steps,
-                target=t,
-                generator=g,
-                reference=r,
-                detector_score=detector_score,
-                detector_weight=detector_weight,
-            )
-        out.append(to_uint8(adv))
-    return np.concatenate(out)
+    return _attack_batches(model, crops, kind, epsilon, steps, target, detector_score, detector_weight,
+                           seed, batch, reference, f"{kind} on crops")
 
 
 # ----------------------------------------------------------------------------- non-faces
