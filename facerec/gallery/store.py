@@ -65,7 +65,8 @@ def valid_id(ident: str) -> bool:
 
 
 def now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+    # microseconds: rows created in one millisecond must still list in creation order
+    return datetime.now(timezone.utc).isoformat(timespec="microseconds")
 
 
 @dataclass
