@@ -50,6 +50,7 @@ sys.path.insert(0, str(REPO))
 from facerec.cli.fit_ood import default_cache
 from facerec.contract import EmbeddingContract
 from facerec.ood import (
+    DetectionLayer,
     MahalanobisFitter,
     fit_combiner,
     leave_one_family_out,
@@ -125,6 +126,11 @@ def main() -> int:
         "--no-one-sided", action="store_true", help="treat the pixel-statistics layer two-sidedly"
     )
     ap.add_argument("--layers", default="", help="use only these layer indices (comma list; default all)")
+    ap.add_argument(
+        "--no-detection-layer",
+        action="store_true",
+        help="leave the face detector's confidence out of the combiner (default: one more column)",
+    )
     ap.add_argument(
         "--ceiling-candidates",
         default="none,0.5,0.25,0.1,0.05",
@@ -242,11 +248,16 @@ def main() -> int:
         for v in variants
     }
     log(f"statistics: {len(pool)} pool images of {fitter.n_identities} people")
+    if not args.no_detection_layer:  # the face detector's confidence: one more column, last
+        neutral = float(np.median(DetectionLayer.logit(sets["val"]["faces"]["det_score"])))
+        for det in dets.values():
+            det.detection = DetectionLayer(locator.detector_name, neutral)
+        use = [*use, n_layers]
 
-    def scores(det, f: dict) -> np.ndarray:
+    def scores(det, f: dict, det_scores=None) -> np.ndarray:
         if int(f["n"]) == 0:
             return np.zeros((0, len(use)))
-        return det.layer_scores(layers_of(f)).numpy()[:, use]
+        return det.layer_scores(layers_of(f), det_scores).numpy()[:, use]
 
     ood_names = [n for n in sets["val"] if n not in NON_OOD]
     fams = sorted({family(n) for n in ood_names})
@@ -254,8 +265,8 @@ def main() -> int:
     clean_test = emb_test["faces"]
     results: dict = {}
     for v, det in dets.items():
-        sv = {n: scores(det, feats["val"][n]) for n in sets["val"]}
-        st = {n: scores(det, feats["test"][n]) for n in sets["test"]}
+        sv = {n: scores(det, feats["val"][n], sets["val"][n]["det_score"]) for n in sets["val"]}
+        st = {n: scores(det, feats["test"][n], sets["test"][n]["det_score"]) for n in sets["test"]}
         r = evaluate(sv, st, sets["test"], emb_test, args.tpr, thr_v, ceilings)
         results[v] = {
             k: r[k]
@@ -294,11 +305,14 @@ def main() -> int:
         use,
     ).items():
         f = features_of(model, s["crops"])
-        s_out = det.combine(scores(det, f)) if len(s["crops"]) else np.zeros(0)
+        s_out = det.combine(scores(det, f, s["det_score"])) if len(s["crops"]) else np.zeros(0)
         row = adaptive_row(s_in_ship, s_out, det.threshold, s, f.get("emb"), g, clean_test, args.tpr, thr_v)
         if len(s["crops"]):
             row["layer_auroc"] = [
-                auroc(scores(det, feats["test"]["faces"])[:, j], scores(det, f)[:, j])
+                auroc(
+                    scores(det, feats["test"]["faces"], g["det_score"])[:, j],
+                    scores(det, f, s["det_score"])[:, j],
+                )
                 for j in range(len(use))
             ]
         adaptive[name] = row
@@ -317,6 +331,7 @@ def main() -> int:
         "contract_id": contract.contract_id,
         "feature_dims": list(model.feature_dims),
         "layers_used": use,
+        "detection_layer": None if det.detection is None else vars(det.detection),
         "one_sided_layers": one_sided,
         "pool_images": len(pool),
         "pool_people": fitter.n_identities,
@@ -366,12 +381,15 @@ def preprocessing_study(det, model, sets, ood_names, fams, eps_grid, args, use, 
     """Held-out AUROC per family at each ε, and the ε picked on validation without that family
     (combiners capped at the shipped ``ceiling`` quantile)."""
 
-    def ls(crops, eps):
+    def ls(s, eps):
+        crops, det_scores = s["crops"][:n], s["det_score"][:n]
         if len(crops) == 0:
             return np.zeros((0, len(use)))
         return np.concatenate(
             [
-                det.input_layer_scores(model, ev.to_input(crops[i : i + 25]), eps).numpy()
+                det.input_layer_scores(
+                    model, ev.to_input(crops[i : i + 25]), eps, det_scores[i : i + 25]
+                ).numpy()
                 for i in range(0, len(crops), 25)
             ]
         )[:, use]
@@ -380,7 +398,7 @@ def preprocessing_study(det, model, sets, ood_names, fams, eps_grid, args, use, 
     sc = {
         split: {
             e: {
-                name: ls(s["crops"][:n], e)
+                name: ls(s, e)
                 for name, s in sets[split].items()
                 if name in ("faces", *ood_names)
             }

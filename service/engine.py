@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from facerec.runtime import (
+    DEFAULT_FACE_DETECTOR,
     FacePipeline,
     FeatureListScorer,
     MicroBatcher,
@@ -147,7 +148,8 @@ class Engine:
             raise ValueError(f"{fp32_graph} (calibration) and {path} are different models (contract ids differ)")
         self.calibration = read_calibration(meta, s)
         self.ood = self._load_ood(path)
-        scorer = FeatureListScorer(self.ood) if self.ood is not None else None
+        # The pipeline below is built without a detector: it locates faces with the default one.
+        scorer = FeatureListScorer(self.ood, DEFAULT_FACE_DETECTOR) if self.ood is not None else None
         self.executor = ThreadPoolExecutor(max_workers=s.decode_workers, thread_name_prefix="facerec-decode")
         self.batcher = MicroBatcher(
             self.backend, s.max_batch_size, s.max_wait_ms, s.max_pending,

@@ -526,11 +526,14 @@ def test_service_locator_and_corruptions():
     loc = ev.ServiceLocator(EmbeddingContract("m", "1", 8))
     found = [loc.locate(p) for p in photos]
     assert all(f is not None for f in found)
-    for p, (crop, lm) in zip(photos, found):
+    for p, (crop, lm, score) in zip(photos, found):
         np.testing.assert_array_equal(crop, norm_crop(p, lm))  # the service's crop of its largest face
+        assert 0.9 < score <= 1.0  # MTCNN's confidence in a frontal LFW face
+    assert loc.detector_name == "mtcnn"
     blank = np.full((100, 100, 3), 128, np.uint8)
     s = loc.crops([photos[0], blank, photos[1]])
     assert (s.offered, len(s.crops), s.rejected, s.source.tolist()) == (3, 2, 1, [0, 2])
+    np.testing.assert_array_equal(s.det_score, [found[0][2], found[1][2]])  # one per kept crop
     # Occlusion: ~40% of the face square, random noise, nothing changed outside it.
     lms = np.stack([f[1] for f in found])
     occ = ev.occlude_boxes(photos, lms, 0.4, np.random.default_rng(0))
@@ -615,3 +618,82 @@ def test_attack_plan_pairs_each_face_with_its_gallery_photo_and_another_person()
     with pytest.raises(ValueError, match="too few people"):
         attack_plan(["a", "a", "b"], 5)
     assert [family(n) for n in ("fgsm@4/photo", "adaptive@4/crop/w10", "cifar")] == ["fgsm", "adaptive", "cifar"]
+
+
+def _with_detection_layer(det, feats, neutral=5.0):
+    """Refit ``det``'s combiner with the face detector's confidence as a last column: genuine faces
+    detected at ~0.999, the OOD sample at ~0.8 (as non-faces that pass MTCNN are)."""
+    from facerec.ood import DetectionLayer
+
+    rng = np.random.default_rng(1)
+    det.detection = DetectionLayer("mtcnn", neutral)
+    p_in = 1.0 - 10 ** rng.uniform(-5, -2.5, 200)
+    p_out = rng.uniform(0.7, 0.9, 200)
+    s_in = det.layer_scores([f[:200] for f in feats], p_in).numpy()
+    s_out = det.layer_scores([f[:200] for f in feats], p_out).numpy()  # same features: only p differs
+    det.combiner = fit_combiner(s_in, s_out, ceiling_quantile=0.25)
+    det.threshold = calibrate_threshold(det.combine(s_in), 0.95)
+    return det
+
+
+def test_detection_layer_is_the_logit_of_the_detector_confidence_and_neutral_without_one():
+    from facerec.ood import DetectionLayer
+
+    layer = DetectionLayer("mtcnn", neutral=4.25)
+    p = np.array([0.5, 0.9, 0.999, 1.0, 0.0, np.nan])
+    col = layer.scores(p, 6).numpy()
+    clip = np.clip(p[:5], 1e-6, 1 - 1e-6)
+    np.testing.assert_allclose(col[:5], np.log(clip / (1 - clip)), rtol=1e-12)  # direct formula
+    assert col[0] == 0.0 and col[3] == pytest.approx(np.log(1e6 - 1)) and col[5] == 4.25  # NaN: neutral
+    np.testing.assert_array_equal(layer.scores(None, 3).numpy(), [4.25] * 3)
+    with pytest.raises(ValueError, match="2 detector scores for 3 faces"):
+        layer.scores([0.9, 0.9], 3)
+
+
+def test_detection_layer_column_enters_the_combiner_and_survives_save_load(tmp_path):
+    det, feats = _fitted()
+    n_layers = len(det.layers)
+    det = _with_detection_layer(det, feats)
+    assert det.n_columns == n_layers + 1
+    probe = [f[:40] for f in feats]
+    cols = det.layer_scores(probe, np.full(40, 0.8)).numpy()
+    assert cols.shape == (40, n_layers + 1)
+    np.testing.assert_allclose(cols[:, :-1], np.stack([g.scores(f).numpy() for g, f in zip(det.layers, probe)], 1))
+    np.testing.assert_allclose(cols[:, -1], np.log(0.8 / 0.2))
+    # Same features: a borderline detection is flagged, a confident one and a missing one are not.
+    low, high, missing = det.score(probe, np.full(40, 0.8)), det.score(probe, np.full(40, 0.9999)), det.score(probe)
+    assert np.mean(det.is_ood(low)) > 0.9 and np.mean(det.is_ood(high)) < 0.2
+    np.testing.assert_allclose(missing, det.score(probe, np.full(40, np.nan)))
+    assert np.all(missing > low)
+    # The ceiling makes the column one-sided: beyond typical confidence, more buys nothing.
+    np.testing.assert_array_equal(det.score(probe, np.full(40, 1 - 1e-5)), det.score(probe, np.full(40, 1.0)))
+    save(det, tmp_path / "ood.npz")
+    back = load(tmp_path / "ood.npz", "c1")
+    assert (back.detection.detector, back.detection.neutral) == ("mtcnn", 5.0)
+    np.testing.assert_array_equal(back.score(probe, np.full(40, 0.8)), low)
+    np.testing.assert_array_equal(back.score(probe), missing)
+
+
+def test_load_refuses_a_combiner_that_reads_other_columns(tmp_path):
+    det, feats = _fitted()
+    det = _with_detection_layer(det, feats)
+    det.detection = None  # a combiner fitted with the detection column, saved without the layer
+    save(det, tmp_path / "ood.npz")
+    with pytest.raises(ValueError, match="reads 3 columns, the detector has 2"):
+        load(tmp_path / "ood.npz", "c1")
+
+
+def test_service_scorer_reads_detector_scores_only_from_the_detector_it_was_calibrated_on(caplog):
+    from facerec.runtime.pipeline import FeatureListScorer
+
+    det, feats = _fitted()
+    det = _with_detection_layer(det, feats)
+    outputs = {f"feature_{i}": f[:30] for i, f in enumerate(feats)}
+    outputs["det_score"] = np.full(30, 0.8)
+    same = FeatureListScorer(det, "mtcnn")(outputs)
+    np.testing.assert_array_equal(same, det.score([f[:30] for f in feats], np.full(30, 0.8)))
+    with caplog.at_level("WARNING", logger="facerec.pipeline"):
+        other = FeatureListScorer(det, "scrfd")
+    assert "calibrated on 'mtcnn'" in caplog.text
+    np.testing.assert_array_equal(other(outputs), det.score([f[:30] for f in feats]))  # neutral
+    assert np.all(other(outputs) > same)

@@ -343,10 +343,11 @@ def test_pipeline_typed_errors(ort_backend, detector):
 
 
 def test_pipeline_async_through_batcher_with_ood_scorer(ort_backend, detector):
-    calls = []
+    calls, seen_det = [], []
 
     def ood(outputs):
         calls.append(sorted(outputs))
+        seen_det.append(outputs["det_score"].copy())
         return [float(v.sum()) for v in outputs["feature_1"]]
 
     async def scenario():
@@ -359,9 +360,11 @@ def test_pipeline_async_through_batcher_with_ood_scorer(ort_backend, detector):
     for r in results:
         assert np.allclose(r.faces[0].embedding, reference.faces[0].embedding, atol=1e-5)
         assert isinstance(r.faces[0].ood, float)
-    # the scorer sees the embedding and every exported feature output (whatever the model taps)
+    # the scorer sees the embedding, every exported feature output (whatever the model taps) and
+    # the face detector's confidence of each face
     features = [n for n in ort_backend.output_names if n.startswith("feature_")]
-    assert len(features) >= 2 and calls[0] == sorted(["embedding", *features])
+    assert len(features) >= 2 and calls[0] == sorted(["det_score", "embedding", *features])
+    np.testing.assert_array_equal(seen_det[0], [f.det_score for f in reference.faces])
 
     class OtherModelsStatistics:
         contract_id = "0123456789abcdef"

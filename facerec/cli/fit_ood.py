@@ -84,6 +84,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default="1,10",
         help="weights of the detector term in the adaptive objective (each one is run)",
     )
+    parser.add_argument(
+        "--no-detection-layer",
+        action="store_true",
+        help="leave the face detector's confidence out of the combiner (by default it is one more "
+        "column: non-faces that pass the detector do so with a low confidence)",
+    )
     parser.add_argument("--seed", type=int, default=0)
 
 
@@ -167,10 +173,20 @@ def fit_statistics(
     return det, fitter
 
 
-def layer_scores(det, f: dict) -> np.ndarray:
+def layer_scores(det, f: dict, det_scores=None) -> np.ndarray:
+    """(N, columns) detector scores of one set's features and, for the detection layer, the face
+    detector's confidence of each crop (``det_scores``)."""
     if int(f["n"]) == 0:
-        return np.zeros((0, len(det.layers)))
-    return det.layer_scores(feature_list(f)).numpy()
+        return np.zeros((0, det.n_columns))
+    return det.layer_scores(feature_list(f), det_scores).numpy()
+
+
+def detection_layer(locator, faces: dict):
+    """The face detector's confidence as a combiner column, its neutral value the median of the
+    validation faces' (``faces``: the validation split's genuine set)."""
+    from facerec.ood import DetectionLayer
+
+    return DetectionLayer(locator.detector_name, float(np.median(DetectionLayer.logit(faces["det_score"]))))
 
 
 def markdown(report: dict) -> str:
@@ -306,8 +322,10 @@ def run(args: argparse.Namespace) -> int:
             n: cache.get(f"onnx_{graph_id}_{split}_{n}", lambda s=s: crop_features(onnx_run, s["crops"]))
             for n, s in sets[split].items()
         }
-    sv = {n: layer_scores(det, f) for n, f in feats["val"].items()}
-    st = {n: layer_scores(det, f) for n, f in feats["test"].items()}
+    if not args.no_detection_layer:
+        det.detection = detection_layer(locator, sets["val"]["faces"])
+    sv = {n: layer_scores(det, f, sets["val"][n]["det_score"]) for n, f in feats["val"].items()}
+    st = {n: layer_scores(det, f, sets["test"][n]["det_score"]) for n, f in feats["test"].items()}
     emb_test = {n: f.get("emb", np.zeros((0, 1))) for n, f in feats["test"].items()}
     result = evaluate(sv, st, sets["test"], emb_test, args.tpr, thr_v)
     det.combiner, det.threshold, det.target_tpr = result["combiner"], result["threshold"], args.tpr
@@ -330,7 +348,7 @@ def run(args: argparse.Namespace) -> int:
         f"fitood_{graph_id}",
     ).items():
         f = crop_features(onnx_run, s["crops"])
-        s_out = det.combine(layer_scores(det, f)) if len(s["crops"]) else np.zeros(0)
+        s_out = det.combine(layer_scores(det, f, s["det_score"])) if len(s["crops"]) else np.zeros(0)
         rows[name] = adaptive_row(
             result["s_in"], s_out, det.threshold, s, f.get("emb"), faces, emb_test["faces"], args.tpr, thr_v
         )
@@ -355,6 +373,7 @@ def run(args: argparse.Namespace) -> int:
         "pool_people": fitter.n_identities,
         "feature_dims": [int(f.shape[1]) for f in feature_list(feats["val"]["faces"])],
         "one_sided_layers": one_sided,
+        "detection_layer": None if det.detection is None else vars(det.detection),
         "prototypes_per_layer": [len(g.means) for g in det.layers],
         "min_identities_per_prototype": args.min_identities,
         "shrinkage": args.shrinkage,

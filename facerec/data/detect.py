@@ -75,6 +75,12 @@ def select_faces(
 
 
 # ------------------------------------------------------------------------ factory and retry
+def detector_name(detector) -> str:
+    """A face detector's family name ("mtcnn", "scrfd", or the class name of a custom one): the OOD
+    detector's confidence layer is fitted on one detector's scores and only reads that one's."""
+    return str(getattr(detector, "name", type(detector).__name__)).lower()
+
+
 def create_detector(
     name: str = "mtcnn",
     device: str = "cpu",

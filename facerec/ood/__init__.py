@@ -17,6 +17,7 @@ from facerec.ood.io import IdentityMeansError, load, save
 from facerec.ood.mahalanobis import (
     DEFAULT_SHRINKAGE,
     VARIANTS,
+    DetectionLayer,
     LayerGaussian,
     MahalanobisDetector,
     MahalanobisFitter,
@@ -36,6 +37,7 @@ from facerec.ood.metrics import (
 __all__ = [
     "DEFAULT_SHRINKAGE",
     "VARIANTS",
+    "DetectionLayer",
     "IdentityMeansError",
     "LayerGaussian",
     "LogisticCombiner",

@@ -60,6 +60,7 @@ class EvalConfig:
         key["attack_eps"], key["domains"] = list(self.attack_eps), list(self.domains)
         key["feature_dims"] = list(feature_dims)
         key["dodging_reference"] = "gallery"
+        key["det_score"] = True  # every set carries the face detector's confidence of each crop
         return key
 
 
@@ -134,7 +135,7 @@ def lfw_splits(cfg: EvalConfig, data=None, rng: np.random.Generator | None = Non
 
 
 def as_set(s: ev.EvalSet) -> dict:
-    return {"crops": s.crops, "offered": np.array(s.offered), "source": s.source}
+    return {"crops": s.crops, "offered": np.array(s.offered), "source": s.source, "det_score": s.det_score}
 
 
 def read_photos(paths) -> np.ndarray:
@@ -183,8 +184,11 @@ def attack_set(
     reference=None,
     detector_score=None,
     weight: float = 1.0,
+    det_score=None,
 ) -> dict:
-    """One attacked set: photos through the alignment then located again (``photo``), or crops."""
+    """One attacked set: photos through the alignment then located again (``photo``), or crops.
+    ``det_score``: the face detector's confidence of each clean photo, which a crop attack keeps (it
+    perturbs the crop after detection); a photo attack is detected again."""
     if domain == "photo":
         adv = ev.attack_photos(
             model, photos, lms, kind, eps, steps, target, detector_score, weight, seed, reference=reference
@@ -193,7 +197,14 @@ def attack_set(
     adv = ev.attack_crops(
         model, faces, kind, eps, steps, target, detector_score, weight, seed, reference=reference
     )
-    return {"crops": adv, "offered": np.array(len(adv)), "source": np.arange(len(adv))}
+    if det_score is None:
+        raise ValueError("a crop attack needs the clean photos' det_score")
+    return {
+        "crops": adv,
+        "offered": np.array(len(adv)),
+        "source": np.arange(len(adv)),
+        "det_score": np.asarray(det_score, np.float64),
+    }
 
 
 def build_split(
@@ -213,12 +224,13 @@ def build_split(
 
     def genuine():
         photos = read_photos(spec.photos)
-        crops, lms, keep = [], [], []
+        crops, lms, keep, score = [], [], [], []
         for i, p in enumerate(photos):
             found = locator.locate(p)
             if found is not None:
                 crops.append(found[0])
                 lms.append(found[1])
+                score.append(found[2])
                 keep.append(i)
         return {
             "crops": np.stack(crops),
@@ -226,13 +238,14 @@ def build_split(
             "source": np.array(keep),
             "landmarks": np.stack(lms),
             "photos": photos[keep],
+            "det_score": np.asarray(score, np.float64),
         }
 
     g = cache.get(f"{split}_faces", genuine)
     sets["faces"] = g
     att, gal, tgt = attack_plan([spec.names[i] for i in g["source"]], spec.attacked)
     g["attacked"], g["gallery"], g["target"] = att, gal, tgt
-    photos, lms, crops = g["photos"][att], g["landmarks"][att], g["crops"][att]
+    photos, lms, crops, det = g["photos"][att], g["landmarks"][att], g["crops"][att], g["det_score"][att]
 
     for name, imgs in ev.corruptions(photos, lms, spec.seed).items():
         sets[name] = cache.get(f"{split}_{name}", lambda imgs=imgs: as_set(locator.crops(imgs)))
@@ -273,6 +286,7 @@ def build_split(
                         cfg.pgd_steps,
                         spec.seed,
                         reference=gallery,
+                        det_score=det,
                     ),
                 )
         name = f"impersonation@8/{dom}"
@@ -290,6 +304,7 @@ def build_split(
                 cfg.pgd_steps,
                 spec.seed,
                 target=target,
+                det_score=det,
             ),
         )
     return sets
@@ -440,7 +455,9 @@ def detector_objective(det, use: list[int] | None = None, cap: float = 2.0) -> C
     embedding). ``use``: the layer columns the combiner reads (default: all)."""
 
     def score(features):
-        cols = torch.stack([g.scores(f) for g, f in zip(det.layers, features)], dim=1)
+        # The detection column (if any) is not differentiable in the crop: it stays at its neutral
+        # value here, and the attacked photo is detected again when the attack is scored.
+        cols = det.layer_scores(features)
         if use is not None:
             cols = cols[:, use]
         return torch.clamp(det.combiner.decision(cols) - det.threshold, max=cap)
@@ -491,6 +508,7 @@ def adaptive_sets(
                     reference=gallery,
                     detector_score=objective,
                     weight=w,
+                    det_score=faces["det_score"][att],
                 ),
             )
     return out

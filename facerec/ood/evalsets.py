@@ -31,6 +31,7 @@ import cv2
 import numpy as np
 import torch
 
+from facerec.data.detect import detector_name
 from facerec.ood import attacks
 
 # scikit-image's bundled photos, minus the two that show people (astronaut, camera).
@@ -65,6 +66,7 @@ class EvalSet:
     crops: np.ndarray
     offered: int  # photos offered to the face detector
     source: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # index of each crop's photo
+    det_score: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float64))  # face detector's confidence
 
     @property
     def rejected(self) -> int:
@@ -86,28 +88,34 @@ class ServiceLocator:
             backend, detector=detector, min_face_size=min_face_size, max_faces=max_faces
         )
 
+    @property
+    def detector_name(self) -> str:
+        return detector_name(self.pipeline.detector)
+
     def locate(self, photo: np.ndarray):
-        """(crop uint8, landmarks (5, 2)) of the largest face, or None when the service would answer
-        'no face' / 'too many faces'."""
+        """(crop uint8, landmarks (5, 2), detector confidence) of the largest face, or None when the
+        service would answer 'no face' / 'too many faces'."""
         from facerec.runtime.pipeline import PipelineError
 
         try:
             located = self.pipeline.locate(np.ascontiguousarray(photo))
         except PipelineError:
             return None
-        return located.crops[0], np.asarray(located.detections[0].landmarks, np.float64)
+        d = located.detections[0]
+        return located.crops[0], np.asarray(d.landmarks, np.float64), float(d.score)
 
     def crops(self, photos: Sequence[np.ndarray]) -> EvalSet:
         from tqdm import tqdm
 
-        kept, source = [], []
+        kept, source, score = [], [], []
         for i, p in enumerate(tqdm(photos, desc="face detection", leave=False, disable=len(photos) < 50)):
             found = self.locate(p)
             if found is not None:
                 kept.append(found[0])
                 source.append(i)
+                score.append(found[2])
         crops = np.stack(kept) if kept else np.zeros((0, 112, 112, 3), np.uint8)
-        return EvalSet(crops, len(photos), np.asarray(source, np.int64))
+        return EvalSet(crops, len(photos), np.asarray(source, np.int64), np.asarray(score, np.float64))
 
 
 def to_input(images: np.ndarray) -> torch.Tensor:

@@ -19,7 +19,7 @@ import numpy as np
 
 from facerec.contract import EmbeddingContract, require_same_contract
 from facerec.ood.combiner import LogisticCombiner
-from facerec.ood.mahalanobis import LayerGaussian, MahalanobisDetector
+from facerec.ood.mahalanobis import DetectionLayer, LayerGaussian, MahalanobisDetector
 
 FORMAT = "facerec-ood-mahalanobis-v1"
 
@@ -63,6 +63,9 @@ def save(det: MahalanobisDetector, path: str | os.PathLike, allow_identity_means
         arrays[f"layer{i}_support"] = g.support
         if g.floor is not None:
             arrays[f"layer{i}_floor"] = g.floor
+    if det.detection is not None:
+        arrays["detection_detector"] = np.array(det.detection.detector)
+        arrays["detection_neutral"] = np.array(det.detection.neutral)
     if det.combiner is not None:
         c = det.combiner
         arrays.update(combiner_mean=c.mean, combiner_std=c.std, combiner_weights=c.weights,
@@ -87,8 +90,17 @@ def load(path: str | os.PathLike, expected_contract: str | EmbeddingContract) ->
                           z.get(f"layer{i}_floor", None))
             for i in range(int(z["n_layers"]))
         ]
+        detection = None
+        if "detection_detector" in z:
+            detection = DetectionLayer(str(z["detection_detector"]), float(z["detection_neutral"]))
+        n_columns = len(layers) + (detection is not None)
         combiner = None
         if "combiner_weights" in z:
+            if len(z["combiner_weights"]) != n_columns:
+                raise ValueError(
+                    f"{path}: the combiner reads {len(z['combiner_weights'])} columns, the detector "
+                    f"has {n_columns}"
+                )
             combiner = LogisticCombiner(z["combiner_mean"], z["combiner_std"], z["combiner_weights"],
                                         float(z["combiner_bias"]), z.get("combiner_ceiling"))
         threshold, tpr = float(z["threshold"]), float(z["target_tpr"])
@@ -99,5 +111,5 @@ def load(path: str | os.PathLike, expected_contract: str | EmbeddingContract) ->
             combiner=combiner,
             threshold=None if np.isnan(threshold) else threshold,
             target_tpr=None if np.isnan(tpr) else tpr,
-            epsilon=float(z["epsilon"]), meta=json.loads(str(z["meta_json"])),
+            epsilon=float(z["epsilon"]), meta=json.loads(str(z["meta_json"])), detection=detection,
         )

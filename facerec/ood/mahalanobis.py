@@ -22,6 +22,12 @@ count. The pixel high-frequency statistics (``facerec/models/pixel_stats.py``) a
 adversarial noise raises them, while grey photos (no chroma) and small upsampled faces (little
 detail) lower them and must not be flagged for it.
 
+An optional last column, ``DetectionLayer``, is the face detector's own confidence (its logit):
+non-faces that the detector lets through (animal faces, face-like textures) pass its threshold by
+a small margin, while genuine faces sit far above it. It is not a network feature, so it is kept
+out of the Mahalanobis statistics and only enters the combiner (whose ceiling makes it one-sided:
+a very confident detection cannot vouch for an otherwise atypical input).
+
 Only O(L·d²) statistics plus one d-vector per identity are held while fitting, never the features.
 Sums are shifted by the first batch's mean before accumulating, which keeps the float64
 "scatter minus n·mean·meanᵀ" subtraction well conditioned.
@@ -330,6 +336,36 @@ def kmeans_min_support(z: np.ndarray, k: int, min_support: int, rng: np.random.G
     return labels
 
 
+LOGIT_CLIP = 1e-6  # detector confidences are clipped to [1e-6, 1 - 1e-6] before the logit
+
+
+@dataclass
+class DetectionLayer:
+    """The face detector's confidence as one more score column: ``logit(clip(p))``.
+
+    ``detector``: the family of detector whose scores it was calibrated on (``detector_name``);
+    ``neutral``: the column's value when no score of that detector is available (an aligned crop,
+    another detector), the median of the validation faces: absent evidence counts as typical."""
+
+    detector: str
+    neutral: float
+
+    @staticmethod
+    def logit(det_scores) -> np.ndarray:
+        p = np.clip(np.asarray(det_scores, dtype=np.float64), LOGIT_CLIP, 1.0 - LOGIT_CLIP)
+        return np.log(p) - np.log1p(-p)
+
+    def scores(self, det_scores, n: int) -> torch.Tensor:
+        """(n,) float64 column; ``det_scores`` None (or NaN entries) = not available."""
+        if det_scores is None:
+            return torch.full((n,), float(self.neutral), dtype=torch.float64)
+        p = np.asarray(det_scores, dtype=np.float64).reshape(-1)
+        if p.shape != (n,):
+            raise ValueError(f"{p.shape[0]} detector scores for {n} faces")
+        col = np.where(np.isnan(p), self.neutral, self.logit(np.nan_to_num(p, nan=0.5)))
+        return torch.from_numpy(col)
+
+
 @dataclass
 class MahalanobisDetector:
     layers: list[LayerGaussian]
@@ -342,21 +378,32 @@ class MahalanobisDetector:
     target_tpr: float | None = None  # the TPR on validation faces the threshold was set for
     epsilon: float = 0.0  # input pre-processing step in [0, 1] pixel units (0 = off)
     meta: dict = field(default_factory=dict)
+    detection: DetectionLayer | None = None  # the face detector's confidence as a last column
 
-    def layer_scores(self, features: Sequence) -> torch.Tensor:
-        """(B, L) per-layer scores in float64 from a model's pooled features."""
+    @property
+    def n_columns(self) -> int:
+        """Score columns the combiner reads: one per feature layer, plus the detection layer."""
+        return len(self.layers) + (self.detection is not None)
+
+    def layer_scores(self, features: Sequence, det_scores=None) -> torch.Tensor:
+        """(B, n_columns) per-layer scores in float64 from a model's pooled features, and, when the
+        detector has a detection layer, the face detector's confidence of each face (None = not
+        available: the layer's neutral value)."""
         if len(features) != len(self.layers):
             raise ValueError(f"detector has {len(self.layers)} layers, got {len(features)} features")
-        return torch.stack([g.scores(f) for g, f in zip(self.layers, features)], dim=1)
+        cols = [g.scores(f) for g, f in zip(self.layers, features)]
+        if self.detection is not None:
+            cols.append(self.detection.scores(det_scores, cols[0].shape[0]).to(cols[0].device))
+        return torch.stack(cols, dim=1)
 
     def combine(self, layer_scores) -> np.ndarray:
         if self.combiner is None:
             raise RuntimeError("no combiner fitted: call facerec.ood.combiner.fit_combiner first")
         return self.combiner.decision(layer_scores)
 
-    def score(self, features: Sequence) -> np.ndarray:
+    def score(self, features: Sequence, det_scores=None) -> np.ndarray:
         """(B,) combined in-distribution score (higher = more like a genuine face)."""
-        return self.combine(self.layer_scores(features).detach().numpy())
+        return self.combine(self.layer_scores(features, det_scores).detach().numpy())
 
     def is_ood(self, scores) -> np.ndarray:
         if self.threshold is None:
@@ -378,21 +425,26 @@ class MahalanobisDetector:
             out.append((xg + step * grad.sign()).clamp(-1.0, 1.0).detach())
         return out
 
-    def input_layer_scores(self, model, x: torch.Tensor, epsilon: float | None = None) -> torch.Tensor:
-        """(B, L) layer scores of images, with pre-processing when ε > 0 (torch models only)."""
+    def input_layer_scores(
+        self, model, x: torch.Tensor, epsilon: float | None = None, det_scores=None
+    ) -> torch.Tensor:
+        """(B, n_columns) layer scores of images, with pre-processing when ε > 0 (torch models only;
+        the detection column, if any, is not pre-processed: it is not a function of the crop)."""
         eps = self.epsilon if epsilon is None else epsilon
         model.eval()
         if eps == 0:
             with torch.no_grad():
-                return self.layer_scores(model(x, return_features=True).features)
+                return self.layer_scores(model(x, return_features=True).features, det_scores)
         cols = []
         for i, xt in enumerate(self.preprocess(model, x, eps)):
             with torch.no_grad():
                 cols.append(self.layers[i].scores(model(xt, return_features=True).features[i]))
+        if self.detection is not None:
+            cols.append(self.detection.scores(det_scores, len(x)).to(cols[0].device))
         return torch.stack(cols, dim=1)
 
-    def score_inputs(self, model, x: torch.Tensor, epsilon: float | None = None) -> np.ndarray:
-        return self.combine(self.input_layer_scores(model, x, epsilon).numpy())
+    def score_inputs(self, model, x: torch.Tensor, epsilon: float | None = None, det_scores=None) -> np.ndarray:
+        return self.combine(self.input_layer_scores(model, x, epsilon, det_scores).numpy())
 
 
 def extract_features(model, batches: Iterable, device: str | torch.device = "cpu") -> Iterator:

@@ -15,6 +15,7 @@ from facerec.runtime.device import (
     resolve_device,
 )
 from facerec.runtime.pipeline import (
+    DEFAULT_FACE_DETECTOR,
     DecodeError,
     Face,
     FeatureListScorer,
@@ -26,6 +27,7 @@ from facerec.runtime.pipeline import (
 )
 
 __all__ = [
+    "DEFAULT_FACE_DETECTOR",
     "DEVICE_ENV",
     "Backend",
     "BatchInfo",

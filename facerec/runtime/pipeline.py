@@ -8,7 +8,8 @@ else is a server error. Faces are ordered largest first; more faces than ``max_f
 Per face the result holds the box, landmarks and detection score, the L2-normalised embedding and
 the raw embedding norm, quality (models with a quality head) and an OOD score. OOD scoring is
 pluggable: ``ood_scorer(outputs) -> one value per face``, where ``outputs`` holds the model's
-``feature_<k>`` arrays (N, C_k) and the raw ``embedding`` (N, D); the Mahalanobis detector of
+``feature_<k>`` arrays (N, C_k), the raw ``embedding`` (N, D) and the face detector's confidence
+``det_score`` (N,); the Mahalanobis detector of
 ``facerec.ood`` is one such callable. A scorer with a ``contract_id`` attribute is checked against
 the model's contract, so statistics fitted on another model are refused. A detector that scores a
 list of per-layer features (``facerec.ood.MahalanobisDetector.score``) plugs in through
@@ -21,6 +22,7 @@ detects in a thread pool and sends the crops through a :class:`MicroBatcher` sha
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
@@ -33,18 +35,36 @@ import numpy as np
 from facerec.contract import ARCFACE_TEMPLATE_112, ContractMismatchError, require_same_contract
 
 OodScorer = Callable[[dict[str, np.ndarray]], Sequence[Any]]
+DEFAULT_FACE_DETECTOR = "mtcnn"  # what a pipeline built without a detector locates faces with
 
+
+log = logging.getLogger("facerec.pipeline")
 
 class FeatureListScorer:
-    """Adapts ``detector.score([feature_0, feature_1, ...]) -> (N,)`` to the pipeline's interface."""
+    """Adapts ``detector.score([feature_0, feature_1, ...], det_scores) -> (N,)`` to the pipeline's
+    interface. ``face_detector``: the family name of the pipeline's face detector; an OOD detector
+    whose detection layer was calibrated on another detector's confidences gets none (its neutral
+    value), since scores of different detectors are not on one scale."""
 
-    def __init__(self, detector) -> None:
+    def __init__(self, detector, face_detector: str | None = None) -> None:
         self.detector = detector
         self.contract_id = getattr(detector, "contract_id", None) or None
+        layer = getattr(detector, "detection", None)
+        self.use_det_scores = layer is not None and face_detector is not None and layer.detector == face_detector
+        if layer is not None and face_detector is not None and not self.use_det_scores:
+            log.warning(
+                "the OOD detector's confidence layer was calibrated on %r, the service detects faces "
+                "with %r: that layer is left neutral (refit with `facerec fit-ood` for this detector)",
+                layer.detector,
+                face_detector,
+            )
 
     def __call__(self, outputs: dict[str, np.ndarray]) -> Sequence[Any]:
         names = sorted((n for n in outputs if n.startswith("feature_")), key=lambda n: int(n.split("_")[1]))
-        return np.asarray(self.detector.score([outputs[n] for n in names]))
+        features = [outputs[n] for n in names]
+        if self.use_det_scores:
+            return np.asarray(self.detector.score(features, outputs.get("det_score")))
+        return np.asarray(self.detector.score(features))
 
 
 class PipelineError(Exception):
@@ -185,7 +205,7 @@ class FacePipeline:
             from facerec.data.detect import create_detector
 
             # The onnxruntime MTCNN: ~10x faster than its torch twin on a CPU for photo-sized images.
-            self._detector = create_detector("mtcnn", backend="onnx", device="cpu")
+            self._detector = create_detector(DEFAULT_FACE_DETECTOR, backend="onnx", device="cpu")
         return self._detector
 
     # ------------------------------------------------------------------ stages
@@ -215,7 +235,8 @@ class FacePipeline:
         scores: Sequence[Any] = [None] * len(raw)
         features = {n: v for n, v in outputs.items() if n.startswith("feature_")}
         if self.ood_scorer is not None:
-            scores = self.ood_scorer({**features, "embedding": raw})
+            det_scores = np.array([d.score for d in located.detections], np.float64)
+            scores = self.ood_scorer({**features, "embedding": raw, "det_score": det_scores})
             if len(scores) != len(raw):
                 raise RuntimeError(f"the OOD scorer returned {len(scores)} scores for {len(raw)} faces")
         quality = outputs.get("quality")
