@@ -29,15 +29,11 @@ from contextlib import contextmanager
 import numpy as np
 
 from facerec.gallery.index import Candidate
+from facerec.gallery.sql_base import SampleRow, SQLGalleryStore
 from facerec.gallery.store import (
     MAX_SAMPLES_PER_PERSON,
-    AlreadyExists,
-    GalleryRecord,
-    GalleryStore,
     NewSample,
     NotFound,
-    PersonRecord,
-    SampleRecord,
     StoreUnavailable,
     check_embedding,
     check_name,
@@ -159,7 +155,7 @@ class _Pool:
             self._all.clear()
 
 
-class PgVectorStore(GalleryStore):
+class PgVectorStore(SQLGalleryStore):
     backend = "pgvector"
 
     def __init__(
@@ -182,72 +178,32 @@ class PgVectorStore(GalleryStore):
         with self._pool.connection() as con, con.transaction():
             yield con
 
-    # ------------------------------------------------------------------ helpers
-    @staticmethod
-    def _gallery(con, gallery_id: str, lock: bool = False) -> tuple[int, str]:
-        row = con.execute(
-            "SELECT embedding_size, contract_id FROM facerec_galleries WHERE id=%s"
-            + (" FOR UPDATE" if lock else ""),
-            (gallery_id,),
-        ).fetchone()
-        if row is None:
-            raise NotFound("gallery", gallery_id)
-        return int(row[0]), row[1]
+    _read = _write = _tx
+
+    # ------------------------------------------------------------------ dialect (see sql_base)
+    _prefix = "facerec_"
+    _param = "%s"
+    _json_param = "?::jsonb"
+    _lock_clause = " FOR UPDATE"
+    _generation = "0"  # no generation: nothing in-process to keep in step with the tables
 
     @staticmethod
-    def _count(con, gallery_id: str, persons: int, samples: int) -> None:
-        con.execute(
-            "UPDATE facerec_galleries SET persons=persons+%s, samples=samples+%s WHERE id=%s",
-            (persons, samples, gallery_id),
-        )
+    def _json_in(value):
+        return value  # jsonb: psycopg decodes it
 
     @staticmethod
-    def _person_in(con, gallery_id, person_id, lock: bool = False) -> None:
-        row = con.execute(
-            "SELECT 1 FROM facerec_persons WHERE id=%s AND gallery_id=%s" + (" FOR UPDATE" if lock else ""),
-            (person_id, gallery_id),
-        ).fetchone()
-        if row is None:
-            raise NotFound("person", person_id)
+    def _unique_violation() -> type[Exception]:
+        import psycopg
 
-    def _record(self, con, gallery_id: str) -> GalleryRecord:
-        row = con.execute(
-            "SELECT id, name, contract_id, embedding_size, model_name, config, created_at, persons, samples "
-            "FROM facerec_galleries WHERE id=%s",
-            (gallery_id,),
-        ).fetchone()
-        if row is None:
-            raise NotFound("gallery", gallery_id)
-        return GalleryRecord(
-            row[0], row[1], row[2], int(row[3]), row[4], row[5], row[6], int(row[7]), int(row[8])
-        )
+        return psycopg.errors.UniqueViolation
 
-    def _insert(
-        self, con, gallery_id: str, size: int, person_id: str, samples: list[NewSample]
-    ) -> list[SampleRecord]:
-        have = con.execute(
-            "SELECT count(*) FROM facerec_samples WHERE person_id=%s", (person_id,)
-        ).fetchone()[0]
-        if have + len(samples) > MAX_SAMPLES_PER_PERSON:
-            raise ValueError(f"a person holds at most {MAX_SAMPLES_PER_PERSON} samples ({have} stored)")
-        out = []
+    def _store_samples(self, con, rows: list[SampleRow]) -> None:
         with con.cursor() as cur:
-            rows = []
-            for s in samples:
-                rec = SampleRecord(new_id(), person_id, dict(s.info), now())
-                rows.append(
-                    (
-                        rec.id,
-                        person_id,
-                        gallery_id,
-                        check_embedding(s.embedding, size),
-                        json.dumps(rec.info),
-                        rec.created_at,
-                    )
-                )
-                out.append(rec)
             cur.executemany("INSERT INTO facerec_samples VALUES (%s, %s, %s, %b, %s::jsonb, %s)", rows)
-        return out
+
+    def _gallery_deleting(self, con, gallery_id: str) -> None:
+        if valid_id(gallery_id):
+            con.execute(f"DROP INDEX IF EXISTS facerec_hnsw_{gallery_id}")
 
     def _after_delete(self) -> None:
         if self.purge == "none":
@@ -256,89 +212,12 @@ class PgVectorStore(GalleryStore):
             con.execute("VACUUM FULL facerec_samples" if self.purge == "full" else "VACUUM facerec_samples")
             con.execute("VACUUM FULL facerec_persons" if self.purge == "full" else "VACUUM facerec_persons")
 
-    # ------------------------------------------------------------------ galleries
-    def create_gallery(self, name, contract_id, embedding_size, model_name, config) -> GalleryRecord:
-        import psycopg
-
-        name = check_name(name, "gallery name")
-        rec = GalleryRecord(new_id(), name, contract_id, int(embedding_size), model_name, dict(config), now())
-        try:
-            with self._tx() as con:
-                con.execute(
-                    "INSERT INTO facerec_galleries VALUES (%s, %s, %s, %s, %s, %s::jsonb, %s, 0, 0)",
-                    (
-                        rec.id,
-                        name,
-                        contract_id,
-                        rec.embedding_size,
-                        model_name,
-                        json.dumps(rec.config),
-                        rec.created_at,
-                    ),
-                )
-        except psycopg.errors.UniqueViolation:
-            raise AlreadyExists(f"a gallery named {name!r} exists already") from None
-        return rec
-
-    def list_galleries(self) -> list[GalleryRecord]:
-        with self._tx() as con:
-            ids = [r[0] for r in con.execute("SELECT id FROM facerec_galleries ORDER BY created_at, id")]
-            return [self._record(con, i) for i in ids]
-
-    def get_gallery(self, gallery_id) -> GalleryRecord:
-        with self._tx() as con:
-            return self._record(con, gallery_id)
-
-    def update_gallery(self, gallery_id, name=None, config=None) -> GalleryRecord:
-        import psycopg
-
-        try:
-            with self._tx() as con:
-                self._gallery(con, gallery_id, lock=True)
-                if name is not None:
-                    con.execute(
-                        "UPDATE facerec_galleries SET name=%s WHERE id=%s",
-                        (check_name(name, "gallery name"), gallery_id),
-                    )
-                if config is not None:
-                    con.execute(
-                        "UPDATE facerec_galleries SET config=%s::jsonb WHERE id=%s",
-                        (json.dumps(config), gallery_id),
-                    )
-        except psycopg.errors.UniqueViolation:
-            raise AlreadyExists(f"a gallery named {name!r} exists already") from None
-        return self.get_gallery(gallery_id)
-
-    def delete_gallery(self, gallery_id) -> None:
-        with self._tx() as con:
-            if con.execute("DELETE FROM facerec_galleries WHERE id=%s", (gallery_id,)).rowcount == 0:
-                raise NotFound("gallery", gallery_id)
-            if valid_id(gallery_id):
-                con.execute(f"DROP INDEX IF EXISTS facerec_hnsw_{gallery_id}")
-        self._after_delete()
-
     # ------------------------------------------------------------------ persons
-    def create_person(self, gallery_id, name, metadata, samples):
-        name = check_name(name, "person name")
-        if not samples:
-            raise ValueError("a person is created with at least one sample")
-        person = PersonRecord(new_id(), gallery_id, name, dict(metadata or {}), now())
-        with self._tx() as con:
-            size, _ = self._gallery(con, gallery_id)
-            con.execute(
-                "INSERT INTO facerec_persons VALUES (%s, %s, %s, %s::jsonb, %s)",
-                (person.id, gallery_id, name, json.dumps(person.metadata), person.created_at),
-            )
-            added = self._insert(con, gallery_id, size, person.id, samples)
-            self._count(con, gallery_id, 1, len(added))
-        person.samples = len(added)
-        return person, added
-
     def import_persons(self, gallery_id: str, persons: list[tuple[str, dict, list[NewSample]]]) -> list[str]:
         """Many persons in one transaction through COPY (bulk import, benchmarks); returns their ids."""
         ids = []
         with self._tx() as con:
-            size, _ = self._gallery(con, gallery_id)
+            size = self._size(con, gallery_id)
             stamp = now()
             with con.cursor() as cur:
                 with cur.copy(
@@ -378,93 +257,6 @@ class PgVectorStore(GalleryStore):
             self._count(con, gallery_id, len(persons), sum(len(p[2]) for p in persons))
         return ids
 
-    def add_samples(self, gallery_id, person_id, samples):
-        if not samples:
-            return []
-        with self._tx() as con:
-            size, _ = self._gallery(con, gallery_id)
-            self._person_in(con, gallery_id, person_id, lock=True)
-            added = self._insert(con, gallery_id, size, person_id, samples)
-            self._count(con, gallery_id, 0, len(added))
-            return added
-
-    def _persons(self, con, where: str, args: tuple) -> list[PersonRecord]:
-        rows = con.execute(
-            "SELECT p.id, p.gallery_id, p.name, p.metadata, p.created_at, "
-            "(SELECT count(*) FROM facerec_samples s WHERE s.person_id=p.id) FROM facerec_persons p " + where,
-            args,
-        )
-        return [PersonRecord(r[0], r[1], r[2], r[3], r[4], int(r[5])) for r in rows]
-
-    def list_persons(self, gallery_id, limit=100, offset=0):
-        with self._tx() as con:
-            self._gallery(con, gallery_id)
-            return self._persons(
-                con,
-                "WHERE p.gallery_id=%s ORDER BY p.created_at, p.id LIMIT %s OFFSET %s",
-                (gallery_id, int(limit), int(offset)),
-            )
-
-    def get_person(self, gallery_id, person_id):
-        with self._tx() as con:
-            self._gallery(con, gallery_id)
-            found = self._persons(con, "WHERE p.id=%s AND p.gallery_id=%s", (person_id, gallery_id))
-        if not found:
-            raise NotFound("person", person_id)
-        return found[0]
-
-    def list_samples(self, gallery_id, person_id):
-        with self._tx() as con:
-            self._gallery(con, gallery_id)
-            self._person_in(con, gallery_id, person_id)
-            rows = con.execute(
-                "SELECT id, person_id, info, created_at FROM facerec_samples WHERE person_id=%s "
-                "ORDER BY created_at, id",
-                (person_id,),
-            ).fetchall()
-        return [SampleRecord(r[0], r[1], r[2], r[3]) for r in rows]
-
-    def update_person(self, gallery_id, person_id, name=None, metadata=None):
-        with self._tx() as con:
-            self._gallery(con, gallery_id)
-            self._person_in(con, gallery_id, person_id, lock=True)
-            if name is not None:
-                con.execute(
-                    "UPDATE facerec_persons SET name=%s WHERE id=%s",
-                    (check_name(name, "person name"), person_id),
-                )
-            if metadata is not None:
-                con.execute(
-                    "UPDATE facerec_persons SET metadata=%s::jsonb WHERE id=%s",
-                    (json.dumps(metadata), person_id),
-                )
-        return self.get_person(gallery_id, person_id)
-
-    def delete_person(self, gallery_id, person_id):
-        with self._tx() as con:
-            self._gallery(con, gallery_id)
-            self._person_in(con, gallery_id, person_id, lock=True)
-            n = con.execute(
-                "SELECT count(*) FROM facerec_samples WHERE person_id=%s", (person_id,)
-            ).fetchone()[0]
-            con.execute("DELETE FROM facerec_persons WHERE id=%s", (person_id,))
-            self._count(con, gallery_id, -1, -n)
-        self._after_delete()
-
-    def delete_sample(self, gallery_id, person_id, sample_id):
-        with self._tx() as con:
-            self._gallery(con, gallery_id)
-            self._person_in(con, gallery_id, person_id, lock=True)
-            if (
-                con.execute(
-                    "DELETE FROM facerec_samples WHERE id=%s AND person_id=%s", (sample_id, person_id)
-                ).rowcount
-                == 0
-            ):
-                raise NotFound("sample", sample_id)
-            self._count(con, gallery_id, 0, -1)
-        self._after_delete()
-
     def vacuum(self, full: bool = False) -> None:
         with self._pool.connection() as con:
             for table in ("facerec_samples", "facerec_persons", "facerec_galleries"):
@@ -476,7 +268,7 @@ class PgVectorStore(GalleryStore):
         if not valid_id(gallery_id):
             raise NotFound("gallery", gallery_id)
         with self._pool.connection() as con:
-            size, _ = self._gallery(con, gallery_id)
+            size = self._size(con, gallery_id)
             name = f"facerec_hnsw_{gallery_id}"
             con.execute(
                 f"CREATE INDEX IF NOT EXISTS {name} ON facerec_samples USING hnsw "
@@ -497,7 +289,7 @@ class PgVectorStore(GalleryStore):
         if not valid_id(gallery_id):
             raise NotFound("gallery", gallery_id)
         with self._tx() as con:
-            size, _ = self._gallery(con, gallery_id)
+            size = self._size(con, gallery_id)
             q = check_embedding(query, size)
             use_index = (exact is not True) and self.has_hnsw_index(con, gallery_id)
             if use_index:

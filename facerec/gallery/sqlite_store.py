@@ -27,15 +27,10 @@ from pathlib import Path
 import numpy as np
 
 from facerec.gallery.index import Candidate, ExactIndex
+from facerec.gallery.sql_base import SampleRow, SQLGalleryStore
 from facerec.gallery.store import (
     MAX_SAMPLES_PER_PERSON,
-    AlreadyExists,
-    GalleryRecord,
-    GalleryStore,
     NewSample,
-    NotFound,
-    PersonRecord,
-    SampleRecord,
     check_embedding,
     check_name,
     new_id,
@@ -84,7 +79,7 @@ def _blob(vector: np.ndarray) -> bytes:
     return np.ascontiguousarray(vector, dtype="<f4").tobytes()
 
 
-class SQLiteStore(GalleryStore):
+class SQLiteStore(SQLGalleryStore):
     backend = "sqlite"
 
     def __init__(self, path: str | Path, busy_timeout_s: float = 30.0) -> None:
@@ -163,75 +158,32 @@ class SQLiteStore(GalleryStore):
         self._closed = True
         self._indexes.clear()
 
-    # ------------------------------------------------------------------ helpers
+    # ------------------------------------------------------------------ dialect (see sql_base)
     @staticmethod
-    def _bump(con, gallery_id: str, persons: int = 0, samples: int = 0) -> int:
+    def _json_in(value):
+        return json.loads(value)
+
+    @staticmethod
+    def _unique_violation() -> type[Exception]:
+        return sqlite3.IntegrityError
+
+    def _store_samples(self, con, rows: list[SampleRow]) -> None:
+        con.executemany(
+            "INSERT INTO samples VALUES (?, ?, ?, ?, ?, ?)",
+            [(sid, pid, gid, _blob(vec), info, at) for sid, pid, gid, vec, info, at in rows],
+        )
+
+    def _count(self, con, gallery_id: str, persons: int = 0, samples: int = 0) -> int:
         """Increment the gallery's generation (and move its counts) inside the write; returns the
         generation before."""
-        row = con.execute("SELECT generation FROM galleries WHERE id=?", (gallery_id,)).fetchone()
-        if row is None:
-            raise NotFound("gallery", gallery_id)
+        row = self._gallery_values(con, gallery_id, "generation")
         con.execute(
             "UPDATE galleries SET generation=generation+1, persons=persons+?, samples=samples+? WHERE id=?",
             (persons, samples, gallery_id),
         )
         return int(row[0])
 
-    @staticmethod
-    def _person_in(con, gallery_id: str, person_id: str) -> None:
-        if (
-            con.execute(
-                "SELECT 1 FROM persons WHERE id=? AND gallery_id=?", (person_id, gallery_id)
-            ).fetchone()
-            is None
-        ):
-            raise NotFound("person", person_id)
-
-    def _gallery_row(self, con, gallery_id: str) -> GalleryRecord:
-        row = con.execute(
-            "SELECT id, name, contract_id, embedding_size, model_name, config, created_at, persons, samples, "
-            "generation FROM galleries WHERE id=?",
-            (gallery_id,),
-        ).fetchone()
-        if row is None:
-            raise NotFound("gallery", gallery_id)
-        return GalleryRecord(
-            row[0],
-            row[1],
-            row[2],
-            int(row[3]),
-            row[4],
-            json.loads(row[5]),
-            row[6],
-            int(row[7]),
-            int(row[8]),
-            int(row[9]),
-        )
-
-    def _insert_samples(
-        self, con, gallery: tuple[str, int], person_id: str, samples: list[NewSample]
-    ) -> list[tuple[SampleRecord, np.ndarray]]:
-        gallery_id, size = gallery
-        have = con.execute("SELECT count(*) FROM samples WHERE person_id=?", (person_id,)).fetchone()[0]
-        if have + len(samples) > MAX_SAMPLES_PER_PERSON:
-            raise ValueError(f"a person holds at most {MAX_SAMPLES_PER_PERSON} samples ({have} stored)")
-        out = []
-        for s in samples:
-            vec = check_embedding(s.embedding, size)
-            rec = SampleRecord(new_id(), person_id, dict(s.info), now())
-            con.execute(
-                "INSERT INTO samples VALUES (?, ?, ?, ?, ?, ?)",
-                (rec.id, person_id, gallery_id, _blob(vec), json.dumps(rec.info), rec.created_at),
-            )
-            out.append((rec, vec))
-        return out
-
-    def _size(self, con, gallery_id: str) -> int:
-        row = con.execute("SELECT embedding_size FROM galleries WHERE id=?", (gallery_id,)).fetchone()
-        if row is None:
-            raise NotFound("gallery", gallery_id)
-        return int(row[0])
-
+    # ------------------------------------------------------------------ the in-process index
     def _after_write(self, gallery_id: str, before: int, apply) -> None:
         """Bring this process's index from generation ``before`` to ``before + 1`` with ``apply``
         (or forget it when it is at another generation: the next search reloads)."""
@@ -245,7 +197,26 @@ class SQLiteStore(GalleryStore):
             else:
                 del self._indexes[gallery_id]
 
-    def _purge_deleted(self) -> None:
+    def _added(self, gallery_id, token, added) -> None:
+        self._after_write(
+            gallery_id,
+            token,
+            lambda idx: idx.add(
+                [r.id for r, _ in added], [r.person_id for r, _ in added], np.stack([v for _, v in added])
+            ),
+        )
+
+    def _removed(self, gallery_id, token, person_id=None, sample_id=None) -> None:
+        if person_id is not None:
+            self._after_write(gallery_id, token, lambda idx: idx.remove(person_id=person_id))
+        else:
+            self._after_write(gallery_id, token, lambda idx: idx.remove(sample_ids={sample_id}))
+
+    def _gallery_deleted(self, gallery_id: str) -> None:
+        with self._index_lock:
+            self._indexes.pop(gallery_id, None)
+
+    def _after_delete(self) -> None:
         """Checkpoint and truncate the WAL, so deleted rows' old pages leave the log file too."""
         con = self._con()
         busy, _, _ = con.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
@@ -255,90 +226,13 @@ class SQLiteStore(GalleryStore):
                 "it completes at the next checkpoint"
             )
 
-    # ------------------------------------------------------------------ galleries
-    def create_gallery(self, name, contract_id, embedding_size, model_name, config) -> GalleryRecord:
-        name = check_name(name, "gallery name")
-        rec = GalleryRecord(new_id(), name, contract_id, int(embedding_size), model_name, dict(config), now())
-        try:
-            with self._write() as con:
-                con.execute(
-                    "INSERT INTO galleries VALUES (?, ?, ?, ?, ?, ?, ?, 0, 0, 0)",
-                    (
-                        rec.id,
-                        name,
-                        contract_id,
-                        rec.embedding_size,
-                        model_name,
-                        json.dumps(rec.config),
-                        rec.created_at,
-                    ),
-                )
-        except sqlite3.IntegrityError:
-            raise AlreadyExists(f"a gallery named {name!r} exists already") from None
-        return rec
-
-    def list_galleries(self) -> list[GalleryRecord]:
-        with self._read() as con:
-            ids = [r[0] for r in con.execute("SELECT id FROM galleries ORDER BY created_at, id")]
-            return [self._gallery_row(con, i) for i in ids]
-
-    def get_gallery(self, gallery_id: str) -> GalleryRecord:
-        with self._read() as con:
-            return self._gallery_row(con, gallery_id)
-
-    def update_gallery(self, gallery_id, name=None, config=None) -> GalleryRecord:
-        try:
-            with self._write() as con:
-                self._gallery_row(con, gallery_id)
-                if name is not None:
-                    con.execute(
-                        "UPDATE galleries SET name=? WHERE id=?",
-                        (check_name(name, "gallery name"), gallery_id),
-                    )
-                if config is not None:
-                    con.execute("UPDATE galleries SET config=? WHERE id=?", (json.dumps(config), gallery_id))
-        except sqlite3.IntegrityError:
-            raise AlreadyExists(f"a gallery named {name!r} exists already") from None
-        return self.get_gallery(gallery_id)
-
-    def delete_gallery(self, gallery_id: str) -> None:
-        with self._write() as con:
-            if con.execute("DELETE FROM galleries WHERE id=?", (gallery_id,)).rowcount == 0:
-                raise NotFound("gallery", gallery_id)
-        with self._index_lock:
-            self._indexes.pop(gallery_id, None)
-        self._purge_deleted()
-
     # ------------------------------------------------------------------ persons
-    def create_person(self, gallery_id, name, metadata, samples):
-        name = check_name(name, "person name")
-        if not samples:
-            raise ValueError("a person is created with at least one sample")
-        person = PersonRecord(new_id(), gallery_id, name, dict(metadata or {}), now())
-        with self._write() as con:
-            size = self._size(con, gallery_id)
-            before = self._bump(con, gallery_id, 1, len(samples))
-            con.execute(
-                "INSERT INTO persons VALUES (?, ?, ?, ?, ?)",
-                (person.id, gallery_id, name, json.dumps(person.metadata), person.created_at),
-            )
-            added = self._insert_samples(con, (gallery_id, size), person.id, samples)
-        person.samples = len(added)
-        self._after_write(
-            gallery_id,
-            before,
-            lambda idx: idx.add(
-                [r.id for r, _ in added], [person.id] * len(added), np.stack([v for _, v in added])
-            ),
-        )
-        return person, [r for r, _ in added]
-
     def import_persons(self, gallery_id: str, persons: list[tuple[str, dict, list[NewSample]]]) -> list[str]:
         """Many persons in one transaction (bulk import, benchmarks); returns their ids."""
         ids, rows_p, rows_s, vecs, pids = [], [], [], [], []
         with self._write() as con:
             size = self._size(con, gallery_id)
-            before = self._bump(con, gallery_id, len(persons), sum(len(p[2]) for p in persons))
+            before = self._count(con, gallery_id, len(persons), sum(len(p[2]) for p in persons))
             stamp = now()
             for name, metadata, samples in persons:
                 if len(samples) > MAX_SAMPLES_PER_PERSON:
@@ -351,11 +245,11 @@ class SQLiteStore(GalleryStore):
                 for s in samples:
                     vec = check_embedding(s.embedding, size)
                     sid = new_id()
-                    rows_s.append((sid, pid, gallery_id, _blob(vec), json.dumps(s.info), stamp))
+                    rows_s.append((sid, pid, gallery_id, vec, json.dumps(s.info), stamp))
                     vecs.append(vec)
                     pids.append((sid, pid))
             con.executemany("INSERT INTO persons VALUES (?, ?, ?, ?, ?)", rows_p)
-            con.executemany("INSERT INTO samples VALUES (?, ?, ?, ?, ?, ?)", rows_s)
+            self._store_samples(con, rows_s)
         if vecs:
             self._after_write(
                 gallery_id,
@@ -364,109 +258,17 @@ class SQLiteStore(GalleryStore):
             )
         return ids
 
-    def add_samples(self, gallery_id, person_id, samples):
-        if not samples:
-            return []
-        with self._write() as con:
-            size = self._size(con, gallery_id)
-            self._person_in(con, gallery_id, person_id)
-            before = self._bump(con, gallery_id, 0, len(samples))
-            added = self._insert_samples(con, (gallery_id, size), person_id, samples)
-        self._after_write(
-            gallery_id,
-            before,
-            lambda idx: idx.add(
-                [r.id for r, _ in added], [person_id] * len(added), np.stack([v for _, v in added])
-            ),
-        )
-        return [r for r, _ in added]
-
-    def _person_rows(self, con, where: str, args: tuple) -> list[PersonRecord]:
-        rows = con.execute(
-            "SELECT p.id, p.gallery_id, p.name, p.metadata, p.created_at, "
-            "(SELECT count(*) FROM samples s WHERE s.person_id=p.id) FROM persons p " + where,
-            args,
-        )
-        return [PersonRecord(r[0], r[1], r[2], json.loads(r[3]), r[4], int(r[5])) for r in rows]
-
-    def list_persons(self, gallery_id, limit=100, offset=0):
-        with self._read() as con:
-            self._gallery_row(con, gallery_id)
-            return self._person_rows(
-                con,
-                "WHERE p.gallery_id=? ORDER BY p.created_at, p.id LIMIT ? OFFSET ?",
-                (gallery_id, int(limit), int(offset)),
-            )
-
-    def get_person(self, gallery_id, person_id):
-        with self._read() as con:
-            self._gallery_row(con, gallery_id)
-            found = self._person_rows(con, "WHERE p.id=? AND p.gallery_id=?", (person_id, gallery_id))
-        if not found:
-            raise NotFound("person", person_id)
-        return found[0]
-
-    def list_samples(self, gallery_id, person_id):
-        with self._read() as con:
-            self._gallery_row(con, gallery_id)
-            self._person_in(con, gallery_id, person_id)
-            rows = con.execute(
-                "SELECT id, person_id, info, created_at FROM samples WHERE person_id=? "
-                "ORDER BY created_at, id",
-                (person_id,),
-            )
-            return [SampleRecord(r[0], r[1], json.loads(r[2]), r[3]) for r in rows]
-
-    def update_person(self, gallery_id, person_id, name=None, metadata=None):
-        with self._write() as con:
-            self._gallery_row(con, gallery_id)
-            self._person_in(con, gallery_id, person_id)
-            if name is not None:
-                con.execute(
-                    "UPDATE persons SET name=? WHERE id=?", (check_name(name, "person name"), person_id)
-                )
-            if metadata is not None:
-                con.execute("UPDATE persons SET metadata=? WHERE id=?", (json.dumps(metadata), person_id))
-        return self.get_person(gallery_id, person_id)
-
-    def delete_person(self, gallery_id, person_id):
-        with self._write() as con:
-            self._gallery_row(con, gallery_id)
-            self._person_in(con, gallery_id, person_id)
-            n = con.execute("SELECT count(*) FROM samples WHERE person_id=?", (person_id,)).fetchone()[0]
-            before = self._bump(con, gallery_id, -1, -n)
-            con.execute("DELETE FROM persons WHERE id=?", (person_id,))  # samples: ON DELETE CASCADE
-        self._after_write(gallery_id, before, lambda idx: idx.remove(person_id=person_id))
-        self._purge_deleted()
-
-    def delete_sample(self, gallery_id, person_id, sample_id):
-        with self._write() as con:
-            self._gallery_row(con, gallery_id)
-            self._person_in(con, gallery_id, person_id)
-            before = self._bump(con, gallery_id, 0, -1)
-            if (
-                con.execute("DELETE FROM samples WHERE id=? AND person_id=?", (sample_id, person_id)).rowcount
-                == 0
-            ):
-                raise NotFound("sample", sample_id)
-        self._after_write(gallery_id, before, lambda idx: idx.remove(sample_ids={sample_id}))
-        self._purge_deleted()
-
     def vacuum(self) -> None:
         """Rebuild the file without free pages (gives the space of deleted rows back to the disk)."""
         con = self._con()
         con.execute("VACUUM")
-        self._purge_deleted()
+        self._after_delete()
 
     # ------------------------------------------------------------------ search
     def index(self, gallery_id: str) -> ExactIndex:
         """The gallery's in-process index, reloaded when another writer changed the gallery."""
         con = self._con()
-        row = con.execute(
-            "SELECT generation, embedding_size FROM galleries WHERE id=?", (gallery_id,)
-        ).fetchone()
-        if row is None:
-            raise NotFound("gallery", gallery_id)
+        row = self._gallery_values(con, gallery_id, "generation, embedding_size")
         with self._index_lock:
             cached = self._indexes.get(gallery_id)
             if cached is not None and cached[0] == row[0]:
@@ -479,11 +281,7 @@ class SQLiteStore(GalleryStore):
                     return cached[1]
             size = int(row[1])
             with self._read() as rc:  # one snapshot: the generation and the rows it describes
-                gen_row = rc.execute(
-                    "SELECT generation, samples FROM galleries WHERE id=?", (gallery_id,)
-                ).fetchone()
-                if gen_row is None:
-                    raise NotFound("gallery", gallery_id)
+                gen_row = self._gallery_values(rc, gallery_id, "generation, samples")
                 idx = ExactIndex(size, capacity=max(1024, int(gen_row[1])))
                 cur = rc.execute(
                     "SELECT id, person_id, embedding FROM samples WHERE gallery_id=?", (gallery_id,)

@@ -9,7 +9,9 @@ physically).
 Two backends implement :class:`GalleryStore`: :class:`~facerec.gallery.sqlite_store.SQLiteStore`
 (one file, embedded, with the in-process exact index) and
 :class:`~facerec.gallery.pgvector_store.PgVectorStore` (PostgreSQL + pgvector, for deployments
-that outgrow one machine). Both pass the same tests (``tests/test_gallery.py``).
+that outgrow one machine). Both pass the same tests (``tests/test_gallery.py``), and both run the
+same statements through :class:`~facerec.gallery.sql_base.SQLGalleryStore`, each supplying only its
+dialect, connections and search.
 
 Embeddings are never part of a record's ``repr`` and never logged.
 """
