@@ -3,6 +3,7 @@
     python benchmarks/quality_eval.py [--model models/default] [--aligned-lfw /work/aligned/lfw]
         [--data /work/shared/data] [--meta LFW_META.npz] [--pool /work/aligned/pool]
         [--resamples 200] [--tag NAME] [--cache E.npz] [--pool-cache P.npz]
+        [--balance none|identity|both]
 
 Images: every image of the LFW-H2 people (View-2 folds 6-10). Pairs: all genuine pairs (same
 person) and all cross-identity impostor pairs of those images. Scores: cosine of the L2-normalised
@@ -26,6 +27,11 @@ bootstrap (``facerec.eval.cluster_bootstrap``), the same resamples for every mea
 paired interval of each measure's pAUC minus the reference's. Everything goes through
 ``facerec.eval.reports.quality_report``, the code of ``facerec eval quality``. Writes
 benchmarks/results/quality_eval_<tag>/ (quality.json, summary.md, edc_fmr*.png).
+
+--balance (default both): besides the plain view (every pair counts once, so George W. Bush is 77%
+of the genuine pairs), the identity-balanced view: every person's genuine pairs together weigh
+the same and every pair of people's impostors together weigh the same (threshold included), on
+the same identity resamples (``quality.json``: ``balanced``; plots ``edc_balanced_fmr*.png``).
 """
 
 from __future__ import annotations
@@ -57,6 +63,8 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--flip", action="store_true")
     ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--balance", choices=("none", "identity", "both"), default="both",
+                    help="plain view, identity-balanced view, or both (default)")
     ap.add_argument("--tag", default="vit_tiny_fiqa")
     ap.add_argument("--out", default="benchmarks/results")
     args = ap.parse_args(argv)
@@ -91,7 +99,8 @@ def main(argv=None) -> int:
         not_covered.append("detector score and face size (give --meta)")
     report = quality_report(
         es.normalised(args.flip), [name for _, name in items], measures, out, resamples=args.resamples,
-        seed=args.seed, title=f"Quality measures on LFW-H2 all pairs: {embedder.name}", command=command,
+        seed=args.seed, balance=args.balance,
+        title=f"Quality measures on LFW-H2 all pairs: {embedder.name}", command=command,
         meta={"model": embedder.name, "set": "LFW-H2 people (View-2 folds 6-10), all images",
               "flip": args.flip, "crfiqa_head": None if head is None else head.info,
               "detector_meta": args.meta, "not_covered": not_covered,

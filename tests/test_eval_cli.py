@@ -125,7 +125,7 @@ def test_quality_with_head_detector_score_and_identity_bootstrap(sample):
                str(sample / "meta.npz"), "--pool", str(sample / "aligned"),
                "--head", str(sample / "head.npz"),
                "--pool-cache", str(sample / "emb.npz"),
-               "--cache", str(sample / "emb.npz"), "--fmrs", "1e-2,1e-5", "--resamples", "20",
+               "--cache", str(sample / "emb.npz"), "--fmrs", "1e-2,2e-2,1e-5", "--resamples", "20",
                "--out", str(out), "--no-progress"])
     assert rc == 0
     q = json.loads((out / "quality.json").read_text())
@@ -145,6 +145,25 @@ def test_quality_with_head_detector_score_and_identity_bootstrap(sample):
     # FNMR at 0% discard is the same for every measure: one threshold, one set of pairs
     assert len({m["edc"]["fnmr"][0] for m in ms.values()}) == 1
     assert "Δ pAUC" in (out / "summary.md").read_text()
+    # identity-balanced view (default --balance both): 12 people make 66 pairs of people, so FMR
+    # 1e-2 (0.66 of a pair) is unsupported there and 2e-2 is supported
+    assert q["balance"] == "both"
+    bal = q["balanced"]
+    assert bal["identity_pairs"] == 66 and bal["genuine_identities"] == 12
+    assert not bal["fmr"]["0.01"]["supported"] and "identity pairs" in bal["fmr"]["0.01"]["note"]
+    assert q["fmr"]["0.02"]["supported"] and bal["fmr"]["0.02"]["supported"]
+    bms = bal["fmr"]["0.02"]["measures"]
+    assert list(bms) == list(q["fmr"]["0.02"]["measures"])
+    assert len({m["edc"]["fnmr"][0] for m in bms.values()}) == 1
+    assert all(("difference_to_reference" in m) == (name != names[0]) for name, m in bms.items())
+    # 5 images per person: every person has 10 genuine pairs and every pair of people 25
+    # impostors, so balancing changes nothing (up to the rounding of the discarded count)
+    plain_ref = q["fmr"]["0.02"]["measures"][names[0]]
+    np.testing.assert_allclose(bms[names[0]]["edc"]["fnmr"][0], plain_ref["edc"]["fnmr"][0])
+    assert bal["fmr"]["0.02"]["threshold"] == q["fmr"]["0.02"]["threshold"]
+    assert (out / "edc_balanced_fmr0.02.png").exists() and (out / "edc_fmr0.02.png").exists()
+    assert q["files"]["edc_plots_balanced"] == {"0.02": "edc_balanced_fmr0.02.png"}
+    assert "Identity-balanced view" in (out / "summary.md").read_text()
 
 
 def test_ood_uses_the_shipped_detector(sample):

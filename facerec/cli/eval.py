@@ -89,6 +89,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     q.add_argument("--fmrs", type=_floats, default=[1e-2, 1e-3])
     q.add_argument("--resamples", type=int, default=200)
     q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--balance", choices=("none", "identity", "both"), default="both",
+                   help="none: every pair counts once; identity: every person's genuine pairs and every "
+                   "pair of people's impostors weigh the same (identity-balanced EDC); both (default): "
+                   "report both views")
     o = sub.add_parser("ood", help="AUROC / TNR of the model's shipped OOD detector (ood.npz)",
                        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     o.add_argument("model", help="a `facerec export` folder with ood.npz")
@@ -280,12 +284,14 @@ def run_quality(args) -> int:
     report = quality_report(
         es.normalised(args.flip), ds.names, measures, args.out, fmrs=args.fmrs, resamples=args.resamples,
         seed=args.seed, title=f"Face-image quality: {ds.description}", command=_command(),
-        progress=not args.no_progress,
+        progress=not args.no_progress, balance=args.balance,
         meta={"model": embedder.name, "data": ds.description, "flip": args.flip,
               "crfiqa_head": None if head is None else head.info,
               "detector_meta": args.meta})
     print((Path(args.out) / "summary.md").read_text())
-    print(f"wrote {args.out}: quality.json, {len(report['files']['edc_plots'])} EDC plot(s), summary.md")
+    files = report["files"]
+    n_png = len(files["edc_plots"]) + len(files.get("edc_plots_balanced", {}))
+    print(f"wrote {args.out}: quality.json, {n_png} EDC plot(s), summary.md")
     return 0
 
 

@@ -18,6 +18,16 @@ fixed, the replicates are exactly ``bootstrap_ci``'s pair resamples (same seed, 
 
 Every quality measure is scored on the same replicates (paired), so differences between
 measures get their own intervals (``difference_ci``).
+
+With ``balance=True`` the replicates are those of the **identity-balanced** EDC
+(``quality.identity_balanced_weights``): the multiplicities are multiplied by the balancing
+weights, so a genuine pair of identity ``k`` weighs ``m_k / G_k`` (an identity drawn ``m`` times
+weighs ``m``, however many pairs it has) and an impostor pair of identities ``a != b`` weighs
+``m_a m_b / (n_a n_b)`` (an identity-pair drawn ``m_a m_b`` times weighs that much), the total
+impostor weight being ``sum_{a<b} m_a m_b`` over the identities with images. The weighted EDC and
+threshold are the same functions (``quality.weighted_fnmr`` / ``weighted_threshold``) with real
+weights; with the same seed the identity draws are the same as without balancing, so the two
+views are paired too.
 """
 
 from __future__ import annotations
@@ -33,48 +43,13 @@ from facerec.eval.quality import (
     _as_pair_quality,
     edc_curve,
     fixed_threshold,
+    identity_balanced_weights,
     partial_auc,
+    weighted_fnmr,
+    weighted_threshold,
 )
 
-
-def weighted_fnmr(errors_sorted, weights_sorted, discard) -> np.ndarray:
-    """FNMR after dropping the ``floor(u * W)`` lowest-quality of ``W = sum(weights)`` pair copies.
-
-    ``errors_sorted`` / ``weights_sorted`` follow the pairs in ascending quality; a pair of weight
-    ``w`` stands for ``w`` adjacent copies. Equals ``quality._fnmr_from_sorted`` on the expanded
-    list. NaN where nothing remains.
-    """
-    err = np.asarray(errors_sorted, dtype=np.int64).ravel()
-    w = np.asarray(weights_sorted, dtype=np.int64).ravel()
-    if err.shape != w.shape or err.size == 0:
-        raise ValueError("need one weight per pair and at least one pair")
-    cw = np.cumsum(w)
-    ce = np.cumsum(w * err)
-    total_w, total_e = int(cw[-1]), int(ce[-1])
-    drop = np.floor(np.asarray(discard, dtype=np.float64) * total_w + 1e-9).astype(np.int64)
-    j = np.searchsorted(cw, drop, side="right")  # pairs [0, j) are dropped whole
-    prev = np.maximum(j - 1, 0)
-    full_w = np.where(j > 0, cw[prev], 0)
-    full_e = np.where(j > 0, ce[prev], 0)
-    err_j = np.where(j < err.size, err[np.minimum(j, err.size - 1)], 0)  # the pair cut in part
-    dropped_e = full_e + (drop - full_w) * err_j
-    remaining = total_w - drop
-    with np.errstate(invalid="ignore", divide="ignore"):
-        out = (total_e - dropped_e) / remaining
-    return np.where(remaining > 0, out, np.nan)
-
-
-def weighted_threshold(top_scores, top_weights, total_weight: int, fmr: float) -> float:
-    """The ``(floor(fmr * W) + 1)``-th highest score of a weighted impostor multiset whose highest
-    members are ``top_scores`` (descending) with ``top_weights``; NaN when unsupported."""
-    allowed = math.floor(fmr * total_weight + 1e-9)
-    if allowed < 1:
-        return math.nan
-    cum = np.cumsum(np.asarray(top_weights, dtype=np.int64))
-    j = int(np.searchsorted(cum, allowed + 1))
-    if j >= cum.size:
-        raise RuntimeError("the kept highest impostors do not reach the FMR threshold; keep more of them")
-    return float(top_scores[j])
+__all__ = ["difference_ci", "identity_bootstrap", "weighted_fnmr", "weighted_threshold"]
 
 
 def identity_bootstrap(
@@ -94,6 +69,7 @@ def identity_bootstrap(
     level: float = 0.95,
     resample_impostors: bool = True,
     progress: bool = False,
+    balance: bool = False,
 ) -> dict[str, BootstrapResult]:
     """Percentile intervals of pAUC (each ``upper``) and FNMR at 0% discard, resampling identities.
 
@@ -104,7 +80,9 @@ def identity_bootstrap(
       identities, enough of them to hold the threshold of every replicate;
     - ``images_per_identity``: (K,) image counts when the impostors are *all* cross-identity pairs
       of the images (then a replicate's impostor total is known in closed form); None when the
-      top list is the complete impostor list (a pair-list protocol).
+      top list is the complete impostor list (a pair-list protocol);
+    - ``balance``: the identity-balanced EDC (module docstring); point estimates, threshold and
+      replicates all use the balanced weights times the multiplicities.
     """
     genuine = np.asarray(genuine_scores, dtype=np.float64).ravel()
     gid = np.asarray(genuine_identity, dtype=np.int64).ravel()
@@ -129,7 +107,14 @@ def identity_bootstrap(
     elif top.size != impostor.size:
         raise ValueError("without images_per_identity the top list must hold every impostor")
     discard = np.asarray(discard, dtype=np.float64)
-    base_thr, supported, _ = fixed_threshold(impostor, fmr)
+    if balance:
+        bw = identity_balanced_weights(gid, ta, tb, images_per_identity)
+        g_bal, t_bal = bw.genuine, bw.impostor
+        has_img = None if images_per_identity is None else (n_img > 0).astype(np.int64)
+        base_thr = weighted_threshold(top, t_bal, bw.impostor_total, fmr)
+        supported = not math.isnan(base_thr)
+    else:
+        base_thr, supported, _ = fixed_threshold(impostor, fmr)
     keys = [f"pauc_{u:g}" for u in uppers] + ["fnmr_0"]
     prepared = {}
     for name, q in qualities.items():
@@ -142,7 +127,8 @@ def identity_bootstrap(
         return {name: BootstrapResult(dict(nan), dict(nan), dict(nan), 0, seed, level) for name in qualities}
     points = {}
     for name, (pq, _) in prepared.items():
-        curve = edc_curve(genuine, impostor, pq, fmr=fmr, discard=discard, threshold=base_thr)
+        curve = edc_curve(genuine, impostor, pq, fmr=fmr, discard=discard, threshold=base_thr,
+                          genuine_weights=g_bal if balance else None)
         points[name] = {**{f"pauc_{u:g}": partial_auc(discard, curve.fnmr, u) for u in uppers},
                         "fnmr_0": float(curve.fnmr[0])}
     rng = np.random.default_rng(seed)
@@ -151,7 +137,15 @@ def identity_bootstrap(
 
     for b in tqdm(range(num_resamples), desc=f"identity bootstrap, FMR {fmr:g}", disable=not progress):
         m = np.bincount(rng.integers(0, k, size=k), minlength=k)
-        if resample_impostors:
+        if resample_impostors and balance:
+            w = (m[ta] * m[tb]) * t_bal
+            if images_per_identity is not None:
+                s = m * has_img  # every identity pair (a, b) with images weighs m_a m_b
+                total = float((s.sum() ** 2 - np.sum(s ** 2)) // 2)
+            else:
+                total = float(w.sum())
+            thr = weighted_threshold(top, w, total, fmr)
+        elif resample_impostors:
             w = m[ta] * m[tb]
             if images_per_identity is not None:
                 s = m * n_img
@@ -164,6 +158,8 @@ def identity_bootstrap(
         for name, (_, order) in prepared.items():
             if math.isnan(thr):
                 f = np.full(discard.shape, np.nan)
+            elif balance:
+                f = weighted_fnmr(genuine[order] <= thr, m[gid[order]] * g_bal[order], discard)
             else:
                 f = weighted_fnmr(genuine[order] <= thr, m[gid[order]], discard)
             for u in uppers:

@@ -16,6 +16,32 @@ Conventions (see ``shared/reference/methods.md`` section 7):
 - ``partial_auc`` is the trapezoid area under FNMR(u) for u in [0, upper], **not normalised** by
   default (units of FNMR x discard fraction, like ``sklearn.metrics.auc`` in CR-FIQA);
   ``normalise=True`` divides by ``upper`` (mean FNMR over the range).
+
+Weighted pairs (one code path for the plain, the identity-bootstrap and the identity-balanced EDC,
+:func:`weighted_fnmr` and :func:`weighted_threshold`): a genuine pair of weight ``w`` counts ``w``
+times in the FNMR, an impostor of weight ``w`` counts ``w`` times in the FMR.
+
+- **Integer weights** (the plain EDC: all 1; the identity bootstrap: multiplicities): a pair of
+  weight ``w`` is ``w`` adjacent copies; discarding ``u`` drops ``floor(u * W)`` copies of the
+  ``W = sum(w)``, so the pair at the boundary may lose only some of its copies. All-ones weights
+  give the plain EDC bit for bit.
+- **Real weights** (the identity-balanced EDC, alone or times bootstrap multiplicities): a pair of
+  weight ``w`` is a mass ``w``; discarding ``u`` drops exactly ``u * W`` of the mass, lowest pair
+  quality first, and the boundary pair (the one whose cumulative mass straddles ``u * W``) loses
+  the part below ``u * W`` and keeps the rest, its error counting with the kept part. It is the
+  integer rule without rounding down to whole copies: with equal weights it matches the plain
+  EDC wherever ``u * n`` is whole (on the 1% grid: whenever n is a multiple of 100), elsewhere the
+  plain EDC drops up to one pair less.
+- Threshold: the lowest impostor score ``t`` such that the impostor weight scoring above ``t`` is
+  at most ``fmr * W_imp`` (the ``(floor(fmr * N) + 1)``-th highest score for unit weights). The FMR
+  is unsupported when ``fmr * W_imp < 1``: for real weights the unit is the weight of one identity
+  pair's impostors (balanced weights), so the FMR must allow at least one identity pair.
+
+**Identity-balanced** weights (:func:`identity_balanced_weights`): a genuine pair of identity
+``a`` weighs ``1 / G_a`` (``G_a`` its genuine pairs), so every identity with genuine pairs weighs 1
+in the FNMR; an impostor pair of identities ``a != b`` weighs ``1 / (n_a * n_b)`` (all-pairs
+protocol, ``n`` images per identity) or ``1 / I_ab`` (a pair list with ``I_ab`` impostors of that
+identity pair), so every identity pair weighs 1 in the FMR and the threshold is balanced too.
 """
 
 from __future__ import annotations
@@ -51,20 +77,146 @@ def fixed_threshold(impostor_scores: np.ndarray, fmr: float) -> tuple[float, boo
     return threshold, True, allowed
 
 
-def _discard_counts(n: int, discard: np.ndarray) -> np.ndarray:
-    return np.floor(np.asarray(discard, dtype=np.float64) * n + 1e-9).astype(np.int64)
+def _integer_weights(w: np.ndarray) -> bool:
+    return w.dtype == bool or np.issubdtype(w.dtype, np.integer)
+
+
+def weighted_fnmr(errors_sorted, weights_sorted, discard) -> np.ndarray:
+    """FNMR after discarding the fraction ``discard`` of the genuine weight, lowest quality first.
+
+    ``errors_sorted`` / ``weights_sorted`` follow the pairs in ascending pair quality. Integer
+    weights: a pair of weight ``w`` stands for ``w`` adjacent copies and ``floor(u * W)`` copies are
+    dropped (``W = sum(weights)``; equals :func:`_fnmr_from_sorted` on the expanded list). Real
+    weights: exactly ``u * W`` of the mass is dropped, the boundary pair keeping the part above it
+    (see the module docstring). NaN where nothing remains.
+    """
+    err = np.asarray(errors_sorted, dtype=np.int64).ravel()
+    w = np.asarray(weights_sorted)
+    integer = _integer_weights(w)
+    w = w.astype(np.int64 if integer else np.float64).ravel()
+    if err.shape != w.shape or err.size == 0:
+        raise ValueError("need one weight per pair and at least one pair")
+    if not integer and np.any(w < 0):
+        raise ValueError("weights must be non-negative")
+    cw = np.cumsum(w)
+    ce = np.cumsum(w * err)
+    total_w, total_e = cw[-1], ce[-1]
+    u = np.asarray(discard, dtype=np.float64)
+    if integer:
+        total_w, total_e = int(total_w), int(total_e)
+        drop = np.floor(u * total_w + 1e-9).astype(np.int64)  # whole copies
+    else:
+        drop = u * total_w  # exact mass
+    j = np.searchsorted(cw, drop, side="right")  # pairs [0, j) are dropped whole
+    prev = np.maximum(j - 1, 0)
+    full_w = np.where(j > 0, cw[prev], 0)
+    full_e = np.where(j > 0, ce[prev], 0)
+    err_j = np.where(j < err.size, err[np.minimum(j, err.size - 1)], 0)  # the pair cut in part
+    dropped_e = full_e + (drop - full_w) * err_j
+    remaining = total_w - drop
+    with np.errstate(invalid="ignore", divide="ignore"):
+        out = (total_e - dropped_e) / remaining
+    return np.where(remaining > 0, out, np.nan)
 
 
 def _fnmr_from_sorted(errors_sorted: np.ndarray, discard: np.ndarray) -> np.ndarray:
-    """FNMR after dropping the first floor(u n) entries of a quality-ascending error vector."""
-    n = errors_sorted.size
-    drop = _discard_counts(n, discard)
-    # suffix sums: errors remaining after dropping d lowest = total - prefix[d]
-    prefix = np.concatenate([[0], np.cumsum(errors_sorted, dtype=np.int64)])
-    remaining = n - drop
-    with np.errstate(invalid="ignore", divide="ignore"):
-        out = (prefix[-1] - prefix[drop]) / remaining
-    return np.where(remaining > 0, out, np.nan)
+    """FNMR after dropping the first floor(u n) entries of a quality-ascending error vector
+    (:func:`weighted_fnmr` with unit weights)."""
+    n = np.asarray(errors_sorted).size
+    if n == 0:
+        return np.full(np.shape(discard), np.nan)
+    return weighted_fnmr(errors_sorted, np.ones(n, dtype=np.int64), discard)
+
+
+def weighted_threshold(top_scores, top_weights, total_weight, fmr: float) -> float:
+    """Threshold for ``fmr`` over a weighted impostor multiset; NaN when unsupported.
+
+    ``top_scores`` (descending) with ``top_weights`` are its highest members (all of them, or
+    enough to reach the threshold), ``total_weight`` the weight of the whole multiset. The result
+    is the lowest score ``t`` with at most ``fmr * total_weight`` impostor weight above it. Integer
+    weights: the ``(floor(fmr * W) + 1)``-th highest score of the expanded multiset. Real weights:
+    the first score where the cumulative weight from the top exceeds ``fmr * W`` (equality up to
+    1e-12 relative counts as not exceeding). Unsupported when ``floor(fmr * W) < 1``.
+    """
+    tw = np.asarray(top_weights)
+    allowed = math.floor(fmr * total_weight + 1e-9)
+    if allowed < 1:
+        return math.nan
+    if _integer_weights(tw):
+        cum = np.cumsum(tw.astype(np.int64))
+        j = int(np.searchsorted(cum, allowed + 1))
+    else:
+        cum = np.cumsum(tw.astype(np.float64))
+        limit = fmr * float(total_weight)
+        j = int(np.searchsorted(cum, limit * (1 + 1e-12), side="right"))  # first cum > limit
+    if j >= cum.size:
+        raise RuntimeError("the kept highest impostors do not reach the FMR threshold; keep more of them")
+    return float(np.asarray(top_scores)[j])
+
+
+def weighted_fixed_threshold(impostor_scores, impostor_weights, fmr: float,
+                             total_weight=None) -> float:
+    """:func:`weighted_threshold` over a complete impostor list (any order); NaN when unsupported."""
+    s = np.asarray(impostor_scores, dtype=np.float64).ravel()
+    w = np.asarray(impostor_weights).ravel()
+    if w.shape != s.shape:
+        raise ValueError("need one weight per impostor")
+    order = np.argsort(-s, kind="stable")
+    total = w.sum() if total_weight is None else total_weight
+    return weighted_threshold(s[order], w[order], total, fmr)
+
+
+@dataclass
+class BalancedWeights:
+    """Identity-balanced weights: per genuine pair, per listed impostor, and the impostor total."""
+
+    genuine: np.ndarray  # 1 / G_a
+    impostor: np.ndarray  # 1 / (n_a n_b) or 1 / I_ab, for the listed impostors
+    impostor_total: float  # the number of identity pairs with impostors
+    genuine_identities: int  # identities with genuine pairs (the genuine total weight)
+
+
+def identity_balanced_weights(genuine_identity, impostor_identity_a, impostor_identity_b,
+                              images_per_identity=None) -> BalancedWeights:
+    """Weights that make every identity's genuine pairs weigh 1 and every identity pair's impostors
+    weigh 1 (see the module docstring).
+
+    ``images_per_identity`` (K,): the impostors are *all* cross-identity pairs of those images
+    (all-pairs protocol), the listed ones may be only the highest; weight ``1 / (n_a * n_b)`` and
+    total ``K' (K' - 1) / 2`` for the ``K'`` identities with images. None: the listed impostors are
+    the complete list; weight ``1 / I_ab`` with ``I_ab`` the listed impostors of ``{a, b}``.
+    """
+    gid = np.asarray(genuine_identity, dtype=np.int64).ravel()
+    ia = np.asarray(impostor_identity_a, dtype=np.int64).ravel()
+    ib = np.asarray(impostor_identity_b, dtype=np.int64).ravel()
+    if ia.shape != ib.shape:
+        raise ValueError("one identity pair per impostor is needed")
+    if np.any(ia == ib):
+        raise ValueError("an impostor pair's two identities must differ")
+    g_count = np.bincount(gid) if gid.size else np.zeros(0, np.int64)
+    genuine = 1.0 / g_count[gid] if gid.size else np.zeros(0)
+    if images_per_identity is not None:
+        n_img = np.asarray(images_per_identity, dtype=np.int64)
+        if ia.size and max(ia.max(), ib.max()) >= n_img.size:
+            raise ValueError("an impostor identity is outside images_per_identity")
+        if gid.size and gid.max() >= n_img.size:
+            raise ValueError("a genuine identity is outside images_per_identity")
+        if np.any(g_count > (n_img[:g_count.size] * (n_img[:g_count.size] - 1)) // 2):
+            raise ValueError("more genuine pairs than images_per_identity allows")
+        prod = n_img[ia] * n_img[ib]
+        if np.any(prod == 0):
+            raise ValueError("an impostor identity has no images in images_per_identity")
+        impostor = 1.0 / prod
+        k_img = int(np.count_nonzero(n_img))
+        total = float(k_img * (k_img - 1) // 2)
+    else:
+        lo, hi = np.minimum(ia, ib), np.maximum(ia, ib)
+        k = int(max(lo.max(initial=-1), hi.max(initial=-1)) + 1)
+        key = lo * max(k, 1) + hi
+        uniq, inv, cnt = np.unique(key, return_inverse=True, return_counts=True)
+        impostor = 1.0 / cnt[inv]
+        total = float(uniq.size)
+    return BalancedWeights(genuine, impostor, total, int(np.count_nonzero(g_count)))
 
 
 @dataclass
@@ -104,6 +256,8 @@ def edc_curve(
     fmr: float = 1e-2,
     discard: Sequence[float] | np.ndarray = DEFAULT_DISCARD,
     threshold: float | None = None,
+    genuine_weights=None,
+    impostor_weights=None,
 ) -> EDCResult:
     """FNMR after discarding the lowest-quality fraction of genuine pairs, threshold fixed at 0%.
 
@@ -112,6 +266,10 @@ def edc_curve(
     to skip re-estimating it (it must be the 0%-discard threshold for ``fmr``). When
     ``impostor_quality`` is given, ``fmr_remaining`` reports the achieved FMR on the impostor pairs
     that survive the same discard fraction (diagnostic only: the threshold never moves).
+
+    ``genuine_weights`` / ``impostor_weights`` (e.g. :func:`identity_balanced_weights`) weigh the
+    pairs as in the module docstring: the FNMR and the discarded fraction count weight, and the
+    threshold (when not given) is the weighted one over the complete impostor list.
     """
     genuine = np.asarray(genuine_scores, dtype=np.float64).ravel()
     impostor = np.asarray(impostor_scores)
@@ -121,19 +279,30 @@ def edc_curve(
     discard = np.asarray(discard, dtype=np.float64)
     if discard.ndim != 1 or np.any(discard < 0) or np.any(discard >= 1):
         raise ValueError("discard fractions must be in [0, 1)")
+    gw = None if genuine_weights is None else np.asarray(genuine_weights).ravel()
+    if gw is not None and gw.shape != genuine.shape:
+        raise ValueError("genuine_weights does not match genuine_scores")
+    iw = None if impostor_weights is None else np.asarray(impostor_weights).ravel()
+    if iw is not None and iw.shape != impostor.ravel().shape:
+        raise ValueError("impostor_weights does not match impostor_scores")
     if threshold is None:
-        threshold, supported, _ = fixed_threshold(impostor, fmr)
+        if iw is None:
+            threshold, supported, _ = fixed_threshold(impostor, fmr)
+        else:
+            threshold = weighted_fixed_threshold(impostor, iw, fmr)
+            supported = not math.isnan(threshold)
     else:
         supported = not math.isnan(threshold)
     n_imp = int(impostor.size)
     if not supported:
         need = math.ceil(1 / fmr)
+        note = (f"FMR {fmr:g} unsupported: needs >= {need} impostor pairs, have {n_imp}" if iw is None
+                else f"FMR {fmr:g} unsupported: needs >= {need} units of impostor weight (identity pairs)")
         return EDCResult(fmr, math.nan, False, genuine.size, n_imp, discard,
-                         np.full(discard.shape, np.nan),
-                         note=f"FMR {fmr:g} unsupported: needs >= {need} impostor pairs, have {n_imp}")
+                         np.full(discard.shape, np.nan), note=note)
     order = np.argsort(gq, kind="stable")
     errors = (genuine[order] <= threshold).astype(np.int64)
-    fnmr = _fnmr_from_sorted(errors, discard)
+    fnmr = _fnmr_from_sorted(errors, discard) if gw is None else weighted_fnmr(errors, gw[order], discard)
     fmr_remaining = None
     if impostor_quality is not None:
         iq = _as_pair_quality(impostor_quality)
@@ -141,9 +310,13 @@ def edc_curve(
             raise ValueError("impostor_quality does not match impostor_scores")
         io = np.argsort(iq, kind="stable")
         ierr = (np.asarray(impostor, dtype=np.float64).ravel()[io] > threshold).astype(np.int64)
-        fmr_remaining = _fnmr_from_sorted(ierr, discard)
+        fmr_remaining = (_fnmr_from_sorted(ierr, discard) if iw is None
+                         else weighted_fnmr(ierr, iw[io], discard))
+    note = "threshold fixed at 0% discard over all impostors"
+    if gw is not None or iw is not None:
+        note += "; weighted pairs"
     return EDCResult(fmr, float(threshold), True, genuine.size, n_imp, discard, fnmr, fmr_remaining,
-                     note="threshold fixed at 0% discard over all impostors")
+                     note=note)
 
 
 def _as_pair_quality(q) -> np.ndarray:
@@ -264,7 +437,8 @@ def bootstrap_ci(
     return BootstrapResult(point, low, high, num_resamples, seed, level, samples)
 
 
-def plot_edc(curves: Mapping[str, EDCResult], path: str | Path, title: str = "") -> Path:
+def plot_edc(curves: Mapping[str, EDCResult], path: str | Path, title: str = "",
+             xlabel: str = "fraction of genuine pairs discarded (lowest pair quality)") -> Path:
     """One EDC line per quality measure (all curves should share the FMR) -> PNG."""
     import matplotlib
 
@@ -279,7 +453,7 @@ def plot_edc(curves: Mapping[str, EDCResult], path: str | Path, title: str = "")
     for name, res in curves.items():
         if res.supported:
             ax.plot(res.discard, res.fnmr, label=name, lw=1.4 if name == next(iter(curves)) else 1.0)
-    ax.set_xlabel("fraction of genuine pairs discarded (lowest pair quality)")
+    ax.set_xlabel(xlabel)
     ax.set_ylabel("FNMR (threshold fixed at 0% discard)")
     ax.set_xlim(0, float(max(r.discard[-1] for r in curves.values())))
     ax.set_ylim(bottom=0)
