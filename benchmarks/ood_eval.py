@@ -63,6 +63,7 @@ from facerec.ood.evaldata import (
     adaptive_row,
     adaptive_sets,
     build_split,
+    det_scores_of,
     evaluate,
     family,
     lfw_splits,
@@ -305,13 +306,13 @@ def main() -> int:
         use,
     ).items():
         f = features_of(model, s["crops"])
-        s_out = det.combine(scores(det, f, s["det_score"])) if len(s["crops"]) else np.zeros(0)
+        s_out = det.combine(scores(det, f, det_scores_of(det, s))) if len(s["crops"]) else np.zeros(0)
         row = adaptive_row(s_in_ship, s_out, det.threshold, s, f.get("emb"), g, clean_test, args.tpr, thr_v)
         if len(s["crops"]):
             row["layer_auroc"] = [
                 auroc(
                     scores(det, feats["test"]["faces"], g["det_score"])[:, j],
-                    scores(det, f, s["det_score"])[:, j],
+                    scores(det, f, det_scores_of(det, s))[:, j],
                 )
                 for j in range(len(use))
             ]

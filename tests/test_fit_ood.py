@@ -220,3 +220,27 @@ def test_cli_requires_the_checkpoint_and_explains_itself(capsys):
     with pytest.raises(SystemExit) as err:
         parser.parse_args(["models/default", "--aligned-pool", "p"])
     assert err.value.code == 2 and "--checkpoint" in capsys.readouterr().err
+
+
+def test_shipped_detector_scores_service_faces_with_their_mtcnn_confidence():
+    """The shipped ood.npz reads MTCNN's confidence as its last column, and the service's pipeline
+    scores a face with exactly the detector's formula on that face's features and confidence."""
+    from facerec.contract import EmbeddingContract
+    from facerec.ood import DetectionLayer, load
+    from facerec.runtime import DEFAULT_FACE_DETECTOR, FacePipeline, FeatureListScorer, load_backend
+
+    folder = Path(__file__).parents[1] / "models" / "default"
+    contract = EmbeddingContract.from_json((folder / "contract.json").read_text())
+    det = load(folder / "ood.npz", contract)
+    assert det.detection is not None and det.detection.detector == DEFAULT_FACE_DETECTOR == "mtcnn"
+    assert len(det.combiner.weights) == det.n_columns == len(det.layers) + 1
+    assert det.combiner.weights[-1] > 0  # a more confident detection can only look more face-like
+    backend = load_backend(next(p for p in folder.glob("*.onnx") if not p.name.endswith(".fp16.onnx")))
+    pipeline = FacePipeline(backend, ood_scorer=FeatureListScorer(det, DEFAULT_FACE_DETECTOR), keep_features=True)
+    face = pipeline.process(next(SAMPLE.glob("*/*.jpg")).read_bytes()).faces[0]
+    feats = [face.features[f"feature_{i}"][None] for i in range(len(det.layers))]
+    assert face.ood == pytest.approx(float(det.score(feats, [face.det_score])[0]), rel=1e-9)
+    cols = det.layer_scores(feats, [face.det_score]).numpy()[0]
+    assert cols[-1] == pytest.approx(float(DetectionLayer.logit(face.det_score)))
+    # A borderline detection of the same crop (as non-faces that pass MTCNN get) lowers the score.
+    assert det.score(feats, [0.8])[0] < face.ood

@@ -123,6 +123,7 @@ def test_models_reports_contract_device_providers(client):
     assert m["verification"]["threshold"] == pytest.approx(0.3) and m["verification"]["source"] == "model"
     assert m["quality"] == {"head": True, "percentile_mapping": True, "calibrated_on": m["quality"]["calibrated_on"]}
     assert m["ood"]["contract_id"] == m["contract_id"] and m["ood"]["variant"] == "global"
+    assert m["ood"]["detector_confidence"] is None  # this test detector scores the features alone
 
 
 def test_without_ood_detector_ood_is_null(model_dir):

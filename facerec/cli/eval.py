@@ -401,7 +401,10 @@ def run_ood(args) -> int:
               "tpr_at_shipped_threshold": tpr_in, "families": rows,
               "faces_source": args.protocol or str(root),
               "inputs": ("aligned 112x112 face crops; --ood images resized to 112x112 as if the face "
-                         "detector had let them through; corruptions of the face crops rounded to 8 bits")}
+                         "detector had let them through; corruptions of the face crops rounded to 8 bits"
+                         + ("; no face detector runs here, so the detector's confidence column is at "
+                            "its neutral value for every input (the feature layers alone)"
+                            if getattr(det, "detection", None) is not None else ""))}
     write_json(out / "ood.json", report)
     _plot_ood(s_in, scores_out, det.threshold, out / "scores.png")
     key = next(k for k in next(iter(rows.values())) if k.startswith("tnr_at_tpr"))

@@ -255,6 +255,7 @@ def run(args: argparse.Namespace) -> int:
         adaptive_row,
         adaptive_sets,
         build_split,
+        det_scores_of,
         evaluate,
         lfw_splits,
         log,
@@ -348,7 +349,7 @@ def run(args: argparse.Namespace) -> int:
         f"fitood_{graph_id}",
     ).items():
         f = crop_features(onnx_run, s["crops"])
-        s_out = det.combine(layer_scores(det, f, s["det_score"])) if len(s["crops"]) else np.zeros(0)
+        s_out = det.combine(layer_scores(det, f, det_scores_of(det, s))) if len(s["crops"]) else np.zeros(0)
         rows[name] = adaptive_row(
             result["s_in"], s_out, det.threshold, s, f.get("emb"), faces, emb_test["faces"], args.tpr, thr_v
         )

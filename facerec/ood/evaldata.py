@@ -449,6 +449,16 @@ def evaluate(
     }
 
 
+def det_scores_of(det, set_: dict):
+    """The face detector's confidences of a set's crops for ``det``'s detection layer (None when the
+    detector has none, whatever the set holds)."""
+    if det.detection is None:
+        return None
+    if "det_score" not in set_:
+        raise KeyError("this cached set has no detector confidences (made by an older facerec): clear the cache")
+    return set_["det_score"]
+
+
 def detector_objective(det, use: list[int] | None = None, cap: float = 2.0) -> Callable:
     """A differentiable in-distribution score for adaptive attacks: the detector's log-odds above
     its threshold, capped at ``cap`` (once safely accepted, the attacker spends its budget on the

@@ -23,7 +23,9 @@ async def models(request: Request, _: ApiKey) -> ModelsResponse:
     if engine.ood is not None:
         d = engine.ood
         ood = {"method": "mahalanobis", "variant": d.variant, "layers": len(d.layers),
-               "threshold": d.threshold, "target_tpr": d.target_tpr, "contract_id": d.contract_id}
+               "threshold": d.threshold, "target_tpr": d.target_tpr, "contract_id": d.contract_id,
+               # the face detector whose confidence is one more combiner column (None: features only)
+               "detector_confidence": None if d.detection is None else d.detection.detector}
     return ModelsResponse(
         model=info,
         contract=info["contract"],
