@@ -123,3 +123,18 @@ def test_low_resolution_mobilefacenet():
     torch.testing.assert_close(out.embedding, ref)
     with pytest.raises(ValueError, match="downsample"):
         create_model("mobilefacenet", downsample=3)
+
+
+def test_embedding_spread_tells_spread_from_collapsed_embeddings():
+    spec = importlib.util.spec_from_file_location("embedding_spread", ROOT / "benchmarks" / "embedding_spread.py")
+    es = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(es)
+    spread = es.spread(3.0 * torch.eye(8))  # eight orthogonal directions, norm 3
+    assert spread["mean_pairwise_cosine"] == pytest.approx(0.0, abs=1e-12)
+    assert spread["mean_direction_length"] == pytest.approx(8**-0.5)  # |sum of 8 unit axes| / 8
+    assert spread["mean_embedding_norm"] == pytest.approx(3.0)
+    assert spread["dims_for_90pct_variance"] == 7  # centred: 7 equal directions, 90% needs all 7
+    g = torch.Generator().manual_seed(0)
+    cone = torch.tensor([1.0, 0, 0, 0]) + 0.01 * torch.randn(50, 4, generator=g)  # all nearly one direction
+    collapsed = es.spread(cone)
+    assert collapsed["mean_pairwise_cosine"] > 0.99 and collapsed["mean_direction_length"] > 0.99

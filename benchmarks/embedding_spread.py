@@ -1,0 +1,70 @@
+"""How spread out a model's embeddings are: a quick check for feature collapse.
+
+For each checkpoint, embeds a fixed sample of aligned images and prints the mean cosine between
+different images, the length of the mean unit embedding (0 = spread evenly, 1 = all one direction),
+the mean raw embedding norm and how many principal directions hold 90% of the variance.
+
+    python benchmarks/embedding_spread.py RUN_DIR/checkpoints/step_00001560 ... --images /data/lfw112 \
+        [--every 20 --limit 4000] [--out benchmarks/results/embedding_spread.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+def spread(embeddings: torch.Tensor) -> dict:
+    e = embeddings.double()
+    n = torch.nn.functional.normalize(e, dim=1)
+    cos = n @ n.T
+    off = cos[~torch.eye(len(cos), dtype=torch.bool)]
+    energy = torch.linalg.svdvals(n - n.mean(0)).pow(2)
+    dims90 = int((energy.cumsum(0) / energy.sum() < 0.9).sum()) + 1
+    return {
+        "images": len(e),
+        "mean_pairwise_cosine": float(off.mean()),
+        "mean_direction_length": float(n.mean(0).norm()),
+        "mean_embedding_norm": float(e.norm(dim=1).mean()),
+        "dims_for_90pct_variance": dims90,
+    }
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("checkpoints", nargs="+", help="checkpoint folders or model files")
+    ap.add_argument("--images", required=True, help="aligned image tree (<person>/<image>)")
+    ap.add_argument("--every", type=int, default=20, help="take every n-th image of the sorted list")
+    ap.add_argument("--limit", type=int, default=4000, help="look at the first n images of the sorted list")
+    ap.add_argument("--out", default=None, help="also write the numbers as JSON here")
+    args = ap.parse_args(argv)
+
+    from facerec.data.datasets import read_rgb
+    from facerec.export.torch_artifact import load_model_file
+    from facerec.ood.evalsets import to_input
+
+    files = sorted(p for p in Path(args.images).glob("*/*") if p.suffix.lower() in {".jpg", ".png"})
+    files = files[: args.limit : args.every]
+    if len(files) < 2:
+        raise SystemExit(f"{args.images}: fewer than two images")
+    x = to_input(np.stack([read_rgb(p) for p in files]))
+    out = {}
+    for ckpt in args.checkpoints:
+        path = Path(ckpt)
+        model = load_model_file(path / "model.pt" if path.is_dir() else path).model.eval()
+        with torch.no_grad():
+            emb = torch.cat([model(x[i : i + 64]).embedding for i in range(0, len(x), 64)])
+        out[ckpt] = spread(emb)
+        print(ckpt, json.dumps(out[ckpt]), flush=True)
+    if args.out:
+        Path(args.out).write_text(json.dumps({"command": " ".join(sys.argv), "results": out}, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
