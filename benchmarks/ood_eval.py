@@ -50,7 +50,6 @@ sys.path.insert(0, str(REPO))
 from facerec.cli.fit_ood import default_cache
 from facerec.contract import EmbeddingContract
 from facerec.ood import (
-    DetectionLayer,
     MahalanobisFitter,
     fit_combiner,
     leave_one_family_out,
@@ -64,6 +63,7 @@ from facerec.ood.evaldata import (
     adaptive_sets,
     build_split,
     det_scores_of,
+    detection_layer,
     evaluate,
     family,
     lfw_splits,
@@ -250,9 +250,8 @@ def main() -> int:
     }
     log(f"statistics: {len(pool)} pool images of {fitter.n_identities} people")
     if not args.no_detection_layer:  # the face detector's confidence: one more column, last
-        neutral = float(np.median(DetectionLayer.logit(sets["val"]["faces"]["det_score"])))
         for det in dets.values():
-            det.detection = DetectionLayer(locator.detector_name, neutral)
+            det.detection = detection_layer(locator, sets["val"]["faces"])
         use = [*use, n_layers]
 
     def scores(det, f: dict, det_scores=None) -> np.ndarray:

@@ -181,14 +181,6 @@ def layer_scores(det, f: dict, det_scores=None) -> np.ndarray:
     return det.layer_scores(feature_list(f), det_scores).numpy()
 
 
-def detection_layer(locator, faces: dict):
-    """The face detector's confidence as a combiner column, its neutral value the median of the
-    validation faces' (``faces``: the validation split's genuine set)."""
-    from facerec.ood import DetectionLayer
-
-    return DetectionLayer(locator.detector_name, float(np.median(DetectionLayer.logit(faces["det_score"]))))
-
-
 def markdown(report: dict) -> str:
     from facerec.ood.evaldata import markdown_rows
 
@@ -256,6 +248,7 @@ def run(args: argparse.Namespace) -> int:
         adaptive_sets,
         build_split,
         det_scores_of,
+        detection_layer,
         evaluate,
         lfw_splits,
         log,

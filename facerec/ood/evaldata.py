@@ -449,6 +449,14 @@ def evaluate(
     }
 
 
+def detection_layer(locator, faces: dict):
+    """The face detector's confidence as a combiner column, its neutral value the median of the
+    validation faces' (``faces``: the validation split's genuine set)."""
+    from facerec.ood import DetectionLayer
+
+    return DetectionLayer(locator.detector_name, float(np.median(DetectionLayer.logit(faces["det_score"]))))
+
+
 def det_scores_of(det, set_: dict):
     """The face detector's confidences of a set's crops for ``det``'s detection layer (None when the
     detector has none, whatever the set holds)."""
