@@ -2,7 +2,9 @@
 
 For each checkpoint, embeds a fixed sample of aligned images and prints the mean cosine between
 different images, the length of the mean unit embedding (0 = spread evenly, 1 = all one direction),
-the mean raw embedding norm and how many principal directions hold 90% of the variance.
+the mean raw embedding norm and how many principal directions hold 90% of the variance; and, with the
+folder names as identities, the mean cosine of different-identity pairs and the fraction of them above
+0.9 (``facerec.eval.spread.pair_collapse``: ~0 for a healthy embedding).
 
     python benchmarks/embedding_spread.py RUN_DIR/checkpoints/step_00001560 ... --images /data/lfw112 \
         [--every 20 --limit 4000] [--out benchmarks/results/embedding_spread.json]
@@ -18,21 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-
-def spread(embeddings: torch.Tensor) -> dict:
-    e = embeddings.double()
-    n = torch.nn.functional.normalize(e, dim=1)
-    cos = n @ n.T
-    off = cos[~torch.eye(len(cos), dtype=torch.bool)]
-    energy = torch.linalg.svdvals(n - n.mean(0)).pow(2)
-    dims90 = int((energy.cumsum(0) / energy.sum() < 0.9).sum()) + 1
-    return {
-        "images": len(e),
-        "mean_pairwise_cosine": float(off.mean()),
-        "mean_direction_length": float(n.mean(0).norm()),
-        "mean_embedding_norm": float(e.norm(dim=1).mean()),
-        "dims_for_90pct_variance": dims90,
-    }
+from facerec.eval.spread import COLLAPSE_COSINE, pair_collapse, spread
 
 
 def main(argv=None) -> int:
@@ -53,6 +41,8 @@ def main(argv=None) -> int:
     if len(files) < 2:
         raise SystemExit(f"{args.images}: fewer than two images")
     x = to_input(np.stack([read_rgb(p) for p in files]))
+    names = sorted({p.parent.name for p in files})
+    labels = torch.tensor([names.index(p.parent.name) for p in files])
     out = {}
     for ckpt in args.checkpoints:
         path = Path(ckpt)
@@ -60,6 +50,9 @@ def main(argv=None) -> int:
         with torch.no_grad():
             emb = torch.cat([model(x[i : i + 64]).embedding for i in range(0, len(x), 64)])
         out[ckpt] = spread(emb)
+        impostor_cos, collapsed = pair_collapse(emb, labels).tolist()
+        out[ckpt].update({"impostor_mean_cosine": impostor_cos,
+                          f"impostor_pairs_above_{COLLAPSE_COSINE}": collapsed})
         print(ckpt, json.dumps(out[ckpt]), flush=True)
     if args.out:
         Path(args.out).write_text(json.dumps({"command": " ".join(sys.argv), "results": out}, indent=1) + "\n")

@@ -126,9 +126,8 @@ def test_low_resolution_mobilefacenet():
 
 
 def test_embedding_spread_tells_spread_from_collapsed_embeddings():
-    spec = importlib.util.spec_from_file_location("embedding_spread", ROOT / "benchmarks" / "embedding_spread.py")
-    es = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(es)
+    from facerec.eval import spread as es
+
     spread = es.spread(3.0 * torch.eye(8))  # eight orthogonal directions, norm 3
     assert spread["mean_pairwise_cosine"] == pytest.approx(0.0, abs=1e-12)
     assert spread["mean_direction_length"] == pytest.approx(8**-0.5)  # |sum of 8 unit axes| / 8
@@ -138,3 +137,27 @@ def test_embedding_spread_tells_spread_from_collapsed_embeddings():
     cone = torch.tensor([1.0, 0, 0, 0]) + 0.01 * torch.randn(50, 4, generator=g)  # all nearly one direction
     collapsed = es.spread(cone)
     assert collapsed["mean_pairwise_cosine"] > 0.99 and collapsed["mean_direction_length"] > 0.99
+
+
+@pytest.mark.parametrize("margin,m", [("arcface", 0.5), ("cosface", 0.35)])
+def test_collapse_basin_loss_equals_the_margin_softmax_on_a_collapsed_configuration(margin, m):
+    """K classes and their samples on one direction, the other classes orthogonal to it: the
+    formula of benchmarks/collapse_check.py must equal cross-entropy over the real margin head."""
+    spec = importlib.util.spec_from_file_location("collapse_check", ROOT / "benchmarks" / "collapse_check.py")
+    cc = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cc)
+    from facerec.heads import create_margin
+
+    k, others, s = 70, 30, 64.0
+    cosine = torch.zeros(k, k + others, dtype=torch.float64)
+    cosine[:, :k] = 1.0  # every sample sits on every collapsed centre
+    labels = torch.arange(k)
+    logits = create_margin(margin, s=s, m=m)(cosine, labels)
+    ce = torch.nn.functional.cross_entropy(logits, labels)
+    # the orthogonal classes add (others) * exp(0) to the denominator, which the formula ignores
+    formula = cc.collapse_basin_loss(margin, s, m, k)
+    # ArcFace clamps the cosine to 1 - 1e-6 before arccos (margins.COS_EPS), so theta >= 1.4e-3 rad
+    # and the head's target is lower than cos(m) by about s * sin(m) * 1.4e-3 = 0.043 nats
+    slack = 0.05 if margin == "arcface" else 1e-9
+    assert float(ce) == pytest.approx(formula, abs=slack)
+    assert cc.collapse_basin_loss("arcface", 64, 0.5, 70) < cc.collapse_basin_loss("cosface", 64, 0.35, 70) - 14

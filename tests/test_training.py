@@ -204,3 +204,45 @@ def test_amp_off_survives_yaml():
     assert load_config(config_path("tiny_cpu"), ["train.amp=off"]).train.amp == "off"
     with pytest.raises(ValueError, match="amp"):
         load_config(config_path("tiny_cpu"), ["train.amp=on"])  # true is not a mode
+
+
+# ---------------------------------------------------------------- collapse monitor
+def test_pair_collapse_matches_a_direct_count():
+    from facerec.eval.spread import pair_collapse
+
+    g = torch.Generator().manual_seed(0)
+    emb = torch.randn(12, 6, generator=g)
+    emb[6:9] = emb[0] * torch.tensor([[1.0], [2.0], [0.5]])  # rows 6-8 point where row 0 points
+    labels = torch.tensor([0, 0, 1, 1, 2, 2, 3, 4, 5, -1, 6, 6])
+    n = torch.nn.functional.normalize(emb, dim=1)
+    cosines = [float(n[i] @ n[j]) for i in range(12) for j in range(i + 1, 12)
+               if labels[i] >= 0 and labels[j] >= 0 and labels[i] != labels[j]]
+    mean, high = pair_collapse(emb, labels, threshold=0.9).tolist()
+    assert mean == pytest.approx(sum(cosines) / len(cosines), abs=1e-6)
+    assert high == pytest.approx(sum(c > 0.9 for c in cosines) / len(cosines), abs=1e-7)
+    assert high >= 6 / len(cosines)  # the 6 pairs among rows 0, 6, 7, 8 (all different labels)
+    assert torch.isnan(pair_collapse(emb[:2], labels[:2])).all()  # one identity: no pair
+
+
+def test_trainer_logs_the_collapse_monitor_and_warns_once_per_episode(tmp_path, monkeypatch):
+    import json
+
+    trainer = make_trainer(tmp_path, train={"epochs": 1, "log_every": 1}, val={"kind": "none"})
+    forward = trainer.model.forward
+    calls = {"n": 0}
+
+    def collapsing(x):  # steps 3-4 map every image onto one direction, the others are untouched
+        out = forward(x)
+        calls["n"] += 1
+        if calls["n"] in (3, 4):
+            out.embedding = out.embedding[:1].expand_as(out.embedding) + 0 * out.embedding
+        return out
+
+    monkeypatch.setattr(trainer.model, "forward", collapsing)
+    trainer.fit()
+    records = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    train = [r for r in records if r["kind"] == "train"]
+    assert len(train) == 6 and all("pair_cos" in r and 0 <= r["collapsed_pairs"] <= 1 for r in train)
+    assert [r["collapsed_pairs"] == pytest.approx(1.0) for r in train] == [False, False, True, True, False, False]
+    warnings = [r for r in records if r["kind"] == "message" and "collapsing" in r["text"]]
+    assert len(warnings) == 1 and "step 3:" in warnings[0]["text"]

@@ -116,6 +116,9 @@ class TrainConfig(_Strict):
     checkpoint_every: int = 1000  # steps; a checkpoint is also written at the end of every epoch
     keep_checkpoints: int = 2
     nan_patience: int = 5  # stop after this many consecutive non-finite steps
+    # Warn when more than this fraction of a logged batch's different-identity pairs have
+    # cosine > 0.9 (embedding collapse; logged as collapsed_pairs). 0: never warn.
+    collapse_warn: float = Field(0.05, ge=0.0, le=1.0)
     progress: bool = True
 
 

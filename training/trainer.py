@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import math
 import os
 import random
 import signal
@@ -20,14 +21,26 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from facerec.eval.spread import COLLAPSE_COSINE, pair_collapse
 from facerec.losses import FaceRecognitionLoss
 from facerec.models import create_model
 from training import checkpoint as ckpt
 from training.config import Config, save_config
-from training.data import ResumableBatchSampler, build_dataset, build_loader, class_counts
+from training.data import (
+    ResumableBatchSampler,
+    build_dataset,
+    build_loader,
+    class_counts,
+)
 from training.dist import DistInfo, allreduce_sum_hook, barrier, init_distributed
 from training.logger import RunLogger
-from training.optim import autocast_dtype, build_optimizer, clip_grad_norm, is_fused, make_scaler
+from training.optim import (
+    autocast_dtype,
+    build_optimizer,
+    clip_grad_norm,
+    is_fused,
+    make_scaler,
+)
 from training.schedule import build_scheduler
 from training.validation import build_pairset, validate
 
@@ -238,11 +251,18 @@ class Trainer:
         self.bad_max = torch.maximum(self.bad_max, self.bad_streak)
         self.bad_count += 1 - good
         self.last_negatives = losses.num_negatives
+        if (self.step + 1) % self.cfg.train.log_every == 0 or self.step + 1 >= self.total_steps:
+            # Read at the next flush (no host sync here): the collapse monitor of this batch.
+            self.last_collapse = pair_collapse(out.embedding, labels)
 
     def flush_meters(self) -> None:
         """The one host sync of a logging interval: read the meters, log, check the NaN guard."""
-        values = torch.stack([*self.meters.values(), self.bad_max, self.bad_count]).tolist()
-        loss, ce, q, gn, count, bad_max, bad_count = values
+        collapse = getattr(self, "last_collapse", None)
+        self.last_collapse = None
+        extra = [collapse] if collapse is not None else []
+        values = torch.cat([torch.stack([*self.meters.values(), self.bad_max, self.bad_count]).float(),
+                            *[t.float().to(self.device) for t in extra]]).tolist()
+        loss, ce, q, gn, count, bad_max, bad_count = values[:7]
         elapsed = time.perf_counter() - self._meter_start[0]
         steps = self.step - self._meter_start[1]
         n = max(count, 1.0)
@@ -252,6 +272,9 @@ class Trainer:
                   "unpg_negatives": int(getattr(self, "last_negatives", 0))}
         if self.has_quality:
             record["quality"] = q / n
+        if collapse is not None and all(math.isfinite(v) for v in values[7:]):
+            record["pair_cos"], record["collapsed_pairs"] = values[7:]
+            self._check_collapse(record["collapsed_pairs"])
         if self.device.type == "cuda":
             record["max_memory_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
         self.log.log("train", self.step, record)
@@ -266,6 +289,19 @@ class Trainer:
                 f"(train.nan_patience={patience}) before step {self.step}. Lower optim.lr, enable "
                 "gradient clipping, or use bf16 instead of fp16; the last good checkpoint is in "
                 f"{self.ckpt_dir}")
+
+    def _check_collapse(self, fraction: float) -> None:
+        """Warn (once per episode) when many different-identity pairs of the batch point the same way."""
+        limit = self.cfg.train.collapse_warn
+        collapsing = bool(limit) and fraction > limit
+        if collapsing and not getattr(self, "collapse_warned", False):
+            self.log.message(
+                f"step {self.step}: warning: {fraction:.0%} of the different-identity pairs in this "
+                f"batch have cosine > {COLLAPSE_COSINE}: the embedding is collapsing (whole groups of "
+                "classes merge onto one direction). ArcFace-type margins do this when the backbone "
+                "cannot fit the data; see docs/training.md#embedding-collapse (CosFace, a lower "
+                "optim.lr or a smaller margin avoid it). train.collapse_warn sets this check.")
+        self.collapse_warned = collapsing
 
     # ------------------------------------------------------------------ validation
     def run_validation(self) -> dict:
