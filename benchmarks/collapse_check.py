@@ -40,20 +40,33 @@ def collapse_basin_loss(margin: str, s: float, m: float, k: int) -> float:
 
 
 def loss_terms(embeddings, labels, centres_weight, margin: str, s: float, m: float) -> dict:
+    """The objective's terms on one batch, and how UNPG changes the gradient on the embeddings:
+    the pair softmax's effective number of pairs (1 / sum p^2) and the mass of its 10 largest
+    pairs, the gradient norm without and with UNPG, and the cosine between the two gradients."""
     from facerec.heads import create_margin
     from facerec.losses.unpg import unpg_pairs
 
     rows = torch.arange(len(labels))
     w = torch.nn.functional.normalize(centres_weight.float(), dim=1)
-    cos = torch.nn.functional.normalize(embeddings.float(), dim=1) @ w.T
+    emb = embeddings.detach().float().requires_grad_(True)
+    cos = torch.nn.functional.normalize(emb, dim=1) @ w.T
     logits = create_margin(margin, s=s, m=m)(cos, labels)
     z_y = logits[rows, labels]
     lse = torch.logsumexp(logits, dim=1)
-    sim, keep = unpg_pairs(embeddings, labels)
+    sim, keep = unpg_pairs(emb, labels)
     u = torch.logsumexp(s * sim[keep], dim=0)
+    plain, with_unpg = (lse - z_y).mean(), (torch.logaddexp(lse, u) - z_y).mean()
+    g_plain, = torch.autograd.grad(plain, emb, retain_graph=True)
+    g_unpg, = torch.autograd.grad(with_unpg, emb)
+    p = torch.softmax(s * sim[keep].detach(), dim=0)
     return {"target_cosine": float(cos[rows, labels].mean()), "z_y": float(z_y.mean()),
             "class_lse": float(lse.mean()), "unpg_U": float(u),
-            "loss": float((lse - z_y).mean()), "loss_with_unpg": float((torch.logaddexp(lse, u) - z_y).mean())}
+            "loss": float(plain), "loss_with_unpg": float(with_unpg),
+            "pair_softmax_effective_pairs": float(1.0 / p.square().sum()), "kept_pairs": int(keep.sum()),
+            "pair_softmax_top10_mass": float(p.topk(min(10, len(p))).values.sum()),
+            "grad_norm": float(g_plain.norm()), "grad_norm_with_unpg": float(g_unpg.norm()),
+            "grad_cosine_unpg_vs_plain": float(torch.nn.functional.cosine_similarity(
+                g_plain.flatten(), g_unpg.flatten(), dim=0))}
 
 
 def by_source(embeddings, identities: list[str], threshold: float = COLLAPSE_COSINE) -> dict:
@@ -110,10 +123,10 @@ def main(argv=None) -> int:
         if centres.shape[0] != data.num_classes:
             raise SystemExit(f"{d}: {centres.shape[0]} class centres, the pool has {data.num_classes} classes")
         embs, labels = [], []
-        with torch.no_grad():
-            for b in batches:
+        for b in batches:
+            with torch.no_grad():
                 embs.append(model(torch.stack([images[i] for i in b])).embedding)
-                labels.append(torch.tensor([data.samples[i].label for i in b]))
+            labels.append(torch.tensor([data.samples[i].label for i in b]))
         terms = {}
         for name, hp in OBJECTIVES.items():
             per_batch = [loss_terms(e, y, centres, name, hp["s"], hp["m"]) for e, y in zip(embs, labels)]
@@ -148,6 +161,15 @@ def markdown(report: dict) -> str:
         lines.append(f"| {name} | {r['margin']}{' + UNPG' if r['unpg'] else ''} | {src} | {a['loss']:.2f} | "
                      f"{a['loss_with_unpg']:.2f} | {c['loss']:.2f} | {c['loss_with_unpg']:.2f} | "
                      f"{a['target_cosine']:.3f} | {a['unpg_U']:.1f} |")
+    lines += ["", "How UNPG changes the gradient on the embeddings (per objective, mean over batches):", "",
+              ("| checkpoint | objective | kept pairs | effective pairs (1/Σp²) | top-10 pair mass | "
+               "grad norm | with UNPG | cosine between the two |"), "|---|---|---|---|---|---|---|---|"]
+    for path, r in report["results"].items():
+        name = Path(path).parent.parent.name + "/" + Path(path).name
+        for obj, t in r["terms"].items():
+            lines.append(f"| {name} | {obj} | {t['kept_pairs']:.0f} | {t['pair_softmax_effective_pairs']:.1f} | "
+                         f"{t['pair_softmax_top10_mass']:.2f} | {t['grad_norm']:.3f} | "
+                         f"{t['grad_norm_with_unpg']:.3f} | {t['grad_cosine_unpg_vs_plain']:.2f} |")
     lines += ["", ("Loss of a row when K classes have collapsed onto one direction "
                    "(log(1 + (K-1) exp(s(1 - target))), s 64):"), "",
               "| K | " + " | ".join(report["collapse_basin_loss"]) + " |", "|---|---|---|"]
