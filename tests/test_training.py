@@ -246,3 +246,51 @@ def test_trainer_logs_the_collapse_monitor_and_warns_once_per_episode(tmp_path, 
     assert [r["collapsed_pairs"] == pytest.approx(1.0) for r in train] == [False, False, True, True, False, False]
     warnings = [r for r in records if r["kind"] == "message" and "collapsing" in r["text"]]
     assert len(warnings) == 1 and "step 3:" in warnings[0]["text"]
+
+
+# ---------------------------------------------------------------- fine-tuning: init_from, imprinted centres
+def test_init_from_copies_the_backbone_and_refuses_another_architecture(tmp_path):
+    first = make_trainer(tmp_path, train={"epochs": 1}, val={"kind": "none"})
+    first.fit()
+    ckpt = tmp_path / "run" / "checkpoints" / "step_00000006"
+    (tmp_path / "b").mkdir()
+    (tmp_path / "c").mkdir()
+    second = make_trainer(tmp_path / "b", model={"init_from": str(ckpt)}, train={"epochs": 1},
+                          val={"kind": "none"})
+    trained = torch.load(ckpt / "model.pt", weights_only=True)["model"]
+    for key, value in second.raw_model.state_dict().items():
+        assert torch.equal(value, trained[key]), key
+    log = (tmp_path / "b" / "run" / "log.jsonl").read_text()
+    assert "backbone initialised from" in log
+    with pytest.raises(ValueError, match="holds a 'tiny_face' model, but model.name is 'mobilefacenet'"):
+        make_trainer(tmp_path / "c", model={"name": "mobilefacenet", "imports": [], "init_from": str(ckpt)},
+                     val={"kind": "none"})
+
+
+def test_imprinted_centres_are_the_class_mean_unit_embeddings(tmp_path):
+    import cv2
+    import numpy as np
+
+    from facerec.data.datasets import EvalTransform, read_rgb
+
+    rng = np.random.default_rng(0)
+    root = tmp_path / "faces"
+    for person in range(3):
+        (root / f"p{person}").mkdir(parents=True)
+        for i in range(2 + person):  # 2, 3 and 4 images
+            cv2.imwrite(str(root / f"p{person}" / f"{i}.png"), rng.integers(0, 256, (112, 112, 3), dtype=np.uint8))
+    trainer = make_trainer(tmp_path, data={"kind": "folder", "path": str(root), "batch_size": 4},
+                           loss={"centres_init": "imprint", "sample_rate": 1.0},
+                           val={"kind": "none"})
+    centres = trainer.loss_fn.centres.weight.detach()
+    model = trainer.raw_model.eval()
+    transform = EvalTransform()
+    for label, person in enumerate(sorted(p.name for p in root.iterdir())):
+        files = sorted((root / person).glob("*.png"))
+        with torch.no_grad():
+            emb = model(torch.stack([transform(read_rgb(f)) for f in files])).embedding
+        direct = torch.nn.functional.normalize(emb, dim=1).mean(0)
+        assert torch.nn.functional.cosine_similarity(centres[label], direct, dim=0) == pytest.approx(1.0, abs=1e-5)
+    norms = centres.norm(dim=1)
+    assert torch.allclose(norms, norms[0].expand_as(norms))  # one scale for every centre
+    assert "imprinted 3 of 3 class centres from 9 images" in (tmp_path / "run" / "log.jsonl").read_text()

@@ -30,6 +30,9 @@ class ModelConfig(_Strict):
     grad_checkpointing: bool = False
     sync_bn: bool = False
     find_unused_parameters: bool = False  # DDP: needed only if some parameters get no gradient
+    # Start from these backbone weights (fine-tuning): a checkpoint folder, a trainer model.pt or a
+    # facerec torch artefact of the same model. Ignored when the run resumes from its own checkpoint.
+    init_from: Optional[str] = None
 
 
 class LossConfig(_Strict):
@@ -43,6 +46,9 @@ class LossConfig(_Strict):
     # Identities with fewer images than this train the classifier but not the quality target:
     # with one image the class centre is that image, so its certainty ratio says nothing.
     quality_min_images: int = 2
+    # random: N(0, 0.01) centres. imprint: each class centre starts at the mean unit embedding of
+    # its training images under the initial backbone (for fine-tuning from model.init_from).
+    centres_init: Literal["random", "imprint"] = "random"
 
 
 class OptimConfig(_Strict):

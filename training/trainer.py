@@ -7,6 +7,7 @@ the device through the fused optimiser's ``found_inf`` (or the GradScaler for fp
 
 from __future__ import annotations
 
+import copy
 import importlib
 import inspect
 import math
@@ -20,13 +21,17 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.utils.data import DataLoader, Subset
+from tqdm import tqdm
 
+from facerec.data.datasets import EvalTransform
 from facerec.eval.spread import COLLAPSE_COSINE, pair_collapse
 from facerec.losses import FaceRecognitionLoss
 from facerec.models import create_model
 from training import checkpoint as ckpt
 from training.config import Config, save_config
 from training.data import (
+    CropThen,
     ResumableBatchSampler,
     build_dataset,
     build_loader,
@@ -79,6 +84,21 @@ def init_centres(loss_fn: FaceRecognitionLoss, seed: int, std: float = 0.01) -> 
         centres.weight.copy_(full[centres.class_start : centres.class_end])
 
 
+def load_backbone(model: nn.Module, source: str, name: str) -> None:
+    """Copy the weights of ``source`` (a checkpoint folder, a trainer model.pt or a torch artefact)
+    into ``model``; both must be the same architecture."""
+    from facerec.export.torch_artifact import load_model_file
+
+    loaded = load_model_file(source)
+    if loaded.name != name:
+        raise ValueError(f"model.init_from={source} holds a {loaded.name!r} model, but model.name is {name!r}")
+    try:
+        model.load_state_dict(loaded.model.state_dict(), strict=True)
+    except RuntimeError as err:
+        raise ValueError(f"model.init_from={source}: its weights do not fit this {name!r} "
+                         f"(different model.kwargs?): {str(err).splitlines()[0]} ...") from err
+
+
 class Trainer:
     def __init__(self, config: Config, resume: str | None = None, info: DistInfo | None = None):
         self.cfg = cfg = config
@@ -94,6 +114,8 @@ class Trainer:
         self.dataset = build_dataset(cfg.data, cfg.train.seed)
         self.num_classes = int(self.dataset.num_classes)
         model = create_model(cfg.model.name, **cfg.model.kwargs)
+        if cfg.model.init_from:
+            load_backbone(model, cfg.model.init_from, cfg.model.name)
         if cfg.model.grad_checkpointing and hasattr(model, "set_grad_checkpointing"):
             model.set_grad_checkpointing(True)
         if cfg.model.sync_bn and self.info.distributed:
@@ -166,11 +188,48 @@ class Trainer:
             save_config(cfg, self.run_dir / "config.yaml")
             if path is not None:
                 self.log.message(f"resumed from {path} at step {self.step} (epoch {self.epoch})")
+            elif cfg.model.init_from:
+                self.log.message(f"backbone initialised from {cfg.model.init_from}")
+        if path is None and cfg.loss.centres_init == "imprint":
+            self.imprint_centres()
             excluded = getattr(self, "quality_excluded_classes", 0)
             if excluded:
                 self.log.message(f"{excluded} of {self.num_classes} identities have fewer than "
                                  f"{cfg.loss.quality_min_images} images: they train the classifier "
                                  "but not the quality target")
+
+    def imprint_centres(self) -> None:
+        """Each class centre <- the mean unit embedding of its training images under the current
+        backbone (eval mode, no augmentation), at the norm of the random centres it replaces. Every
+        rank embeds its share of the images and the sums are added over ranks."""
+        data = self.dataset
+        if hasattr(data, "transform"):
+            data = copy.copy(data)
+            data.transform = CropThen(EvalTransform(), self.cfg.data.center_crop)
+        share = Subset(data, range(self.info.rank, len(data), self.info.world_size))
+        loader = DataLoader(share, batch_size=self.cfg.data.batch_size, num_workers=self.cfg.data.workers)
+        centres = self.loss_fn.centres
+        sums = torch.zeros(self.num_classes, centres.embedding_size, device=self.device)
+        was_training = self.raw_model.training
+        self.raw_model.eval()
+        show = self.cfg.train.progress and self.info.is_main
+        with torch.no_grad(), torch.autocast(self.device.type, dtype=self.amp_dtype,
+                                             enabled=self.amp_dtype is not None):
+            for images, labels in tqdm(loader, desc="imprinting class centres", disable=not show):
+                emb = self.raw_model(images.to(self.device)).embedding.float()
+                sums.index_add_(0, labels.to(self.device), nn.functional.normalize(emb, dim=1))
+        self.raw_model.train(was_training)
+        if self.info.distributed:
+            dist.all_reduce(sums)
+        local = sums[centres.class_start : centres.class_end]
+        seen = local.norm(dim=1) > 0
+        with torch.no_grad():
+            w = centres.weight
+            scale = w.norm(dim=1).mean()
+            w.copy_(torch.where(seen[:, None], nn.functional.normalize(local, dim=1) * scale, w))
+        if self.info.is_main:
+            self.log.message(f"imprinted {int((sums.norm(dim=1) > 0).sum())} of {self.num_classes} class "
+                             f"centres from {len(data)} images")
 
     # ------------------------------------------------------------------ state
     def _reset_meters(self) -> None:
