@@ -260,14 +260,15 @@ def cmd_report(args) -> int:
             "val_accuracy": ev["validation"]["accuracy_mean"], "val_tar_1e-2": _tar(ev["validation"], 1e-2),
             "h2_accuracy": ev["lfw_h2"]["accuracy_mean"], "h2_tar_1e-2": _tar(ev["lfw_h2"], 1e-2),
             "command": " ".join(["python benchmarks/method_comparison.py train --protocol", args.protocol,
-                                 "--rows", row.key]),
+                                 "--rows", row.key, *(f"--set {x}" for x in args.set)]),
         }
     table = aggregate(results)
-    res = REPO / "benchmarks" / "results"
+    res = Path(args.results)
     res.mkdir(parents=True, exist_ok=True)
-    (res / f"method_comparison_{args.protocol}.json").write_text(
-        json.dumps({"protocol": args.protocol, "settings": PROTOCOLS[args.protocol], "runs": results,
-                    "table": table}, indent=1))
+    stem = f"method_comparison_{args.protocol}" + (f"_{args.tag}" if args.tag else "")
+    (res / f"{stem}.json").write_text(
+        json.dumps({"protocol": args.protocol, "settings": PROTOCOLS[args.protocol], "extra": args.set,
+                    "runs": results, "table": table}, indent=1))
 
     def pct(e, k):
         if e[k] is None:
@@ -276,6 +277,7 @@ def cmd_report(args) -> int:
 
     lines = [f"# Method comparison, protocol `{args.protocol}`", "",
              f"Settings: `{json.dumps(PROTOCOLS[args.protocol])}`; pool `{args.pool or '(see runs)'}`.",
+             *([f"Extra overrides of every row: `{' '.join('--set ' + x for x in args.set)}`."] if args.set else []),
              "Accuracy in %, mean ± std over seeds; TAR at FAR 1e-2 on all cross-identity pairs.",
              "Each row: `python benchmarks/method_comparison.py train --protocol "
              f"{args.protocol} --rows ROW` then `report`.", "",
@@ -288,7 +290,7 @@ def cmd_report(args) -> int:
     missing = [r.name for r in plan_rows(args.protocol, args.seeds, args.rows) if r.name not in results]
     if missing:
         lines += ["", f"Not yet trained ({len(missing)}): " + ", ".join(missing)]
-    (res / f"method_comparison_{args.protocol}.md").write_text("\n".join(lines) + "\n")
+    (res / f"{stem}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0
 
@@ -318,6 +320,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--parallel", type=int, default=1, help="rows trained at once (GPU)")
     parser.add_argument("--threads", type=int, default=2, help="OMP threads per training process")
     parser.add_argument("--max-minutes", type=float, help="stop (resumably) after this long")
+    parser.add_argument("--results", default=str(REPO / "benchmarks" / "results"),
+                        help="report: where the table goes (default benchmarks/results)")
+    parser.add_argument("--tag", help="report: write method_comparison_<protocol>_<tag>.{json,md} (an ablation "
+                        "with --set, kept apart from the main table)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="extra training override for every row (e.g. a dry run: train.max_steps=2)")
     args = parser.parse_args(argv)

@@ -3,6 +3,7 @@ aggregation over seeds; and the low-resolution MobileFaceNet its CPU protocol tr
 
 from __future__ import annotations
 
+import json
 import importlib.util
 import statistics
 import sys
@@ -161,3 +162,26 @@ def test_collapse_basin_loss_equals_the_margin_softmax_on_a_collapsed_configurat
     slack = 0.05 if margin == "arcface" else 1e-9
     assert float(ce) == pytest.approx(formula, abs=slack)
     assert cc.collapse_basin_loss("arcface", 64, 0.5, 70) < cc.collapse_basin_loss("cosface", 64, 0.35, 70) - 14
+
+
+def test_tagged_report_keeps_an_ablation_apart_and_names_its_overrides(mc, tmp_path):
+    """report reads finished rows' evaluation files; --tag/--set write a separate, labelled table."""
+    run = tmp_path / "runs" / "cpu" / "cosface-s0"
+    (run / "checkpoints" / "step_00000100").mkdir(parents=True)
+    (run / "checkpoints" / "best.json").write_text('{"dir": "step_00000100"}')
+    (run / "done.json").write_text("{}")
+    (run / "eval").mkdir()
+    tars = [{"far": 0.01, "tar": 0.5, "supported": True}]
+    (run / "eval" / "eval_lfw_cosface-s0.json").write_text(json.dumps(
+        {"validation": {"accuracy_mean": 0.83, "tar_at_far": tars}, "lfw_h2": {"accuracy_mean": 0.86, "tar_at_far": tars}}))
+    out = tmp_path / "results"
+    assert mc.main(["report", "--protocol", "cpu", "--runs", str(tmp_path / "runs"), "--rows", "cosface",
+                    "--lfw", "/unused", "--results", str(out), "--tag", "min2",
+                    "--set", "data.min_images_per_identity=2"]) == 0
+    md = (out / "method_comparison_cpu_min2.md").read_text()
+    assert "| CosFace | 1 | 83.00 | 50.00 | 86.00 | 50.00 |" in md
+    assert "--set data.min_images_per_identity=2" in md
+    saved = json.loads((out / "method_comparison_cpu_min2.json").read_text())
+    assert saved["extra"] == ["data.min_images_per_identity=2"]
+    assert saved["runs"]["cosface-s0"]["command"].endswith("--set data.min_images_per_identity=2")
+    assert not (out / "method_comparison_cpu.md").exists()
