@@ -3,8 +3,8 @@ aggregation over seeds; and the low-resolution MobileFaceNet its CPU protocol tr
 
 from __future__ import annotations
 
-import json
 import importlib.util
+import json
 import statistics
 import sys
 from pathlib import Path
