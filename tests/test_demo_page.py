@@ -12,6 +12,7 @@ regenerates the one in the docs (without the variable it goes to a temporary fol
 from __future__ import annotations
 
 import base64
+import json
 import os
 import re
 import shutil
@@ -37,7 +38,8 @@ KEY = "demo-page-key-0123456789abcdef"
 MAX_IMAGE_BYTES = 256 * 1024  # small, so the 413 case needs only a small file
 SAME = (SAMPLES / "Adrien_Brody/Adrien_Brody_0001.jpg", SAMPLES / "Adrien_Brody/Adrien_Brody_0002.jpg")
 DIFFERENT = (SAMPLES / "Adrien_Brody/Adrien_Brody_0001.jpg", SAMPLES / "Mariah_Carey/Mariah_Carey_0001.jpg")
-SHIPPED_CONTRACT = "fcf0431e8a7d0bc0"  # models/default/manifest.json
+# The trained default model (not a random-init stand-in a test may substitute) tells the samples apart.
+SHIPPED_CONTRACT = json.loads((DEFAULT_MODEL_DIR / "manifest.json").read_text())["contract_id"]
 
 
 def _free_port() -> int:
