@@ -39,7 +39,7 @@ def collapse_basin_loss(margin: str, s: float, m: float, k: int) -> float:
     return math.log1p((k - 1) * math.exp(s * (1.0 - target)))
 
 
-def loss_terms(embeddings, labels, centres_weight, margin: str, s: float, m: float) -> dict:
+def loss_terms(embeddings, labels, centres_weight, margin: str, s: float, m: float, whisker: float = 1.5) -> dict:
     """The objective's terms on one batch, and how UNPG changes the gradient on the embeddings:
     the pair softmax's effective number of pairs (1 / sum p^2) and the mass of its 10 largest
     pairs, the gradient norm without and with UNPG, and the cosine between the two gradients."""
@@ -53,7 +53,7 @@ def loss_terms(embeddings, labels, centres_weight, margin: str, s: float, m: flo
     logits = create_margin(margin, s=s, m=m)(cos, labels)
     z_y = logits[rows, labels]
     lse = torch.logsumexp(logits, dim=1)
-    sim, keep = unpg_pairs(emb, labels)
+    sim, keep = unpg_pairs(emb, labels, whisker)
     u = torch.logsumexp(s * sim[keep], dim=0)
     plain, with_unpg = (lse - z_y).mean(), (torch.logaddexp(lse, u) - z_y).mean()
     g_plain, = torch.autograd.grad(plain, emb, retain_graph=True)
@@ -108,7 +108,10 @@ def main(argv=None) -> int:
             raise SystemExit(f"{d}: not a trainer checkpoint (missing {', '.join(missing)})")
     cfg = Config.model_validate(yaml.safe_load((dirs[0] / "config.yaml").read_text()))
     if args.pool:
-        cfg.data.path = args.pool
+        cfg.data.kind, cfg.data.path = "folder", args.pool
+    if cfg.data.kind != "folder":
+        raise SystemExit(f"collapse_check reads an aligned image tree (data.kind=folder), not {cfg.data.kind!r}; "
+                         "pass --pool DIR")
     train = build_dataset(cfg.data, seed=0)
     data = FolderDataset(train.root, EvalTransform(), samples=train.samples)
     g = torch.Generator().manual_seed(args.seed)
@@ -121,7 +124,8 @@ def main(argv=None) -> int:
         model = load_model_file(d / "model.pt").model.eval()
         centres = torch.load(d / "rank0.pt", map_location="cpu", weights_only=False)["loss"]["centres.weight"]
         if centres.shape[0] != data.num_classes:
-            raise SystemExit(f"{d}: {centres.shape[0]} class centres, the pool has {data.num_classes} classes")
+            raise SystemExit(f"{d}: {centres.shape[0]} class centres, the pool has {data.num_classes} classes "
+                             "(a multi-process run keeps one shard per rank file; wrong --pool?)")
         embs, labels = [], []
         for b in batches:
             with torch.no_grad():
@@ -129,7 +133,8 @@ def main(argv=None) -> int:
             labels.append(torch.tensor([data.samples[i].label for i in b]))
         terms = {}
         for name, hp in OBJECTIVES.items():
-            per_batch = [loss_terms(e, y, centres, name, hp["s"], hp["m"]) for e, y in zip(embs, labels)]
+            per_batch = [loss_terms(e, y, centres, name, hp["s"], hp["m"], cfg_d.loss.unpg_whisker)
+                         for e, y in zip(embs, labels)]
             terms[name] = {k: sum(p[k] for p in per_batch) / len(per_batch) for k in per_batch[0]}
         idents = [data.samples[i].identity for b in batches for i in b]
         results[str(d)] = {"margin": cfg_d.loss.margin, "unpg": cfg_d.loss.unpg,

@@ -234,7 +234,26 @@ def _tar(report: dict, far: float) -> float | None:
     return None
 
 
+def check_overrides(run_dir: Path, settings: list[str]) -> None:
+    """Refuse to label a run with overrides (``key=value``) it was not trained with."""
+    import yaml
+
+    config = run_dir / "config.yaml"
+    if not settings or not config.exists():
+        return
+    trained = yaml.safe_load(config.read_text())
+    for item in settings:
+        key, _, value = item.partition("=")
+        actual = trained
+        for part in key.split("."):
+            actual = actual.get(part) if isinstance(actual, dict) else None
+        if actual != yaml.safe_load(value):
+            raise SystemExit(f"{run_dir}: trained with {key}={actual!r}, not {value} (--set); wrong --runs?")
+
+
 def cmd_report(args) -> int:
+    if args.set and not args.tag:
+        raise SystemExit("report --set labels an ablation: give --tag too, so the main table is not overwritten")
     root = Path(args.runs) / args.protocol
     results: dict[str, dict] = {}
     for row in plan_rows(args.protocol, args.seeds, args.rows):
@@ -249,6 +268,7 @@ def cmd_report(args) -> int:
             if not is_done(run_dir) or ckpt is None:
                 continue
             out, stamp = run_dir / "eval", run_dir / "done.json"
+            check_overrides(run_dir, args.set)
         file = out / f"eval_lfw_{row.name}.json"
         if not file.exists() or file.stat().st_mtime < stamp.stat().st_mtime:
             subprocess.run([sys.executable, str(REPO / "benchmarks" / "evaluate_lfw.py"), str(ckpt),

@@ -174,7 +174,14 @@ def test_tagged_report_keeps_an_ablation_apart_and_names_its_overrides(mc, tmp_p
     tars = [{"far": 0.01, "tar": 0.5, "supported": True}]
     (run / "eval" / "eval_lfw_cosface-s0.json").write_text(json.dumps(
         {"validation": {"accuracy_mean": 0.83, "tar_at_far": tars}, "lfw_h2": {"accuracy_mean": 0.86, "tar_at_far": tars}}))
+    (run / "config.yaml").write_text("data:\n  min_images_per_identity: 2\n")
     out = tmp_path / "results"
+    common = ["report", "--protocol", "cpu", "--runs", str(tmp_path / "runs"), "--rows", "cosface",
+              "--lfw", "/unused", "--results", str(out)]
+    with pytest.raises(SystemExit, match="give --tag too"):
+        mc.main([*common, "--set", "data.min_images_per_identity=2"])
+    with pytest.raises(SystemExit, match="trained with data.min_images_per_identity=2, not 3"):
+        mc.main([*common, "--tag", "min3", "--set", "data.min_images_per_identity=3"])
     assert mc.main(["report", "--protocol", "cpu", "--runs", str(tmp_path / "runs"), "--rows", "cosface",
                     "--lfw", "/unused", "--results", str(out), "--tag", "min2",
                     "--set", "data.min_images_per_identity=2"]) == 0

@@ -262,6 +262,12 @@ def test_init_from_copies_the_backbone_and_refuses_another_architecture(tmp_path
         assert torch.equal(value, trained[key]), key
     log = (tmp_path / "b" / "run" / "log.jsonl").read_text()
     assert "backbone initialised from" in log
+    # a resumed run restores its own checkpoint and never reads init_from (here: a file that is gone)
+    from training.trainer import Trainer
+
+    cfg = load_config(tmp_path / "config.yaml", [f"run_dir={tmp_path / 'run'}", "model.init_from=/gone/model.pt"])
+    resumed = Trainer(cfg, resume="auto")
+    assert resumed.step == 6 and resumed.init_origin is None
     with pytest.raises(ValueError, match="holds a 'tiny_face' model, but model.name is 'mobilefacenet'"):
         make_trainer(tmp_path / "c", model={"name": "mobilefacenet", "imports": [], "init_from": str(ckpt)},
                      val={"kind": "none"})
@@ -279,10 +285,27 @@ def test_imprinted_centres_are_the_class_mean_unit_embeddings(tmp_path):
         (root / f"p{person}").mkdir(parents=True)
         for i in range(2 + person):  # 2, 3 and 4 images
             cv2.imwrite(str(root / f"p{person}" / f"{i}.png"), rng.integers(0, 256, (112, 112, 3), dtype=np.uint8))
+    from facerec.losses import FaceRecognitionLoss
+    from facerec.models import create_model
+    from training.trainer import init_centres
+
+    write_run_files(tmp_path)  # the tiny_face plugin, importable below
+    sys.path.insert(0, str(tmp_path))
+    __import__("tiny_face_plugin")
+    torch.manual_seed(3)
+    pretrained = tmp_path / "pretrained.pt"  # a trainer-style model.pt of another (random) backbone
+    torch.save({"model": create_model("tiny_face").state_dict(), "model_name": "tiny_face", "model_kwargs": {}},
+               pretrained)
+    with pytest.raises(ValueError, match="imprint needs model.init_from"):
+        make_trainer(tmp_path, data={"kind": "folder", "path": str(root)}, loss={"centres_init": "imprint"})
     trainer = make_trainer(tmp_path, data={"kind": "folder", "path": str(root), "batch_size": 4},
+                           model={"init_from": str(pretrained)},
                            loss={"centres_init": "imprint", "sample_rate": 1.0},
                            val={"kind": "none"})
     centres = trainer.loss_fn.centres.weight.detach()
+    reference = FaceRecognitionLoss(3, centres.shape[1])  # the random centres imprinting replaced
+    init_centres(reference, trainer.cfg.train.seed)
+    assert torch.allclose(centres.norm(dim=1), reference.centres.weight.norm(dim=1).mean().expand(3))
     model = trainer.raw_model.eval()
     transform = EvalTransform()
     for label, person in enumerate(sorted(p.name for p in root.iterdir())):
@@ -291,6 +314,4 @@ def test_imprinted_centres_are_the_class_mean_unit_embeddings(tmp_path):
             emb = model(torch.stack([transform(read_rgb(f)) for f in files])).embedding
         direct = torch.nn.functional.normalize(emb, dim=1).mean(0)
         assert torch.nn.functional.cosine_similarity(centres[label], direct, dim=0) == pytest.approx(1.0, abs=1e-5)
-    norms = centres.norm(dim=1)
-    assert torch.allclose(norms, norms[0].expand_as(norms))  # one scale for every centre
     assert "imprinted 3 of 3 class centres from 9 images" in (tmp_path / "run" / "log.jsonl").read_text()

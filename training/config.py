@@ -150,6 +150,9 @@ class Config(_Strict):
             raise ValueError("data.batch_size must be >= 1")
         if self.data.kind in ("folder", "rec") and not self.data.path:
             raise ValueError(f"data.path is required for data.kind={self.data.kind!r}")
+        if self.loss.centres_init == "imprint" and not self.model.init_from:
+            raise ValueError("loss.centres_init=imprint needs model.init_from: an untrained backbone "
+                             "embeds every image alike, so its class means are no starting point")
         return self
 
     def to_yaml(self) -> str:

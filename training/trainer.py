@@ -84,9 +84,12 @@ def init_centres(loss_fn: FaceRecognitionLoss, seed: int, std: float = 0.01) -> 
         centres.weight.copy_(full[centres.class_start : centres.class_end])
 
 
-def load_backbone(model: nn.Module, source: str, name: str) -> None:
+IMPRINT_MAX_BYTES = 2 * 2**30
+
+
+def load_backbone(model: nn.Module, source: str, name: str) -> str:
     """Copy the weights of ``source`` (a checkpoint folder, a trainer model.pt or a torch artefact)
-    into ``model``; both must be the same architecture."""
+    into ``model``; both must be the same architecture. Returns the file the weights came from."""
     from facerec.export.torch_artifact import load_model_file
 
     loaded = load_model_file(source)
@@ -97,6 +100,7 @@ def load_backbone(model: nn.Module, source: str, name: str) -> None:
     except RuntimeError as err:
         raise ValueError(f"model.init_from={source}: its weights do not fit this {name!r} "
                          f"(different model.kwargs?): {str(err).splitlines()[0]} ...") from err
+    return loaded.origin
 
 
 class Trainer:
@@ -114,8 +118,10 @@ class Trainer:
         self.dataset = build_dataset(cfg.data, cfg.train.seed)
         self.num_classes = int(self.dataset.num_classes)
         model = create_model(cfg.model.name, **cfg.model.kwargs)
-        if cfg.model.init_from:
-            load_backbone(model, cfg.model.init_from, cfg.model.name)
+        resume_from = ckpt.resolve_resume(resume, self.ckpt_dir)
+        self.init_origin = None
+        if cfg.model.init_from and resume_from is None:  # a resumed run has its own weights
+            self.init_origin = load_backbone(model, cfg.model.init_from, cfg.model.name)
         if cfg.model.grad_checkpointing and hasattr(model, "set_grad_checkpointing"):
             model.set_grad_checkpointing(True)
         if cfg.model.sync_bn and self.info.distributed:
@@ -180,7 +186,7 @@ class Trainer:
         self.validations_since_best = 0
         self.stop_reason: str | None = None
         self._reset_meters()
-        path = ckpt.resolve_resume(resume, self.ckpt_dir)
+        path = resume_from
         if path is not None:
             self.load(path)
         self.log = RunLogger(self.run_dir, self.info.is_main, self.total_steps, self.step, cfg.train.progress)
@@ -188,15 +194,15 @@ class Trainer:
             save_config(cfg, self.run_dir / "config.yaml")
             if path is not None:
                 self.log.message(f"resumed from {path} at step {self.step} (epoch {self.epoch})")
-            elif cfg.model.init_from:
-                self.log.message(f"backbone initialised from {cfg.model.init_from}")
-        if path is None and cfg.loss.centres_init == "imprint":
-            self.imprint_centres()
+            elif self.init_origin:
+                self.log.message(f"backbone initialised from {self.init_origin}")
             excluded = getattr(self, "quality_excluded_classes", 0)
             if excluded:
                 self.log.message(f"{excluded} of {self.num_classes} identities have fewer than "
                                  f"{cfg.loss.quality_min_images} images: they train the classifier "
                                  "but not the quality target")
+        if path is None and cfg.loss.centres_init == "imprint":
+            self.imprint_centres()
 
     def imprint_centres(self) -> None:
         """Each class centre <- the mean unit embedding of its training images under the current
@@ -209,6 +215,11 @@ class Trainer:
         share = Subset(data, range(self.info.rank, len(data), self.info.world_size))
         loader = DataLoader(share, batch_size=self.cfg.data.batch_size, num_workers=self.cfg.data.workers)
         centres = self.loss_fn.centres
+        size = self.num_classes * centres.embedding_size * 4
+        if size > IMPRINT_MAX_BYTES:
+            raise ValueError(f"loss.centres_init=imprint needs a {size / 2**30:.1f} GiB (classes x embedding) "
+                             f"buffer on every rank, more than {IMPRINT_MAX_BYTES / 2**30:.0f} GiB; use "
+                             "centres_init=random for this many classes")
         sums = torch.zeros(self.num_classes, centres.embedding_size, device=self.device)
         was_training = self.raw_model.training
         self.raw_model.eval()
@@ -225,7 +236,12 @@ class Trainer:
         seen = local.norm(dim=1) > 0
         with torch.no_grad():
             w = centres.weight
-            scale = w.norm(dim=1).mean()
+            # the mean norm of ALL random centres (summed over shards), so the scale does not
+            # depend on how many ranks share the classes
+            norm = torch.stack([w.norm(dim=1).sum(), torch.tensor(float(w.shape[0]), device=w.device)])
+            if self.info.distributed:
+                dist.all_reduce(norm)
+            scale = norm[0] / norm[1]
             w.copy_(torch.where(seen[:, None], nn.functional.normalize(local, dim=1) * scale, w))
         if self.info.is_main:
             self.log.message(f"imprinted {int((sums.norm(dim=1) > 0).sum())} of {self.num_classes} class "
