@@ -374,8 +374,9 @@ class Trainer:
                 f"step {self.step}: warning: {fraction:.0%} of the different-identity pairs in this "
                 f"batch have cosine > {COLLAPSE_COSINE}: the embedding is collapsing (whole groups of "
                 "classes merge onto one direction). ArcFace-type margins do this when the backbone "
-                "cannot fit the data; see docs/training.md#embedding-collapse (CosFace, a lower "
-                "optim.lr or a smaller margin avoid it). train.collapse_warn sets this check.")
+                "cannot fit the data; see docs/training.md#embedding-collapse (a cosine-subtracting "
+                "margin such as CosFace avoids it; a lower optim.lr only slows it; a smaller ArcFace "
+                "margin makes it cheaper). train.collapse_warn sets this check.")
         self.collapse_warned = collapsing
 
     # ------------------------------------------------------------------ validation
