@@ -122,7 +122,7 @@ def main(argv=None) -> int:
     for d in dirs:
         cfg_d = Config.model_validate(yaml.safe_load((d / "config.yaml").read_text()))
         model = load_model_file(d / "model.pt").model.eval()
-        centres = torch.load(d / "rank0.pt", map_location="cpu", weights_only=False)["loss"]["centres.weight"]
+        centres = torch.load(d / "rank0.pt", map_location="cpu", weights_only=True)["loss"]["centres.weight"]
         if centres.shape[0] != data.num_classes:
             raise SystemExit(f"{d}: {centres.shape[0]} class centres, the pool has {data.num_classes} classes "
                              "(a multi-process run keeps one shard per rank file; wrong --pool?)")

@@ -332,11 +332,12 @@ class Trainer:
 
     def flush_meters(self) -> None:
         """The one host sync of a logging interval: read the meters, log, check the NaN guard."""
-        collapse = getattr(self, "last_collapse", None)
+        collapse = getattr(self, "last_collapse", None)  # float32, on the device (pair_collapse)
         self.last_collapse = None
-        extra = [collapse] if collapse is not None else []
-        values = torch.cat([torch.stack([*self.meters.values(), self.bad_max, self.bad_count]).float(),
-                            *[t.float().to(self.device) for t in extra]]).tolist()
+        parts = [torch.stack([*self.meters.values(), self.bad_max, self.bad_count]).float()]
+        if collapse is not None:
+            parts.append(collapse)
+        values = torch.cat(parts).tolist()
         loss, ce, q, gn, count, bad_max, bad_count = values[:7]
         elapsed = time.perf_counter() - self._meter_start[0]
         steps = self.step - self._meter_start[1]
