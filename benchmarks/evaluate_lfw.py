@@ -6,7 +6,8 @@
 MODEL is a `facerec export` folder or .onnx (onnxruntime, CPU), or a training checkpoint / torch
 artefact (torch, CPU). DIR is the aligned LFW tree made by ``facerec align --preset lfw``.
 Reports, with flip-augmented embeddings unless --no-flip:
-- validation: 10-fold accuracy on the 600 fold-5 pairs; TAR at FAR on all cross-identity pairs of
+- validation: 10-fold accuracy on the 600 fold-5 pairs (stratified folds of 30 genuine and 30
+  impostor pairs, since fold 5 lists its 300 genuine pairs first); TAR at FAR on all cross-identity pairs of
   the fold-5 people's images; the verification threshold at FAR 1e-3 on those pairs (what a
   deployment would ship, chosen on validation only) and the raw-quality percentiles;
 - LFW-H2 (final report only): for each of the 5 folds 6-10, the threshold chosen on the other 4,
@@ -95,7 +96,7 @@ def main(argv=None) -> int:
     genuine = np.sum(v_emb[ga] * v_emb[gb], axis=1)
     impostor = impostor_scores(v_emb, ids).scores.astype(np.float64)
     report["validation"] = {
-        "pairs": len(scores), "accuracy_mean": kf.mean, "accuracy_std": kf.std,
+        "pairs": len(scores), "folds": "stratified", "accuracy_mean": kf.mean, "accuracy_std": kf.std,
         "images": len(v_paths), "genuine": len(genuine), "impostors": len(impostor),
         "tar_at_far": [asdict(t) for t in tar_at_far(genuine, impostor, FARS)],
         "threshold_far_1e-3": threshold_at_far(impostor, 1e-3),

@@ -14,6 +14,7 @@ from facerec.eval import (
     evaluate_pairs,
     kfold_accuracy,
     roc_curve,
+    stratified_folds,
     tar_at_far,
     tar_by_group,
 )
@@ -52,6 +53,35 @@ def test_kfold_threshold_comes_from_the_other_folds():
 def test_contiguous_folds_like_lfw():
     f = contiguous_folds(6000, 10)
     assert np.bincount(f).tolist() == [600] * 10 and np.all(np.diff(f) >= 0)
+
+
+def test_integer_folds_are_stratified_for_a_list_sorted_by_label():
+    # One LFW set: 300 genuine pairs, then 300 impostor pairs. Contiguous folds would each hold one
+    # class (a fold of genuine pairs scored at the other folds' threshold says nothing about impostors).
+    labels = np.r_[np.ones(300, bool), np.zeros(300, bool)]
+    folds = stratified_folds(labels, 10)
+    for k in range(10):
+        assert labels[folds == k].sum() == 30 and (~labels[folds == k]).sum() == 30
+    rng = np.random.default_rng(3)
+    scores = rng.normal(labels * 1.5, 1.0)
+    res = kfold_accuracy(scores, labels, 10)
+    np.testing.assert_array_equal(res.accuracies, kfold_accuracy(scores, labels, folds).accuracies)
+    # Direct re-derivation of fold 0: threshold from the other 540 pairs, accuracy on its 60.
+    test = folds == 0
+    t, _ = best_threshold(scores[~test], labels[~test])
+    assert res.accuracies[0] == pytest.approx(np.mean((scores[test] > t) == labels[test]))
+    assert res.accuracies[0] != pytest.approx(kfold_accuracy(scores, labels, contiguous_folds(600, 10)).accuracies[0])
+
+
+def test_stratified_folds_are_the_official_lfw_folds_for_the_full_list():
+    # pairs.txt: 10 sets, each 300 genuine then 300 impostor pairs.
+    labels = np.tile(np.r_[np.ones(300, bool), np.zeros(300, bool)], 10)
+    np.testing.assert_array_equal(stratified_folds(labels, 10), contiguous_folds(6000, 10))
+
+
+def test_stratified_folds_refuse_too_few_pairs_of_a_class():
+    with pytest.raises(ValueError, match="10 folds need at least 10 genuine"):
+        stratified_folds(np.r_[np.ones(5, bool), np.zeros(100, bool)], 10)
 
 
 def test_roc_is_monotone_and_ends_at_one():

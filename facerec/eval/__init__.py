@@ -14,6 +14,7 @@ from facerec.eval.verification import (
     kfold_accuracy,
     min_supported_far,
     roc_curve,
+    stratified_folds,
     tar_at_far,
     tar_by_group,
 )
@@ -32,6 +33,7 @@ __all__ = [
     "kfold_accuracy",
     "min_supported_far",
     "roc_curve",
+    "stratified_folds",
     "tar_at_far",
     "tar_by_group",
 ]

@@ -53,7 +53,7 @@ class PairList:
     a: np.ndarray
     b: np.ndarray
     same: np.ndarray
-    folds: np.ndarray | int  # fold id per pair, or a number of contiguous folds
+    folds: np.ndarray | int  # fold id per pair, or a number of folds (stratified by label)
     name: str = "pair list"
 
 

@@ -89,13 +89,37 @@ def contiguous_folds(num_pairs: int, num_folds: int) -> np.ndarray:
     return (np.arange(num_pairs) * num_folds) // num_pairs
 
 
+def stratified_folds(labels, num_folds: int) -> np.ndarray:
+    """Fold id per pair that spreads genuine and impostor pairs, each in list order, evenly over folds.
+
+    Every fold holds the same share of genuine pairs, whatever the order of the list. For LFW's full
+    ``pairs.txt`` (10 sets, each 300 genuine then 300 impostor pairs) this gives exactly the official
+    folds; for a list sorted by label (one LFW set, 300 genuine then 300 impostor pairs), contiguous
+    folds would hold one class each and their accuracies would say nothing.
+    """
+    labels = np.asarray(labels, dtype=bool).reshape(-1)
+    counts = (int(labels.sum()), int((~labels).sum()))
+    if not 2 <= num_folds <= labels.size:
+        raise ValueError(f"need 2 <= folds <= pairs, got {num_folds} folds for {labels.size} pairs")
+    if min(counts) and num_folds > min(counts):
+        raise ValueError(f"{num_folds} folds need at least {num_folds} genuine and {num_folds} impostor "
+                         f"pairs, got {counts[0]} and {counts[1]}")
+    folds = np.zeros(labels.size, dtype=np.int64)
+    for value in (True, False):
+        idx = np.flatnonzero(labels == value)
+        folds[idx] = (np.arange(idx.size) * num_folds) // max(idx.size, 1)
+    return folds
+
+
 def kfold_accuracy(scores, labels, folds: int | Sequence[int] = 10) -> KFoldResult:
     """Accuracy per fold with the threshold chosen on the other folds.
 
-    ``folds`` is either a number of contiguous folds, or a fold id per pair (e.g. ``Pair.fold``).
+    ``folds`` is either a number of folds, stratified by label (:func:`stratified_folds`: each fold
+    has the same share of genuine pairs; the official folds for LFW's ``pairs.txt``), or a fold id
+    per pair (e.g. ``Pair.fold``).
     """
     scores, labels = _check(scores, labels)
-    fold_ids = contiguous_folds(scores.size, folds) if isinstance(folds, int) else np.asarray(folds)
+    fold_ids = stratified_folds(labels, folds) if isinstance(folds, int) else np.asarray(folds)
     if fold_ids.shape != scores.shape:
         raise ValueError("one fold id per pair is needed")
     names = np.unique(fold_ids)
@@ -248,7 +272,7 @@ def accuracy_by_group(scores, labels, folds: int | Sequence[int], groups) -> dic
     groups = np.asarray(groups).ravel()
     if groups.shape != scores.shape:
         raise ValueError("one group id per pair is needed")
-    fold_ids = contiguous_folds(scores.size, folds) if isinstance(folds, int) else np.asarray(folds)
+    fold_ids = stratified_folds(labels, folds) if isinstance(folds, int) else np.asarray(folds)
     correct = np.zeros(scores.size, dtype=bool)
     for k in np.unique(fold_ids):
         test = fold_ids == k
