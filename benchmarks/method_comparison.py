@@ -251,6 +251,28 @@ def check_overrides(run_dir: Path, settings: list[str]) -> None:
             raise SystemExit(f"{run_dir}: trained with {key}={actual!r}, not {value} (--set); wrong --runs?")
 
 
+def _stale(eval_file: Path) -> bool:
+    """An evaluation written before the validation folds were stratified (session 6) is recomputed."""
+    return json.loads(eval_file.read_text())["validation"].get("folds") != "stratified"
+
+
+def row_command(args, row: Row, run_dir: Path) -> str:
+    """The command that trains this row (all its seeds), with the pool and LFW tree it was trained on."""
+    pool, lfw = args.pool, args.lfw
+    config = run_dir / "config.yaml"
+    if config.exists():
+        import yaml
+
+        trained = yaml.safe_load(config.read_text())
+        pool = trained.get("data", {}).get("path") or pool
+        lfw = trained.get("val", {}).get("path") or lfw
+    cmd = ["python", "benchmarks/method_comparison.py", "train", "--protocol", args.protocol,
+           "--pool", pool or "POOL", "--lfw", lfw or "LFW", "--runs", str(args.runs), "--rows", row.key]
+    for x in args.set:
+        cmd += ["--set", x]
+    return shlex.join(cmd)
+
+
 def cmd_report(args) -> int:
     if args.set and not args.tag:
         raise SystemExit("report --set labels an ablation: give --tag too, so the main table is not overwritten")
@@ -270,17 +292,21 @@ def cmd_report(args) -> int:
             out, stamp = run_dir / "eval", run_dir / "done.json"
             check_overrides(run_dir, args.set)
         file = out / f"eval_lfw_{row.name}.json"
-        if not file.exists() or file.stat().st_mtime < stamp.stat().st_mtime:
+        if not file.exists() or file.stat().st_mtime < stamp.stat().st_mtime or _stale(file):
             subprocess.run([sys.executable, str(REPO / "benchmarks" / "evaluate_lfw.py"), str(ckpt),
                             "--aligned-lfw", args.lfw, "--tag", row.name, "--out", str(out)]
                            + (["--data", args.data] if args.data else []), check=True, cwd=REPO)
         ev = json.loads(file.read_text())
+        v, t = ev["validation"], ev["lfw_h2"]
         results[row.name] = {
             "label": row.label, "checkpoint": str(ckpt),
-            "val_accuracy": ev["validation"]["accuracy_mean"], "val_tar_1e-2": _tar(ev["validation"], 1e-2),
-            "h2_accuracy": ev["lfw_h2"]["accuracy_mean"], "h2_tar_1e-2": _tar(ev["lfw_h2"], 1e-2),
-            "command": " ".join(["python benchmarks/method_comparison.py train --protocol", args.protocol,
-                                 "--rows", row.key, *(f"--set {x}" for x in args.set)]),
+            "val_accuracy": v["accuracy_mean"], "val_accuracy_fold_std": v["accuracy_std"],
+            "val_tar_1e-2": _tar(v, 1e-2), "val_tar_1e-3": _tar(v, 1e-3),
+            "h2_accuracy": t["accuracy_mean"], "h2_accuracy_fold_std": t["accuracy_std"],
+            "h2_tar_1e-2": _tar(t, 1e-2), "h2_tar_1e-3": _tar(t, 1e-3),
+            "command": row_command(args, row, run_dir),
+            "evaluate_command": shlex.join(["python", "benchmarks/evaluate_lfw.py", str(ckpt), "--aligned-lfw",
+                                            args.lfw, "--tag", row.name, "--out", str(out)]),
         }
     table = aggregate(results)
     res = Path(args.results)
@@ -299,14 +325,36 @@ def cmd_report(args) -> int:
              f"Settings: `{json.dumps(PROTOCOLS[args.protocol])}`; pool `{args.pool or '(see runs)'}`.",
              *([f"Extra overrides of every row: `{' '.join('--set ' + x for x in args.set)}`."] if args.set else []),
              "Accuracy in %, mean ± std over seeds; TAR at FAR 1e-2 on all cross-identity pairs.",
-             "Each row: `python benchmarks/method_comparison.py train --protocol "
-             f"{args.protocol} --rows ROW` then `report`.", "",
+             "Report: `" + shlex.join(["python", "benchmarks/method_comparison.py", "report", "--protocol",
+                                       args.protocol, "--lfw", args.lfw, "--runs", str(args.runs),
+                                       *(["--tag", args.tag] if args.tag else []),
+                                       *[a for x in args.set for a in ("--set", x)]]) + "`.", "",
              "| method | seeds | validation acc | validation TAR@1e-2 | LFW-H2 acc | LFW-H2 TAR@1e-2 |",
              "|---|---|---|---|---|---|"]
     for e in table:
         label = LABELS[e["row"].removesuffix("+unpg")] + (" + UNPG" if e["row"].endswith("+unpg") else "")
         lines.append(f"| {label} | {e['seeds']} | {pct(e, 'val_accuracy')} | {pct(e, 'val_tar_1e-2')} | "
                      f"{pct(e, 'h2_accuracy')} | {pct(e, 'h2_tar_1e-2')} |")
+    lines += ["", "Each run (accuracy ± std over the folds: 10 stratified validation folds, 5 LFW-H2 folds; "
+              "TAR at FAR 1e-2 / 1e-3 on all cross-identity pairs):", "",
+              "| run | checkpoint | validation acc | validation TAR | LFW-H2 acc | LFW-H2 TAR |",
+              "|---|---|---|---|---|---|"]
+
+    def fold(r, k):
+        return f"{100 * r[k]:.2f} ± {100 * r[k + '_fold_std']:.2f}"
+
+    def tars(r, p):
+        return " / ".join("–" if r[f"{p}_tar_{f}"] is None else f"{100 * r[f'{p}_tar_{f}']:.2f}"
+                          for f in ("1e-2", "1e-3"))
+
+    for name, r in sorted(results.items()):
+        lines.append(f"| {name} | {Path(r['checkpoint']).name} | {fold(r, 'val_accuracy')} | {tars(r, 'val')} | "
+                     f"{fold(r, 'h2_accuracy')} | {tars(r, 'h2')} |")
+    lines += ["", "Commands (a row key trains all its seeds; `list` prints each run's exact "
+              "`python -m training` line):", ""]
+    for key in dict.fromkeys(n.rsplit("-s", 1)[0] for n in results):
+        first = next(r for n, r in results.items() if n.rsplit("-s", 1)[0] == key)
+        lines.append(f"- `{key}`: `{first['command']}`")
     missing = [r.name for r in plan_rows(args.protocol, args.seeds, args.rows) if r.name not in results]
     if missing:
         lines += ["", f"Not yet trained ({len(missing)}): " + ", ".join(missing)]

@@ -173,8 +173,10 @@ def test_tagged_report_keeps_an_ablation_apart_and_names_its_overrides(mc, tmp_p
     (run / "eval").mkdir()
     tars = [{"far": 0.01, "tar": 0.5, "supported": True}]
     (run / "eval" / "eval_lfw_cosface-s0.json").write_text(json.dumps(
-        {"validation": {"accuracy_mean": 0.83, "tar_at_far": tars}, "lfw_h2": {"accuracy_mean": 0.86, "tar_at_far": tars}}))
-    (run / "config.yaml").write_text("data:\n  min_images_per_identity: 2\n")
+        {"validation": {"folds": "stratified", "accuracy_mean": 0.83, "accuracy_std": 0.04, "tar_at_far": tars},
+         "lfw_h2": {"accuracy_mean": 0.86, "accuracy_std": 0.01, "tar_at_far": tars}}))
+    (run / "config.yaml").write_text("data:\n  min_images_per_identity: 2\n  path: /data/pool112\n"
+                                     "val:\n  path: /data/lfw112\n")
     out = tmp_path / "results"
     common = ["report", "--protocol", "cpu", "--runs", str(tmp_path / "runs"), "--rows", "cosface",
               "--lfw", "/unused", "--results", str(out)]
@@ -190,5 +192,39 @@ def test_tagged_report_keeps_an_ablation_apart_and_names_its_overrides(mc, tmp_p
     assert "--set data.min_images_per_identity=2" in md
     saved = json.loads((out / "method_comparison_cpu_min2.json").read_text())
     assert saved["extra"] == ["data.min_images_per_identity=2"]
-    assert saved["runs"]["cosface-s0"]["command"].endswith("--set data.min_images_per_identity=2")
+    command = saved["runs"]["cosface-s0"]["command"]
+    assert command.endswith("--set data.min_images_per_identity=2")
+    # runnable as written: the pool and LFW tree the run was trained on, and its runs folder
+    assert f"--pool /data/pool112 --lfw /data/lfw112 --runs {tmp_path / 'runs'} --rows cosface" in command
+    assert f"`{command}`" in md
+    # the per-run table carries the fold std and TAR at 1e-3 (unsupported here: "–")
+    assert "| cosface-s0 | step_00000100 | 83.00 ± 4.00 | 50.00 / – | 86.00 ± 1.00 | 50.00 / – |" in md
     assert not (out / "method_comparison_cpu.md").exists()
+
+
+def test_report_recomputes_an_evaluation_made_with_unstratified_folds(mc, tmp_path, monkeypatch):
+    run = tmp_path / "runs" / "cpu" / "cosface-s0"
+    (run / "checkpoints" / "step_00000100").mkdir(parents=True)
+    (run / "checkpoints" / "best.json").write_text('{"dir": "step_00000100"}')
+    (run / "done.json").write_text("{}")
+    (run / "eval").mkdir()
+    tars = [{"far": 0.01, "tar": 0.5, "supported": True}]
+    old = {"validation": {"accuracy_mean": 0.80, "accuracy_std": 0.1, "tar_at_far": tars},
+           "lfw_h2": {"accuracy_mean": 0.86, "accuracy_std": 0.01, "tar_at_far": tars}}
+    file = run / "eval" / "eval_lfw_cosface-s0.json"
+    file.write_text(json.dumps(old))
+    calls = []
+
+    def fake_run(cmd, **kwargs):  # stands in for benchmarks/evaluate_lfw.py
+        calls.append(cmd)
+        new = json.loads(json.dumps(old))
+        new["validation"].update(folds="stratified", accuracy_mean=0.82)
+        file.write_text(json.dumps(new))
+
+    monkeypatch.setattr(mc.subprocess, "run", fake_run)
+    args = ["report", "--protocol", "cpu", "--runs", str(tmp_path / "runs"), "--rows", "cosface",
+            "--lfw", "/lfw", "--results", str(tmp_path / "results")]
+    assert mc.main(args) == 0
+    assert len(calls) == 1 and "evaluate_lfw.py" in calls[0][1] and str(run / "checkpoints" / "step_00000100") in calls[0]
+    assert "| CosFace | 1 | 82.00 |" in (tmp_path / "results" / "method_comparison_cpu.md").read_text()
+    assert mc.main(args) == 0 and len(calls) == 1  # up to date now: not evaluated again
