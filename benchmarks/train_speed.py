@@ -144,7 +144,8 @@ def run_case(args, model_name, unpg, impl, device, flops_cache) -> dict:
 
 def markdown(rows: list[dict], env: dict) -> str:
     lines = [f"# Training speed ({env['device_name']}, torch {env['torch']})", "",
-             f"batch {rows[0]['batch']}, {rows[0]['classes']:,} classes, {rows[0]['steps']} timed steps. "
+             f"batch {rows[0]['batch']}, {rows[0]['classes']:,} classes, ArcFace loss (s 64, m 0.5; UNPG as "
+             f"the column says), {rows[0]['steps']} timed steps. "
              f"Command: `{env['command']}`", "",
              "| model | UNPG | implementation | images/s | TFLOP/s | GFLOP/step | peak memory (GiB) |",
              "|---|---|---|---:|---:|---:|---:|"]

@@ -1,0 +1,47 @@
+"""The shipped model's recipe and card stay true to the code and to the measured results."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+pytestmark = pytest.mark.timeout(30)
+
+ROOT = Path(__file__).resolve().parents[1]
+MODEL = ROOT / "models" / "default"
+
+
+def _missing(stored: dict, resolved: dict, prefix: str = "") -> list[str]:
+    out = []
+    for key, value in resolved.items():
+        if key not in stored:
+            out.append(prefix + key)
+        elif isinstance(value, dict) and isinstance(stored[key], dict) and not key.endswith("kwargs"):
+            out += _missing(stored[key], value, prefix + key + ".")
+    return out
+
+
+def test_shipped_training_config_names_every_field_of_the_schema():
+    """A field added to the schema later must not silently change the recipe of the shipped model
+    (e.g. loss.quality_min_images defaults to 2, but this model trained with 1)."""
+    from training.config import Config
+
+    stored = yaml.safe_load((MODEL / "training_config.yaml").read_text())
+    resolved = Config.model_validate(stored).model_dump()
+    assert _missing(stored, resolved) == [], "add these, with the values the shipped model used"
+    assert resolved["loss"]["quality_min_images"] == 1
+
+
+def test_model_card_validation_and_lfw_h2_rows_match_the_results_file():
+    card = (MODEL / "MODEL_CARD.md").read_text()
+    ev = json.loads((ROOT / "benchmarks" / "results" / "eval_lfw_vit_tiny_fiqa_default.json").read_text())
+    for split, row in (("validation", r"\| validation \(LFW fold 5[^|]*\|[^|]*\| ([\d.]+)% ± ([\d.]+) \|"),
+                       ("lfw_h2", r"\| \*\*LFW-H2\*\*[^|]*\|[^|]*\| \*\*([\d.]+)% ± ([\d.]+)\*\* \|")):
+        match = re.search(row, card)
+        assert match, f"no {split} row in the model card"
+        assert float(match[1]) == pytest.approx(100 * ev[split]["accuracy_mean"], abs=0.005)
+        assert float(match[2]) == pytest.approx(100 * ev[split]["accuracy_std"], abs=0.005)
