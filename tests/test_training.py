@@ -141,8 +141,8 @@ def test_two_process_ddp_equals_one_process_on_the_concatenated_batch(tmp_path):
     proves the gradient-SUM hook, the sharded centres and the global-norm clipping."""
     sections = dict(loss={"sample_rate": 1.0}, val={"kind": "none"},
                     train={"max_steps": 2, "deterministic": False, "checkpoint_every": 100})
-    single = write_run_files(tmp_path, data={"batch_size": 8}, **sections)
-    run_training(tmp_path, single, tmp_path / "one")
+    single_config = write_run_files(tmp_path, data={"batch_size": 8}, **sections)
+    run_training(tmp_path, single_config, tmp_path / "one")
     ddp_dir = tmp_path / "ddp"
     ddp_dir.mkdir()
     double = write_run_files(ddp_dir, data={"batch_size": 4}, **sections)
@@ -158,15 +158,23 @@ def test_two_process_ddp_equals_one_process_on_the_concatenated_batch(tmp_path):
     two = tmp_path / "two" / "checkpoints" / "step_00000002"
     m1 = torch.load(one / "model.pt", weights_only=True)["model"]
     m2 = torch.load(two / "model.pt", weights_only=True)["model"]
-    start = torch.load(tmp_path / "one" / "checkpoints" / "step_00000002" / "rank0.pt", weights_only=True)
+    single = torch.load(one / "rank0.pt", weights_only=True)
     for k in m1:
         torch.testing.assert_close(m2[k], m1[k], rtol=1e-5, atol=1e-6, msg=k)
-    full = start["loss"]["centres.weight"]
+    full = single["loss"]["centres.weight"]
     shards = [torch.load(two / f"rank{r}.pt", weights_only=True)["loss"]["centres.weight"] for r in (0, 1)]
     assert shards[0].shape[0] == 3 and shards[1].shape[0] == 3  # 6 classes split over 2 ranks
     torch.testing.assert_close(torch.cat(shards), full, rtol=1e-5, atol=1e-6)
-    # The step moved the weights (so the comparison is not of two untouched inits).
-    assert any(not torch.equal(m1[k], m2[k] * 0 + m1[k].mean()) for k in m1)
+    # The steps moved the weights away from their initial values (the same seeded init in every
+    # run), so the comparisons above are not of two untouched inits.
+    from training.trainer import Trainer
+
+    sys.path.insert(0, str(tmp_path))  # the tiny_face plugin
+    init = Trainer(load_config(single_config, [f"run_dir={tmp_path / 'init'}"]))
+    initial = init.raw_model.state_dict()
+    assert any(not torch.equal(m1[k], initial[k]) for k in m1)
+    assert any(not torch.equal(m2[k], initial[k]) for k in m2)
+    assert not torch.equal(full, init.loss_fn.centres.weight.detach())
 
 
 def test_single_image_identities_do_not_drive_the_quality_target(tmp_path):

@@ -9,11 +9,26 @@ Layout of ``<run_dir>/checkpoints``::
       config.yaml           the resolved config of the run
       meta.json             step, epoch, world size, validation metrics
     step_00002000.tmp/      a write in progress or interrupted by a crash: never read
+    step_00001000.old/      the previous copy of a step being saved again (complete; read only while
+                            no step_00001000/ exists)
+    step_00001000.old.trash/  a directory being deleted: never read
     best.json               {"step": ..., "metric": ...}: which step directory is the best so far
 
 Every file is written to a temporary name in its directory, flushed, fsynced and os.replace'd; the
 step directory is then renamed from ``.tmp`` and its parent fsynced. A SIGKILL at any instant
 leaves either the previous checkpoints or the new one, never half of one.
+
+Saving a step that already has a checkpoint (a run resumed from an earlier checkpoint reaches
+steps it saved before; the trainer itself writes one checkpoint per step) renames the old
+directory aside to ``.old`` (which :func:`list_checkpoints` reads only while the step has no other
+directory), commits the new one and only then deletes the old one, renamed to ``.trash`` first,
+so a half-deleted directory never carries a readable name. :func:`recover_checkpoints` (run by
+the trainer before it looks for a checkpoint) puts an ``.old`` back when its replacement never
+arrived and deletes the leftovers.
+
+``meta.json`` records the run's best step so far (``best``); ``best.json`` is rewritten from it
+right after the commit, and pruning also protects the best step of the newest checkpoint's meta,
+so a crash between the commit and ``best.json`` cannot lose the true best checkpoint.
 
 Test-only hook: ``FACEREC_TEST_KILL_IN_CHECKPOINT_WRITE=<step>`` makes the process SIGKILL itself
 half-way through writing that step's first file, so the crash test needs no timing.
@@ -33,6 +48,8 @@ import torch
 
 KILL_IN_WRITE_ENV = "FACEREC_TEST_KILL_IN_CHECKPOINT_WRITE"
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
+_OLD = ".old"  # a replaced checkpoint, kept until its replacement is committed
+_TRASH = ".trash"  # a directory being deleted
 
 
 def _fsync_dir(path: Path) -> None:
@@ -109,17 +126,89 @@ def step_dir(root: Path, step: int) -> Path:
     return Path(root) / f"step_{step:08d}"
 
 
+def is_complete(path: Path) -> bool:
+    """Whether a step directory holds every file of a checkpoint (meta, config, model, one state
+    file per rank). A committed directory always does; the check also rejects a directory that
+    an older version of this module left half-deleted when it re-saved a step."""
+    path = Path(path)
+    try:
+        meta = json.loads((path / "meta.json").read_text())
+    except (OSError, ValueError):
+        return False
+    names = ["model.pt", "config.yaml"] + [f"rank{r}.pt" for r in range(int(meta.get("world_size", 1)))]
+    return all((path / name).is_file() for name in names)
+
+
 def list_checkpoints(root: Path) -> list[tuple[int, Path]]:
-    """Complete checkpoints under ``root``, oldest first."""
+    """Complete checkpoints under ``root``, oldest first.
+
+    While a step is being saved again, its previous copy is ``step_N.old`` for a moment; such a
+    copy stands in for step N as long as no ``step_N`` exists (also after a crash in that moment,
+    until :func:`recover_checkpoints` renames it back), so step N is never missing."""
     root = Path(root)
     if not root.is_dir():
         return []
-    found = []
+    found: dict[int, Path] = {}
     for p in root.iterdir():
         m = _STEP_DIR.match(p.name)
-        if m and p.is_dir() and (p / "meta.json").exists():
-            found.append((int(m.group(1)), p))
-    return sorted(found)
+        if m and p.is_dir() and is_complete(p):
+            found[int(m.group(1))] = p
+    for p in root.glob(f"step_*{_OLD}"):
+        m = _STEP_DIR.match(p.name[: -len(_OLD)])
+        if m and int(m.group(1)) not in found and p.is_dir() and is_complete(p):
+            found[int(m.group(1))] = p
+    return sorted(found.items())
+
+
+def read_meta(path: Path) -> dict:
+    return json.loads((Path(path) / "meta.json").read_text())
+
+
+def _discard(path: Path) -> None:
+    """Delete a directory under a name no reader accepts: renamed to ``.trash`` first."""
+    trash = path.with_name(path.name + _TRASH)
+    if trash.exists():
+        shutil.rmtree(trash, ignore_errors=True)
+    os.replace(path, trash)
+    _fsync_dir(path.parent)
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+def recover_checkpoints(root: Path) -> list[str]:
+    """Undo or finish what a crash interrupted; call on rank 0 before reading checkpoints.
+
+    An ``.old`` directory whose step has no committed replacement is renamed back (it is a
+    complete checkpoint: it is only deleted after the replacement's commit); otherwise it is
+    deleted, as are ``.trash`` directories and step directories that are not complete. Then
+    ``best.json`` is made to agree with the best step recorded in the newest checkpoint's meta.
+    Returns a note per repair (for the run log).
+    """
+    root = Path(root)
+    notes: list[str] = []
+    if not root.is_dir():
+        return notes
+    for trash in root.glob(f"step_*{_TRASH}"):
+        shutil.rmtree(trash, ignore_errors=True)
+    for path in root.iterdir():
+        if _STEP_DIR.match(path.name) and path.is_dir() and not is_complete(path):
+            _discard(path)
+            notes.append(f"deleted the incomplete checkpoint directory {path}")
+    for old in sorted(root.glob(f"step_*{_OLD}")):
+        final = old.with_name(old.name[: -len(_OLD)])
+        if not (_STEP_DIR.match(final.name) and old.is_dir()):
+            continue
+        if final.is_dir():
+            _discard(old)
+        else:
+            os.replace(old, final)
+            _fsync_dir(root)
+            notes.append(f"restored {final.name}: a crash interrupted its replacement")
+    found = list_checkpoints(root)
+    best = read_meta(found[-1][1]).get("best") if found else None
+    if best and _best_info(root, best) != read_best(root):
+        mark_best(root, best["step"], best["metric"], best["value"])
+        notes.append(f"best.json now names step {best['step']} (the newest checkpoint's best)")
+    return notes
 
 
 def latest_checkpoint(root: Path) -> Path | None:
@@ -132,8 +221,13 @@ def read_best(root: Path) -> dict | None:
     return json.loads(file.read_text()) if file.exists() else None
 
 
+def _best_info(root: Path, best: dict) -> dict:
+    return {"step": best["step"], "dir": step_dir(root, best["step"]).name, "metric": best["metric"],
+            "value": best["value"]}
+
+
 def mark_best(root: Path, step: int, metric: str, value: float) -> None:
-    info = {"step": step, "dir": step_dir(root, step).name, "metric": metric, "value": value}
+    info = _best_info(root, {"step": step, "metric": metric, "value": value})
     atomic_write_bytes(Path(root) / "best.json", json.dumps(info, indent=1).encode())
 
 
@@ -148,11 +242,13 @@ def save_checkpoint(
     meta: dict,
     barrier: Callable[[], None] = lambda: None,
     keep: int = 2,
+    best: dict | None = None,
 ) -> Path:
     """Write one checkpoint collectively (every rank calls this); returns the final directory.
 
-    ``model_state`` is only needed on rank 0. ``keep`` complete checkpoints are kept, plus the
-    one ``best.json`` points at.
+    ``model_state`` is only needed on rank 0. ``best`` (rank 0): ``{"step", "metric", "value"}``
+    of the run's best validation so far, stored in meta.json and then in best.json. ``keep``
+    complete checkpoints are kept, plus the best one (named by best.json or by the newest meta).
     """
     root = Path(root)
     final = step_dir(root, step)
@@ -160,6 +256,7 @@ def save_checkpoint(
     tag = str(step)
     if rank == 0:
         root.mkdir(parents=True, exist_ok=True)
+        recover_checkpoints(root)  # an interrupted replacement must not be mistaken for garbage
         if tmp.exists():  # left by a crash during an earlier attempt at this step
             shutil.rmtree(tmp)
         tmp.mkdir()
@@ -170,23 +267,39 @@ def save_checkpoint(
         atomic_torch_save(model_state, tmp / "model.pt", kill_tag=tag)
         atomic_write_bytes(tmp / "config.yaml", config_yaml.encode())
         meta = {**meta, "step": step, "world_size": world_size}
+        if best is not None:
+            meta["best"] = {"step": int(best["step"]), "metric": best["metric"], "value": best["value"]}
         atomic_write_bytes(tmp / "meta.json", json.dumps(meta, indent=1, default=float).encode())
-        if final.exists():  # the same step saved twice (e.g. end of epoch == periodic save)
-            shutil.rmtree(final)
+        old = None
+        if final.exists():
+            # The same step saved again (a run resumed from an earlier checkpoint): the old copy
+            # goes aside (still listed while no step directory exists), the new one is committed,
+            # and only then is the old one deleted.
+            old = final.with_name(final.name + _OLD)
+            os.replace(final, old)
+            _fsync_dir(root)
         os.replace(tmp, final)  # the commit point
         _fsync_dir(root)
+        if old is not None:
+            _discard(old)
+        if best is not None and _best_info(root, meta["best"]) != read_best(root):
+            mark_best(root, meta["best"]["step"], meta["best"]["metric"], meta["best"]["value"])
         _prune(root, keep)
     barrier()
     return final
 
 
 def _prune(root: Path, keep: int) -> None:
+    complete = list_checkpoints(root)
     best = read_best(root)
     protected = {best["dir"]} if best else set()
-    complete = list_checkpoints(root)
+    if complete:  # best.json may lag the newest commit by a crash: its meta names the true best
+        newest_best = read_meta(complete[-1][1]).get("best")
+        if newest_best:
+            protected.add(step_dir(root, newest_best["step"]).name)
     for _, path in complete[: max(len(complete) - max(keep, 1), 0)]:
         if path.name not in protected:
-            shutil.rmtree(path, ignore_errors=True)
+            _discard(path)
     for stale in root.glob("step_*.tmp"):  # interrupted writes of earlier steps
         shutil.rmtree(stale, ignore_errors=True)
 

@@ -115,13 +115,21 @@ class TrainConfig(_Strict):
     epochs: int = 20
     max_steps: Optional[int] = None  # stop earlier than epochs (counts optimiser steps)
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    amp: Literal["auto", "off", "bf16", "fp16"] = "auto"  # auto: bf16 on CUDA that has it, else off
+    # auto: bf16 on CUDA GPUs with native bf16 (Ampere+), fp16 with a GradScaler on older CUDA
+    # GPUs (emulated bf16 is slow), off on the CPU
+    amp: Literal["auto", "off", "bf16", "fp16"] = "auto"
     seed: int = 0
     deterministic: bool = False
     log_every: int = 50
-    checkpoint_every: int = 1000  # steps; a checkpoint is also written at the end of every epoch
-    keep_checkpoints: int = 2
-    nan_patience: int = 5  # stop after this many consecutive non-finite steps
+    # steps; checkpoints are also written whenever validation improves and at the end of the run
+    # (not at every epoch end), one per step at most
+    checkpoint_every: int = 1000
+    keep_checkpoints: int = 2  # plus the best-on-validation one
+    # Stop after this many consecutive skipped non-finite steps (loss or global grad norm; under
+    # fp16 a GradScaler overflow counts only once the scale is below 1). A skipped step leaves
+    # the weights and optimiser untouched but NOT the BatchNorm running statistics, which the
+    # forward pass already updated (no rollback). 0: never stop.
+    nan_patience: int = 5
     # Warn when more than this fraction of a logged batch's different-identity pairs have
     # cosine > 0.9 (embedding collapse; logged as collapsed_pairs). 0: never warn.
     collapse_warn: float = Field(0.05, ge=0.0, le=1.0)
@@ -157,6 +165,38 @@ class Config(_Strict):
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+# Fields a resumed run may change without changing what it computes: where and how often it
+# reports, how many loader workers feed it (the data stream is a function of seed and position
+# only), when it gives up on non-finite steps, and init_from (ignored on resume). Everything
+# else (model, loss, optimiser, schedule, data, validation, epochs/max_steps, seed, device,
+# amp, determinism) must match the checkpoint's stored config.
+RESUME_SAFE_FIELDS = (
+    "run_dir", "model.init_from", "data.workers", "data.prefetch_factor", "train.progress",
+    "train.log_every", "train.checkpoint_every", "train.keep_checkpoints", "train.nan_patience",
+    "train.collapse_warn",
+)
+
+
+def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(tree, dict) and tree:
+        out: dict[str, Any] = {}
+        for key, value in tree.items():
+            out.update(_flatten(value, f"{prefix}{key}."))
+        return out
+    return {prefix[:-1]: tree}
+
+
+def config_differences(stored: Config, new: Config, ignore=RESUME_SAFE_FIELDS) -> list[tuple[str, Any, Any]]:
+    """(dotted key, stored value, new value) for every leaf that differs, except ``ignore``d ones
+    (a dotted key or a section prefix)."""
+    a, b = _flatten(stored.model_dump(mode="json")), _flatten(new.model_dump(mode="json"))
+
+    def skip(key: str) -> bool:
+        return any(key == i or key.startswith(i + ".") for i in ignore)
+
+    return [(k, a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k) and not skip(k)]
 
 
 def _deep_merge(base: dict, top: dict) -> dict:

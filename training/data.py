@@ -156,33 +156,61 @@ def pool_samples(root: str | None, sources, pins: str | None = None) -> list[Sam
     return [Sample(str(path), 0, ident) for path, ident in items]
 
 
-def check_protocol_identities(samples: list[Sample]) -> bool:
+PROTOCOL_CHECK = ("the protocol identity check (no LFW validation, LFW-H2 test or reserved Pins person "
+                  "among the training identities) did not run")
+_PREFIXES = ("lfw", "pins", "yaleb", "orl", "yale", "celeba")
+
+
+def protocol_identity_check(samples: list[Sample]) -> str | None:
     """For an aligned copy of the protocol pool (every identity carries a source prefix such as
     ``lfw__`` or ``pins__``) and with the shared data present: raise if a validation, LFW-H2 or
-    reserved person is among the identities. Returns whether the check ran."""
+    reserved person is among the identities. Returns None when the check ran, else why not."""
     from facerec.data import protocol
 
-    prefixes = ("lfw", "pins", "yaleb", "orl", "yale", "celeba")
     idents = {s.identity for s in samples}
-    if not idents or not protocol.has_lfw():
-        return False
-    if not all(i.partition(protocol.SEP)[0] in prefixes and protocol.SEP in i for i in idents):
-        return False
+    if not idents:
+        return f"{PROTOCOL_CHECK}: no identities"
+    unprefixed = sorted(i for i in idents if not (protocol.SEP in i and i.partition(protocol.SEP)[0] in _PREFIXES))
+    if unprefixed:
+        return (f"{PROTOCOL_CHECK}: {len(unprefixed)} of {len(idents)} identity folders have no source prefix "
+                f"({', '.join(p + protocol.SEP for p in _PREFIXES)}), e.g. {unprefixed[0]!r}, so their "
+                "people cannot be matched against the held-out lists")
+    if not protocol.has_lfw():
+        return (f"{PROTOCOL_CHECK}: the shared LFW data (lfw/people.txt and lfw/pairs.txt under "
+                f"{protocol.data_root(None)}; set FACEREC_DATA) is absent, so the held-out people are unknown")
     protocol.check_identities_absent([(Path(i), i) for i in sorted(idents)])
-    return True
+    return None
+
+
+def check_protocol_identities(samples: list[Sample]) -> bool:
+    """:func:`protocol_identity_check`; returns whether the check ran."""
+    return protocol_identity_check(samples) is None
+
+
+REC_CHECK_SKIPPED = (f"{PROTOCOL_CHECK}: insightface .rec/.idx data carries numeric class labels only, no "
+                     "identity names, so its people cannot be matched against the held-out lists; check "
+                     "the image folders the .rec was packed from (data.kind=folder runs the check)")
 
 
 def build_dataset(cfg, seed: int) -> Dataset:
-    """The training dataset of ``cfg`` (a DataConfig); ``.num_classes`` is set on it."""
+    """The training dataset of ``cfg`` (a DataConfig); ``.num_classes`` is set on it.
+
+    Real data is checked against the protocol's held-out people where that is possible; where it
+    is not, the dataset's ``protocol_check_skipped`` says which check did not run and why (the
+    trainer logs it once as a warning). Synthetic data has no people and needs no check.
+    """
     transform = CropThen(TrainTransform(flip_p=0.5 if cfg.flip else 0.0, photometric=cfg.photometric),
                          cfg.center_crop)
     if cfg.kind == "synthetic":
         return SyntheticFaces(cfg.num_classes, cfg.images_per_class, cfg.noise, seed)
     if cfg.kind == "rec":
-        return RecDataset(cfg.path, transform)
+        dataset = RecDataset(cfg.path, transform)
+        dataset.protocol_check_skipped = REC_CHECK_SKIPPED
+        return dataset
+    skipped = None
     if cfg.kind == "folder":
         samples = folder_samples(cfg.path, cfg.manifest)
-        check_protocol_identities(samples)
+        skipped = protocol_identity_check(samples)
         root = cfg.path
     else:  # pool: absolute paths from the protocol, so the root is '/'
         samples = pool_samples(cfg.path, cfg.pool_sources, cfg.pins)
@@ -190,7 +218,9 @@ def build_dataset(cfg, seed: int) -> Dataset:
     samples = select_identities(samples, cfg.identity_range, cfg.min_images_per_identity)
     if not samples:
         raise ValueError("no training images left after identity selection")
-    return FolderDataset(root, transform, samples=samples)
+    dataset = FolderDataset(root, transform, samples=samples)
+    dataset.protocol_check_skipped = skipped
+    return dataset
 
 
 def class_counts(dataset: Dataset) -> torch.Tensor | None:

@@ -7,6 +7,9 @@ Class centres keep weight decay, as in arcface_torch's recipe.
 
 from __future__ import annotations
 
+import inspect
+import math
+
 import torch
 from torch import nn
 
@@ -62,13 +65,34 @@ def is_fused(optimizer: torch.optim.Optimizer) -> bool:
     return bool(optimizer.defaults.get("fused"))
 
 
+def native_bf16(device: torch.device) -> bool:
+    """Whether the CUDA device computes bf16 natively (Ampere and later).
+
+    ``torch.cuda.is_bf16_supported()`` also counts emulated bf16 (V100, T4: slower than fp32 for
+    matmuls) unless asked ``including_emulation=False``, which newer torch versions accept; older
+    ones only answer True for native support, which the compute capability confirms.
+    """
+    check = torch.cuda.is_bf16_supported
+    try:
+        if "including_emulation" in inspect.signature(check).parameters:
+            return bool(check(including_emulation=False))
+    except (TypeError, ValueError):  # no signature to inspect
+        pass
+    if not check():
+        return False
+    if getattr(torch.version, "hip", None):
+        return True
+    return torch.cuda.get_device_capability(device)[0] >= 8
+
+
 def autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:
-    """None = full precision. 'auto': bf16 on CUDA devices that support it, else off (CPU)."""
+    """None = full precision. 'auto': bf16 on CUDA devices with native bf16, fp16 (with a
+    GradScaler, see :func:`make_scaler`) on older CUDA GPUs, off on the CPU."""
     if amp == "off":
         return None
     if amp == "auto":
-        if device.type == "cuda" and torch.cuda.is_bf16_supported():
-            return torch.bfloat16
+        if device.type == "cuda":
+            return torch.bfloat16 if native_bf16(device) else torch.float16
         return None
     return torch.bfloat16 if amp == "bf16" else torch.float16
 
@@ -83,12 +107,15 @@ def make_scaler(dtype: torch.dtype | None, device: torch.device):
 
 
 @torch.no_grad()
-def clip_grad_norm(replicated: list[torch.Tensor], sharded: list[torch.Tensor], max_norm: float) -> torch.Tensor:
-    """Clip by the norm of the *whole* model's gradient, without a host sync.
+def clip_grad_norm(replicated: list[torch.Tensor], sharded: list[torch.Tensor],
+                   max_norm: float | None) -> torch.Tensor:
+    """Clip by the norm of the *whole* model's gradient, without a host sync; returns that norm.
 
     Backbone gradients are identical on every rank after the DDP all-reduce, but each rank holds
     only its shard of the class-centre gradients, so their squared norms are summed over ranks
-    first; otherwise every rank would clip with a different, too small, norm.
+    first; otherwise every rank would clip with a different, too small, norm (and a non-finite
+    shard would be seen by one rank only). ``max_norm`` None (or inf): only measure the norm,
+    leave the gradients untouched.
     """
     from facerec.distributed import all_reduce
 
@@ -106,6 +133,8 @@ def clip_grad_norm(replicated: list[torch.Tensor], sharded: list[torch.Tensor], 
     if not parts:
         return torch.zeros(())
     total = torch.stack(parts).sum().sqrt()
+    if max_norm is None or math.isinf(max_norm):
+        return total
     coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
     grads = [p.grad for p in [*replicated, *sharded] if p.grad is not None]
     torch._foreach_mul_(grads, coef.to(grads[0].device))

@@ -3,6 +3,11 @@
 Hot-path rules: the step never waits for the device. Losses and the non-finite guard accumulate
 in device tensors and are read once every ``log_every`` steps; a non-finite step is skipped on
 the device through the fused optimiser's ``found_inf`` (or the GradScaler for fp16).
+
+What a skipped step does NOT undo: the forward pass already ran in train mode, so BatchNorm
+running statistics have absorbed the bad batch (possibly NaN) and the scheduler has advanced. There
+is no rollback; a run whose BN buffers went non-finite keeps producing non-finite losses and is
+stopped by ``train.nan_patience`` (resume from the last good checkpoint).
 """
 
 from __future__ import annotations
@@ -50,6 +55,9 @@ from training.schedule import build_scheduler
 from training.validation import build_pairset, validate
 
 KILL_AT_STEP_ENV = "FACEREC_TEST_KILL_AT_STEP"  # test-only: SIGKILL right after this step
+# fp16: a GradScaler overflow is normal back-off while the scale is at least this; below it the
+# gradient is non-finite at any scale, so the step counts toward train.nan_patience.
+FP16_OVERFLOW_SCALE = 1.0
 
 
 class NonFiniteError(RuntimeError):
@@ -118,6 +126,10 @@ class Trainer:
         self.dataset = build_dataset(cfg.data, cfg.train.seed)
         self.num_classes = int(self.dataset.num_classes)
         model = create_model(cfg.model.name, **cfg.model.kwargs)
+        recovered: list[str] = []
+        if self.info.is_main:  # finish or undo a checkpoint replacement a crash interrupted
+            recovered = ckpt.recover_checkpoints(self.ckpt_dir)
+        barrier(self.info)
         resume_from = ckpt.resolve_resume(resume, self.ckpt_dir)
         self.init_origin = None
         if cfg.model.init_from and resume_from is None:  # a resumed run has its own weights
@@ -183,19 +195,27 @@ class Trainer:
 
         self.step = self.epoch = self.step_in_epoch = 0
         self.best: float | None = None
+        self.best_step: int | None = None  # rank 0: the step whose checkpoint holds self.best
+        self._saved_at: tuple[int, int, int] | None = None  # (step, epoch, step_in_epoch) last saved
         self.validations_since_best = 0
         self.stop_reason: str | None = None
         self._reset_meters()
         path = resume_from
         if path is not None:
             self.load(path)
-        self.log = RunLogger(self.run_dir, self.info.is_main, self.total_steps, self.step, cfg.train.progress)
+        self.log = RunLogger(self.run_dir, self.info.is_main, self.total_steps, self.step, cfg.train.progress,
+                             resume_step=self.step if path is not None else None)
         if self.info.is_main:
             save_config(cfg, self.run_dir / "config.yaml")
+            for note in recovered:
+                self.log.message(f"checkpoints: {note}")
             if path is not None:
                 self.log.message(f"resumed from {path} at step {self.step} (epoch {self.epoch})")
             elif self.init_origin:
                 self.log.message(f"backbone initialised from {self.init_origin}")
+            skipped = getattr(self.dataset, "protocol_check_skipped", None)
+            if skipped:
+                self.log.message(f"warning: {skipped}")
             excluded = getattr(self, "quality_excluded_classes", 0)
             if excluded:
                 self.log.message(f"{excluded} of {self.num_classes} identities have fewer than "
@@ -255,6 +275,7 @@ class Trainer:
         if not hasattr(self, "bad_streak"):
             self.bad_streak = z()
         self.bad_max, self.bad_count = self.bad_streak.clone(), z()
+        self.overflow_count = z()  # fp16: steps the GradScaler skipped for overflow (not "bad")
         self._meter_start = (time.perf_counter(), self.step)
 
     def rank_state(self) -> dict:
@@ -267,7 +288,7 @@ class Trainer:
         }
 
     def load(self, path: Path) -> None:
-        model_state, state, _ = ckpt.load_checkpoint(path, self.info.rank, self.info.world_size)
+        model_state, state, meta = ckpt.load_checkpoint(path, self.info.rank, self.info.world_size)
         self.raw_model.load_state_dict(model_state["model"])
         self.loss_fn.load_state_dict(state["loss"])
         self.optimizer.load_state_dict(state["optimizer"])
@@ -275,6 +296,11 @@ class Trainer:
         self.scaler.load_state_dict(state["scaler"])
         self.step, self.epoch, self.step_in_epoch = state["step"], state["epoch"], state["step_in_epoch"]
         self.best, self.validations_since_best = state["best"], state["validations_since_best"]
+        best = meta.get("best") or ckpt.read_best(Path(path).parent)  # older checkpoints: best.json
+        self.best_step = None
+        if best and self.best is not None and best["step"] <= self.step:
+            self.best_step = best["step"]
+        self._saved_at = (self.step, self.epoch, self.step_in_epoch)
         ckpt.restore_rng(state["rng"], self.device)
 
     def save(self, metrics: dict | None = None) -> Path:
@@ -283,48 +309,75 @@ class Trainer:
             model_state = {"model": self.raw_model.state_dict(), "model_name": self.cfg.model.name,
                            "model_kwargs": self.cfg.model.kwargs, "step": self.step, "epoch": self.epoch}
         meta = {"epoch": self.epoch, "step_in_epoch": self.step_in_epoch, "metrics": metrics or {}}
-        return ckpt.save_checkpoint(
+        best = None
+        if self.info.is_main and self.best_step is not None:
+            best = {"step": self.best_step, "metric": self.cfg.val.metric, "value": self.best}
+        path = ckpt.save_checkpoint(
             self.ckpt_dir, self.step, self.info.rank, self.info.world_size, model_state,
             self.rank_state(), self.cfg.to_yaml(), meta, barrier=lambda: barrier(self.info),
-            keep=self.cfg.train.keep_checkpoints,
+            keep=self.cfg.train.keep_checkpoints, best=best,
         )
+        self._saved_at = (self.step, self.epoch, self.step_in_epoch)
+        return path
+
+    def saved_now(self) -> bool:
+        """Whether the last checkpoint holds exactly this state (same step and epoch position)."""
+        return self._saved_at == (self.step, self.epoch, self.step_in_epoch)
 
     # ------------------------------------------------------------------ step
     def train_step(self, images: torch.Tensor, labels: torch.Tensor) -> None:
+        """One optimiser step, guarded against non-finite values without a host sync.
+
+        The guard looks at the loss and at the global gradient norm, which is computed in every
+        mode (with clipping off it is measured, not applied), so a NaN gradient behind a finite
+        loss is caught too. A step with either non-finite is skipped (fused ``found_inf``, the
+        GradScaler, or the foreach fallback's host check). Skipped steps counted as *bad* feed
+        ``train.nan_patience``; under fp16 a GradScaler overflow with a finite loss is the
+        scaler's normal back-off, counted apart (``overflow_steps``) and only treated as bad once
+        the scale has fallen below ``FP16_OVERFLOW_SCALE``. A skipped step does not roll back
+        BatchNorm running statistics (nor the scheduler): see the module docstring.
+        """
         clip = self.cfg.optim.clip_grad_norm
         with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
             out = self.model(images)
             losses = self.loss_fn(out.embedding, labels, out.quality if self.has_quality else None)
         self.scaler.scale(losses.total).backward()
-        if clip:
-            self.scaler.unscale_(self.optimizer)
-            norm = clip_grad_norm(self.backbone_params, self.centre_params, clip)
-        else:
-            norm = torch.zeros((), device=self.device)
+        self.scaler.unscale_(self.optimizer)  # no-op without fp16; scaler.step would do it anyway
+        # clipping off: the norm is only measured (max_norm None), for the guard and the log
+        norm = clip_grad_norm(self.backbone_params, self.centre_params, clip or None)
         total = losses.total.detach()
-        finite = torch.isfinite(total) & torch.isfinite(norm)
+        loss_ok = torch.isfinite(total)
+        finite = loss_ok & torch.isfinite(norm.to(total.device))
         if self.scaler.is_enabled():
+            scale = getattr(self.scaler, "_scale", None)  # this step's scale, before update()
+            bad = ~loss_ok
+            if scale is not None:  # an overflow that survives a tiny scale is a real one
+                bad = bad | (~finite & (scale.to(total.device) < FP16_OVERFLOW_SCALE).reshape(()))
             self.scaler.step(self.optimizer)  # skips inf/NaN gradients itself
             self.scaler.update()
-        elif is_fused(self.optimizer):
-            self.optimizer.grad_scale = None
-            self.optimizer.found_inf = (~finite).float()  # the fused kernel skips on the device
-            self.optimizer.step()
-        elif bool(finite):  # foreach fallback: this one does sync with the host
-            self.optimizer.step()
+        else:
+            bad = ~finite
+            if is_fused(self.optimizer):
+                self.optimizer.grad_scale = None
+                self.optimizer.found_inf = (~finite).float()  # the fused kernel skips on the device
+                self.optimizer.step()
+            elif bool(finite):  # foreach fallback: this one does sync with the host
+                self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
-        good = finite.float()
+        good, bad = finite.float(), bad.float()
         m = self.meters
         m["loss"] += torch.nan_to_num(total) * good
         m["classification"] += torch.nan_to_num(losses.classification.detach()) * good
         if losses.quality is not None:
             m["quality"] += torch.nan_to_num(losses.quality.detach()) * good
-        m["grad_norm"] += torch.nan_to_num(norm.detach().float()) * good
+        m["grad_norm"] += torch.nan_to_num(norm.detach().float().to(total.device)) * good
         m["count"] += good
-        self.bad_streak = (self.bad_streak + 1) * (1 - good)
+        # applied step: the streak restarts; bad step: it grows; fp16 overflow: it stays
+        self.bad_streak = (self.bad_streak + bad) * (1 - good)
         self.bad_max = torch.maximum(self.bad_max, self.bad_streak)
-        self.bad_count += 1 - good
+        self.bad_count += bad
+        self.overflow_count += (1 - good) * (1 - bad)
         self.last_negatives = losses.num_negatives
         if (self.step + 1) % self.cfg.train.log_every == 0 or self.step + 1 >= self.total_steps:
             # Read at the next flush (no host sync here): the collapse monitor of this batch.
@@ -334,11 +387,11 @@ class Trainer:
         """The one host sync of a logging interval: read the meters, log, check the NaN guard."""
         collapse = getattr(self, "last_collapse", None)  # float32, on the device (pair_collapse)
         self.last_collapse = None
-        parts = [torch.stack([*self.meters.values(), self.bad_max, self.bad_count]).float()]
+        parts = [torch.stack([*self.meters.values(), self.bad_max, self.bad_count, self.overflow_count]).float()]
         if collapse is not None:
             parts.append(collapse)
         values = torch.cat(parts).tolist()
-        loss, ce, q, gn, count, bad_max, bad_count = values[:7]
+        loss, ce, q, gn, count, bad_max, bad_count, overflow = values[:8]
         elapsed = time.perf_counter() - self._meter_start[0]
         steps = self.step - self._meter_start[1]
         n = max(count, 1.0)
@@ -346,10 +399,12 @@ class Trainer:
                   "lr": self.optimizer.param_groups[0]["lr"], "skipped_steps": int(bad_count),
                   "img_s": steps * self.cfg.data.batch_size * self.info.world_size / max(elapsed, 1e-9),
                   "unpg_negatives": int(getattr(self, "last_negatives", 0))}
+        if self.scaler.is_enabled():  # fp16: steps the GradScaler skipped for overflow
+            record["overflow_steps"] = int(overflow)
         if self.has_quality:
             record["quality"] = q / n
-        if collapse is not None and all(math.isfinite(v) for v in values[7:]):
-            record["pair_cos"], record["collapsed_pairs"] = values[7:]
+        if collapse is not None and all(math.isfinite(v) for v in values[8:]):
+            record["pair_cos"], record["collapsed_pairs"] = values[8:]
             self._check_collapse(record["collapsed_pairs"])
         if self.device.type == "cuda":
             record["max_memory_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
@@ -408,9 +463,11 @@ class Trainer:
             dist.broadcast(flags, 0)
             improved, stop = bool(flags[0]), bool(flags[1])
         if improved:
-            self.save(metrics)
             if self.info.is_main:
-                ckpt.mark_best(self.ckpt_dir, self.step, self.cfg.val.metric, self.best)
+                self.best_step = self.step
+            # best.json is written by save_checkpoint right after the commit, and the meta of the
+            # checkpoint records this best step, so a crash in between cannot lose it
+            self.save(metrics)
         if stop:
             self.stop_reason = f"early stopping: no better {self.cfg.val.metric} in {self.cfg.val.patience} validations"
         return metrics
@@ -420,6 +477,8 @@ class Trainer:
         cfg, epochs_total = self.cfg, self.cfg.train.epochs
         kill_at = int(os.environ.get(KILL_AT_STEP_ENV, "0") or 0)
         every_val = cfg.val.every_steps if cfg.val.kind != "none" else 0
+        epoch_validation = cfg.val.kind != "none" and not every_val
+        save_after_validation = False
         self.model.train()
         self.loss_fn.train()
         self._reset_meters()
@@ -441,7 +500,10 @@ class Trainer:
                     if every_val and self.step % every_val == 0:
                         self.run_validation()
                     if self.step % cfg.train.checkpoint_every == 0 and not last:
-                        self.save()
+                        if epoch_validation and self.step_in_epoch >= self.sampler.steps_per_epoch:
+                            save_after_validation = True  # validation may save this step below
+                        elif not self.saved_now():  # not when validation just saved this state
+                            self.save()
                     if self.step == kill_at:
                         os.kill(os.getpid(), signal.SIGKILL)
                     if last or self.stop_reason:
@@ -449,8 +511,11 @@ class Trainer:
                 if self.step_in_epoch >= self.sampler.steps_per_epoch:
                     self.epoch += 1
                     self.step_in_epoch = 0
-                    if cfg.val.kind != "none" and not every_val:
+                    if epoch_validation:
                         self.run_validation()
+                if save_after_validation and not self.saved_now():  # one checkpoint per step
+                    self.save()
+                save_after_validation = False
             if self.step != self._meter_start[1]:
                 self.flush_meters()
             if not ckpt.step_dir(self.ckpt_dir, self.step).exists():

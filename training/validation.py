@@ -16,7 +16,13 @@ import numpy as np
 import torch
 
 from facerec.data.datasets import EvalTransform, read_rgb
-from facerec.eval.verification import VerificationResult, cosine_scores, evaluate_pairs, tar_at_far
+from facerec.eval.verification import (
+    VerificationResult,
+    cosine_scores,
+    evaluate_pairs,
+    stratified_folds,
+    tar_at_far,
+)
 from training.data import SyntheticFaces, center_crop, folder_samples, select_identities
 
 
@@ -34,15 +40,6 @@ class PairSet:
 
     def __len__(self) -> int:
         return len(self.same)
-
-
-def stratified_folds(same: np.ndarray, k: int) -> np.ndarray:
-    """Fold ids that spread genuine and impostor pairs evenly (in order) over k folds."""
-    folds = np.zeros(len(same), dtype=np.int64)
-    for value in (True, False):
-        idx = np.nonzero(same == value)[0]
-        folds[idx] = (np.arange(len(idx)) * k) // max(len(idx), 1)
-    return folds
 
 
 def _load(paths, crop) -> torch.Tensor:
