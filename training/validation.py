@@ -47,20 +47,55 @@ def _load(paths, crop) -> torch.Tensor:
     return torch.stack([transform(center_crop(read_rgb(p), crop)) for p in paths])
 
 
+def lfw_fold_files(cfg) -> list[Path]:
+    """Every image of the validation people (LFW fold 5) under ``val.path``, in people.txt order."""
+    from facerec.data.protocol import LFW_IMAGES, data_root, lfw_images_of, validation_people
+
+    root = data_root(cfg.data_root)
+    image_root = Path(cfg.path) if cfg.path else root / LFW_IMAGES
+    files = [image_root / name / path.name for path, name in lfw_images_of(validation_people(root), root)]
+    if files and not files[0].exists() and files[0].with_suffix(".png").exists():
+        files = [f.with_suffix(".png") for f in files]
+    missing = [f for f in files if not f.exists()]
+    if missing:
+        raise FileNotFoundError(f"val.kind lfw_fold: {len(missing)} of {len(files)} images of the validation "
+                                f"people are missing under {image_root}, e.g. {missing[0]} (val.path must be "
+                                "the LFW tree, aligned with `facerec align --preset lfw` or deep-funneled)")
+    return files
+
+
 def _lfw_fold_pairs(cfg) -> PairSet:
+    """The protocol's validation split: every image of the LFW fold-5 people.
+
+    k-fold accuracy on the 600 listed pairs of fold 5 (stratified folds); TAR at FAR on *all* pairs
+    of those images (1,872 genuine, 513,748 impostor with the full data), as ``evaluate_lfw.py``
+    reports it, so FARs down to 1e-4 are supported. ``val.max_pairs`` does not apply.
+    """
     from facerec.data.protocol import LFW_IMAGES, data_root, validation_pairs
 
     root = data_root(cfg.data_root)
     image_root = Path(cfg.path) if cfg.path else root / LFW_IMAGES
-    pairs = validation_pairs(root)
-    files = sorted({p for pair in pairs for p in pair.paths(image_root)})
-    if not files[0].exists() and files[0].with_suffix(".png").exists():
-        files = [f.with_suffix(".png") for f in files]
+    files = lfw_fold_files(cfg)
+    n = len(files)
+    names = np.array([f.parent.name for f in files])
+    first, second = np.triu_indices(n, k=1)
+    same = names[first] == names[second]
     index = {f.with_suffix(""): i for i, f in enumerate(files)}
-    first = np.array([index[pair.paths(image_root)[0].with_suffix("")] for pair in pairs])
-    second = np.array([index[pair.paths(image_root)[1].with_suffix("")] for pair in pairs])
-    same = np.array([pair.same for pair in pairs])
-    return PairSet(_load(files, cfg.center_crop), first, second, same, stratified_folds(same, cfg.folds))
+    listed = validation_pairs(root)
+    a = np.array([index[pair.paths(image_root)[0].with_suffix("")] for pair in listed])
+    b = np.array([index[pair.paths(image_root)[1].with_suffix("")] for pair in listed])
+    i, j = np.minimum(a, b), np.maximum(a, b)
+    position = i * n - i * (i + 1) // 2 + (j - i - 1)  # index of (i, j) in the triu_indices order
+    if len(np.unique(position)) != len(position):
+        raise ValueError("LFW fold 5 lists a pair twice")
+    listed_same = np.array([pair.same for pair in listed])
+    if not np.array_equal(same[position], listed_same):
+        raise ValueError("LFW fold 5: a listed pair's label disagrees with the people's names")
+    accuracy_mask = np.zeros(len(same), dtype=bool)
+    accuracy_mask[position] = True
+    folds = np.full(len(same), -1, dtype=np.int64)
+    folds[position] = stratified_folds(listed_same, cfg.folds)
+    return PairSet(_load(files, cfg.center_crop), first, second, same, folds, accuracy_mask)
 
 
 def _bin_pairs(cfg) -> PairSet:
