@@ -25,15 +25,31 @@ def _missing(stored: dict, resolved: dict, prefix: str = "") -> list[str]:
     return out
 
 
-def test_shipped_training_config_names_every_field_of_the_schema():
+@pytest.mark.parametrize("name,quality_min_images", [("training_config_stage1.yaml", 1),
+                                                      ("training_config.yaml", 2)])
+def test_shipped_training_configs_name_every_field_of_the_schema(name, quality_min_images):
     """A field added to the schema later must not silently change the recipe of the shipped model
-    (e.g. loss.quality_min_images defaults to 2, but this model trained with 1)."""
+    (e.g. loss.quality_min_images defaults to 2, but stage 1 trained with 1)."""
     from training.config import Config
 
-    stored = yaml.safe_load((MODEL / "training_config.yaml").read_text())
+    stored = yaml.safe_load((MODEL / name).read_text())
     resolved = Config.model_validate(stored).model_dump()
     assert _missing(stored, resolved) == [], "add these, with the values the shipped model used"
-    assert resolved["loss"]["quality_min_images"] == 1
+    assert resolved["loss"]["quality_min_images"] == quality_min_images
+
+
+def test_manifest_matches_the_graph_and_its_contract():
+    import hashlib
+
+    manifest = json.loads((MODEL / "manifest.json").read_text())
+    contract = json.loads((MODEL / "contract.json").read_text())
+    for name, digest in manifest["files"].items():
+        assert digest == "sha256:" + hashlib.sha256((MODEL / name).read_bytes()).hexdigest(), name
+    assert manifest["contract_id"] == contract["contract_id"]
+    assert manifest["version"] == contract["model_version"]
+    card = (MODEL / "MODEL_CARD.md").read_text()
+    assert f"`{contract['contract_id']}`" in card and f" {manifest['version']} (" in card.splitlines()[0]
+    assert sum(f.stat().st_size for f in MODEL.iterdir()) < 25e6  # the issue's size budget
 
 
 def test_model_card_validation_and_lfw_h2_rows_match_the_results_file():
