@@ -327,6 +327,7 @@ def cmd_report(args) -> int:
              "Accuracy in %, mean ± std over seeds; TAR at FAR 1e-2 on all cross-identity pairs.",
              "Report: `" + shlex.join(["python", "benchmarks/method_comparison.py", "report", "--protocol",
                                        args.protocol, "--lfw", args.lfw, "--runs", str(args.runs),
+                                       *(["--rows", ",".join(args.rows)] if args.rows else []),
                                        *(["--tag", args.tag] if args.tag else []),
                                        *[a for x in args.set for a in ("--set", x)]]) + "`.", "",
              "| method | seeds | validation acc | validation TAR@1e-2 | LFW-H2 acc | LFW-H2 TAR@1e-2 |",

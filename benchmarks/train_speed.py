@@ -29,8 +29,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a plain checkout
 
-from facerec.losses import FaceRecognitionLoss  # noqa: E402
-from facerec.models import create_model  # noqa: E402
+from facerec.losses import FaceRecognitionLoss
+from facerec.models import create_model
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

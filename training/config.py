@@ -10,7 +10,7 @@ every checkpoint, so a checkpoint always says exactly how it was made.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -25,14 +25,14 @@ class ModelConfig(_Strict):
     kwargs: dict[str, Any] = Field(default_factory=dict)  # create_model overrides
     # Modules imported before the model is built, so plugins (or tests) can register backbones.
     imports: list[str] = Field(default_factory=list)
-    channels_last: Optional[bool] = None  # None: on for CNNs on CUDA
+    channels_last: bool | None = None  # None: on for CNNs on CUDA
     compile: bool = False  # torch.compile the backbone (the loss has data-dependent shapes)
     grad_checkpointing: bool = False
     sync_bn: bool = False
     find_unused_parameters: bool = False  # DDP: needed only if some parameters get no gradient
     # Start from these backbone weights (fine-tuning): a checkpoint folder, a trainer model.pt or a
     # facerec torch artefact of the same model. Ignored when the run resumes from its own checkpoint.
-    init_from: Optional[str] = None
+    init_from: str | None = None
 
 
 class LossConfig(_Strict):
@@ -59,8 +59,8 @@ class OptimConfig(_Strict):
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
     weight_decay: float = 5e-4
-    fused: Optional[bool] = None  # None: fused when this torch supports it on the device
-    clip_grad_norm: Optional[float] = 5.0  # None or 0: no clipping
+    fused: bool | None = None  # None: fused when this torch supports it on the device
+    clip_grad_norm: float | None = 5.0  # None or 0: no clipping
 
 
 class ScheduleConfig(_Strict):
@@ -75,18 +75,18 @@ class DataConfig(_Strict):
     # synthetic: generated images (tests, smoke runs); folder: <root>/<identity>/<image>;
     # rec: insightface train.rec; pool: the shared-data training pool of the protocol.
     kind: Literal["synthetic", "folder", "rec", "pool"] = "synthetic"
-    path: Optional[str] = None  # folder/.rec path; data root for 'pool' (default FACEREC_DATA)
-    manifest: Optional[str] = None  # folder: manifest.csv to use (default <path>/manifest.csv if present)
+    path: str | None = None  # folder/.rec path; data root for 'pool' (default FACEREC_DATA)
+    manifest: str | None = None  # folder: manifest.csv to use (default <path>/manifest.csv if present)
     pool_sources: list[str] = Field(default_factory=lambda: ["lfw", "celeba", "yaleb", "orl", "yale"])
-    pins: Optional[str] = None  # 'pool' with "pins" in pool_sources: the Pins folder (or $FACEREC_PINS)
-    identity_range: Optional[tuple[int, int]] = None  # [start, end) of sorted identities to train on
+    pins: str | None = None  # 'pool' with "pins" in pool_sources: the Pins folder (or $FACEREC_PINS)
+    identity_range: tuple[int, int] | None = None  # [start, end) of sorted identities to train on
     min_images_per_identity: int = 1
     batch_size: int = 128  # per process
     workers: int = 4
     prefetch_factor: int = 2
     flip: bool = True
     photometric: float = 0.0
-    center_crop: Optional[int] = None  # crop of unaligned images (e.g. 150 for 250x250 LFW) before resize
+    center_crop: int | None = None  # crop of unaligned images (e.g. 150 for 250x250 LFW) before resize
     # synthetic data
     num_classes: int = 16
     images_per_class: int = 8
@@ -97,11 +97,11 @@ class ValidationConfig(_Strict):
     # lfw_fold: the protocol's validation pairs (LFW fold 5); bin: an insightface .bin;
     # folder_pairs: all pairs over an identity-folder range; synthetic: pairs of synthetic identities.
     kind: Literal["none", "lfw_fold", "bin", "folder_pairs", "synthetic"] = "none"
-    path: Optional[str] = None  # .bin file, image folder, or the LFW image root (aligned or not)
-    data_root: Optional[str] = None  # for lfw_fold: where lfw/pairs.txt lives (default FACEREC_DATA)
-    identity_range: Optional[tuple[int, int]] = None
+    path: str | None = None  # .bin file, image folder, or the LFW image root (aligned or not)
+    data_root: str | None = None  # for lfw_fold: where lfw/pairs.txt lives (default FACEREC_DATA)
+    identity_range: tuple[int, int] | None = None
     max_pairs: int = 20000
-    center_crop: Optional[int] = None
+    center_crop: int | None = None
     every_steps: int = 0  # 0: at the end of every epoch only
     flip: bool = True  # add the embedding of the mirrored image
     batch_size: int = 128
@@ -113,7 +113,7 @@ class ValidationConfig(_Strict):
 
 class TrainConfig(_Strict):
     epochs: int = 20
-    max_steps: Optional[int] = None  # stop earlier than epochs (counts optimiser steps)
+    max_steps: int | None = None  # stop earlier than epochs (counts optimiser steps)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     # auto: bf16 on CUDA GPUs with native bf16 (Ampere+), fp16 with a GradScaler on older CUDA
     # GPUs (emulated bf16 is slow), off on the CPU
@@ -153,7 +153,7 @@ class Config(_Strict):
     train: TrainConfig = Field(default_factory=TrainConfig)
 
     @model_validator(mode="after")
-    def _check(self) -> "Config":
+    def _check(self) -> Config:
         if self.data.batch_size < 1:
             raise ValueError("data.batch_size must be >= 1")
         if self.data.kind in ("folder", "rec") and not self.data.path:

@@ -269,7 +269,7 @@ class Trainer:
 
     # ------------------------------------------------------------------ state
     def _reset_meters(self) -> None:
-        z = lambda: torch.zeros((), device=self.device)  # noqa: E731
+        z = lambda: torch.zeros((), device=self.device)
         self.meters = {"loss": z(), "classification": z(), "quality": z(), "grad_norm": z(), "count": z()}
         # The streak of consecutive bad steps carries over logging intervals; the rest restarts.
         if not hasattr(self, "bad_streak"):

@@ -49,7 +49,12 @@ def _load(paths, crop) -> torch.Tensor:
 
 def lfw_fold_files(cfg) -> list[Path]:
     """Every image of the validation people (LFW fold 5) under ``val.path``, in people.txt order."""
-    from facerec.data.protocol import LFW_IMAGES, data_root, lfw_images_of, validation_people
+    from facerec.data.protocol import (
+        LFW_IMAGES,
+        data_root,
+        lfw_images_of,
+        validation_people,
+    )
 
     root = data_root(cfg.data_root)
     image_root = Path(cfg.path) if cfg.path else root / LFW_IMAGES
