@@ -306,7 +306,8 @@ def cmd_report(args) -> int:
             "h2_tar_1e-2": _tar(t, 1e-2), "h2_tar_1e-3": _tar(t, 1e-3),
             "command": row_command(args, row, run_dir),
             "evaluate_command": shlex.join(["python", "benchmarks/evaluate_lfw.py", str(ckpt), "--aligned-lfw",
-                                            args.lfw, "--tag", row.name, "--out", str(out)]),
+                                            args.lfw, "--tag", row.name, "--out", str(out)]
+                                           + (["--data", args.data] if args.data else [])),
         }
     table = aggregate(results)
     res = Path(args.results)
@@ -327,6 +328,9 @@ def cmd_report(args) -> int:
              "Accuracy in %, mean ± std over seeds; TAR at FAR 1e-2 on all cross-identity pairs.",
              "Report: `" + shlex.join(["python", "benchmarks/method_comparison.py", "report", "--protocol",
                                        args.protocol, "--lfw", args.lfw, "--runs", str(args.runs),
+                                       *(["--data", args.data] if args.data else []),
+                                       *(["--packed", args.packed] if args.packed else []),
+                                       *(["--seeds", str(args.seeds)] if args.seeds != 1 else []),
                                        *(["--rows", ",".join(args.rows)] if args.rows else []),
                                        *(["--tag", args.tag] if args.tag else []),
                                        *[a for x in args.set for a in ("--set", x)]]) + "`.", "",

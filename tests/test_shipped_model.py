@@ -61,3 +61,27 @@ def test_model_card_validation_and_lfw_h2_rows_match_the_results_file():
         assert match, f"no {split} row in the model card"
         assert float(match[1]) == pytest.approx(100 * ev[split]["accuracy_mean"], abs=0.005)
         assert float(match[2]) == pytest.approx(100 * ev[split]["accuracy_std"], abs=0.005)
+
+
+def test_card_and_readme_tar_and_threshold_match_the_results():
+    card = (MODEL / "MODEL_CARD.md").read_text()
+    readme = (ROOT / "README.md").read_text()
+    manifest = json.loads((MODEL / "manifest.json").read_text())
+    ev = json.loads((ROOT / "benchmarks" / "results" / "eval_lfw_vit_tiny_fiqa_default.json").read_text())
+    for split in ("validation", "lfw_h2"):
+        tars = {t["far"]: t["tar"] for t in ev[split]["tar_at_far"]}
+        row = "| 600 |" if split == "validation" else "| 3,000 |"
+        line = next(x for x in card.splitlines() if row in x and not x.startswith("| *model 1.0"))
+        for far in (1e-2, 1e-3, 1e-4):
+            assert f"{100 * tars[far]:.2f}%" in line, (split, far, line)
+    h2 = ev["lfw_h2"]
+    assert f"{100 * h2['accuracy_mean']:.2f}% ± {100 * h2['accuracy_std']:.2f}" in readme
+    assert f"TAR {100 * {t['far']: t['tar'] for t in h2['tar_at_far']}[1e-2]:.2f}% at FAR 1e-2" in readme
+    # the threshold the service ships is the one written into the graph by `facerec calibrate`
+    import onnx
+
+    meta = {p.key: p.value for p in onnx.load(str(MODEL / "vit_tiny_fiqa.onnx"), load_external_data=False).metadata_props}
+    threshold = float(meta["facerec.verification_threshold"])
+    assert manifest["verification"]["threshold"] == pytest.approx(threshold, abs=5e-5)
+    assert f"threshold {threshold:.4f}" in card
+

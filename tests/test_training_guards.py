@@ -230,6 +230,24 @@ def test_fp16_overflow_that_persists_below_scale_one_stops_the_run(tmp_path, mon
     assert sum(r["overflow_steps"] for r in train) == 3 and sum(r["skipped_steps"] for r in train) == 2
 
 
+def test_fp16_skips_when_the_global_norm_is_not_finite_though_local_gradients_are(tmp_path, monkeypatch):
+    """DDP with sharded centres: another rank's non-finite shard makes the global norm inf while
+    this rank's gradients are finite; the scaler must skip here too, or the replicas diverge."""
+    import training.trainer as trainer_module
+
+    trainer = make_trainer(tmp_path, val={"kind": "none"}, train={"nan_patience": 5, "log_every": 1, "max_steps": 2})
+    _fp16_scaler(trainer, 2.0**16)
+    before = {k: v.clone() for k, v in trainer.raw_model.state_dict().items()}
+    real = trainer_module.clip_grad_norm
+    monkeypatch.setattr(trainer_module, "clip_grad_norm",
+                        lambda *a, **k: real(*a, **k) * float("inf"))  # as if another shard overflowed
+    trainer.fit()
+    for k, v in trainer.raw_model.state_dict().items():
+        assert torch.equal(v, before[k]), k  # no step applied
+    train = [r for r in read_log(trainer.run_dir) if r["kind"] == "train"]
+    assert sum(r["overflow_steps"] for r in train) == 2 and trainer.scaler.get_scale() == 2.0**14
+
+
 def test_fp16_nan_loss_counts_as_bad_at_any_scale(tmp_path, monkeypatch):
     from training.trainer import NonFiniteError
 
@@ -393,6 +411,22 @@ def test_a_resumed_run_logs_each_step_once(tmp_path):
     resumed.fit()
     steps = [r["step"] for r in read_log(resumed.run_dir) if r["kind"] == "train"]
     assert steps == [1, 2, 3, 4, 5, 6]
+
+
+def test_a_resumed_run_prints_each_validation_message_once(tmp_path):
+    kw = {"val": {"kind": "synthetic", "every_steps": 2}, "train": {"epochs": 1, "log_every": 1, "checkpoint_every": 4}}
+    first = make_trainer(tmp_path, **kw)
+    first.fit()
+    ckpt._discard(ckpt.step_dir(first.ckpt_dir, 6))  # killed after validating step 6, before its checkpoint
+    if (first.ckpt_dir / "best.json").exists() and ckpt.read_best(first.ckpt_dir)["step"] == 6:
+        (first.ckpt_dir / "best.json").unlink()
+    resumed = make_trainer(tmp_path, resume="auto", **kw)
+    assert resumed.step == 4
+    resumed.fit()
+    records = read_log(resumed.run_dir)
+    messages = [r["text"] for r in records if r["kind"] == "message" and ": validation " in r["text"]]
+    assert [int(t.split(":")[0].split()[1]) for t in messages] == [2, 4, 6]
+    assert [r["step"] for r in records if r["kind"] == "val"] == [2, 4, 6]
 
 
 # ---------------------------------------------------------------- 8. the protocol identity check

@@ -81,3 +81,15 @@ def test_lfw_fold_validate_matches_a_direct_computation():
     assert all(t.supported for t in result.tar) and result.num_impostors == 513_748
     expected = tar_at_far(scores[pairs.same], scores[~pairs.same], [1e-3, 1e-4])
     assert [t.tar for t in result.tar] == pytest.approx([t.tar for t in expected])
+
+
+def test_pair_scores_in_chunks_equal_the_direct_cosine():
+    from facerec.eval.verification import cosine_scores
+    from training.validation import pair_scores
+
+    rng = np.random.default_rng(0)
+    emb = rng.normal(size=(50, 16))
+    first, second = np.triu_indices(50, k=1)
+    np.testing.assert_allclose(pair_scores(emb, first, second, chunk=97),
+                               cosine_scores(emb[first], emb[second]), rtol=0, atol=1e-12)
+

@@ -58,14 +58,19 @@ class RunLogger:
             shown = {k: values[k] for k in ("loss", "lr", "img_s") if k in values}
             self.bar.set_postfix({k: f"{v:.4g}" for k, v in shown.items()}, refresh=False)
 
-    def message(self, text: str) -> None:
+    def message(self, text: str, step: int | None = None) -> None:
+        """Print and record a message; ``step`` (the training step it is about) lets a resume drop
+        it with the other records after the resumed step."""
         if not self.enabled:
             return
         if self.bar is not None:
             self.bar.write(text)
         else:
             print(text, file=sys.stderr, flush=True)
-        self.file.write(json.dumps({"kind": "message", "time": round(time.time(), 3), "text": text}) + "\n")
+        record = {"kind": "message", "time": round(time.time(), 3), "text": text}
+        if step is not None:
+            record["step"] = int(step)
+        self.file.write(json.dumps(record) + "\n")
 
     def advance(self, steps: int = 1) -> None:
         if self.bar is not None:
@@ -81,8 +86,8 @@ class RunLogger:
 
 
 def truncate_log(path: Path, step: int) -> int:
-    """Drop the records of ``path`` (log.jsonl) with a step after ``step``, and a line a kill cut
-    short; messages (no step) stay. Rewritten atomically; returns how many lines were dropped."""
+    """Drop the records of ``path`` (log.jsonl) with a step after ``step`` (messages about a step
+    included), and a line a kill cut short; messages without a step stay. Rewritten atomically; returns how many lines were dropped."""
     from training.checkpoint import atomic_write_bytes
 
     path = Path(path)

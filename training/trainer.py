@@ -325,6 +325,23 @@ class Trainer:
         return self._saved_at == (self.step, self.epoch, self.step_in_epoch)
 
     # ------------------------------------------------------------------ step
+    def _share_skip_decision(self, finite: torch.Tensor) -> None:
+        """fp16: make the GradScaler skip (and back off) exactly when the guard says so.
+
+        The scaler only sees this process's gradients, but the class centres are sharded: an inf in
+        one rank's shard would skip the step there and apply it elsewhere, and the replicas would
+        diverge. ``finite`` comes from the global gradient norm (shards summed over ranks), so it
+        is the same on every rank; it is folded into the scaler's per-device ``found_inf`` after
+        ``unscale_`` (on the device, no host sync)."""
+        states = getattr(self.scaler, "_per_optimizer_states", None)
+        state = states.get(id(self.optimizer)) if states is not None else None
+        found = state.get("found_inf_per_device") if state else None
+        if not found:
+            return
+        skip = (~finite).float()
+        for value in found.values():
+            torch.maximum(value, skip.to(value.device).reshape(value.shape), out=value)
+
     def train_step(self, images: torch.Tensor, labels: torch.Tensor) -> None:
         """One optimiser step, guarded against non-finite values without a host sync.
 
@@ -353,6 +370,7 @@ class Trainer:
             bad = ~loss_ok
             if scale is not None:  # an overflow that survives a tiny scale is a real one
                 bad = bad | (~finite & (scale.to(total.device) < FP16_OVERFLOW_SCALE).reshape(()))
+            self._share_skip_decision(finite)
             self.scaler.step(self.optimizer)  # skips inf/NaN gradients itself
             self.scaler.update()
         else:
@@ -410,7 +428,7 @@ class Trainer:
             record["max_memory_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
         self.log.log("train", self.step, record)
         if bad_count:
-            self.log.message(f"step {self.step}: skipped {int(bad_count)} step(s) with a non-finite "
+            self.log.message(step=self.step, text=f"step {self.step}: skipped {int(bad_count)} step(s) with a non-finite "
                              f"loss or gradient in the last {steps}")
         patience = self.cfg.train.nan_patience
         self._reset_meters()
@@ -427,7 +445,7 @@ class Trainer:
         collapsing = bool(limit) and fraction > limit
         if collapsing and not getattr(self, "collapse_warned", False):
             self.log.message(
-                f"step {self.step}: warning: {fraction:.0%} of the different-identity pairs in this "
+                step=self.step, text=f"step {self.step}: warning: {fraction:.0%} of the different-identity pairs in this "
                 f"batch have cosine > {COLLAPSE_COSINE}: the embedding is collapsing (whole groups of "
                 "classes merge onto one direction). ArcFace-type margins do this when the backbone "
                 "cannot fit the data; see docs/training.md#embedding-collapse (a cosine-subtracting "
@@ -456,7 +474,7 @@ class Trainer:
             patience = self.cfg.val.patience
             stop = bool(patience) and self.validations_since_best >= patience
             self.log.log("val", self.step, {**metrics, "best": self.best})
-            self.log.message(f"step {self.step}: validation {result.kfold}, "
+            self.log.message(step=self.step, text=f"step {self.step}: validation {result.kfold}, "
                              + ", ".join(str(t) for t in result.tar))
         if self.info.distributed:
             flags = torch.tensor([float(improved), float(stop)], device=self.device)
