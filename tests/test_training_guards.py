@@ -413,6 +413,30 @@ def test_a_resumed_run_logs_each_step_once(tmp_path):
     assert steps == [1, 2, 3, 4, 5, 6]
 
 
+def test_resuming_an_older_step_sets_the_later_checkpoints_aside(tmp_path):
+    kw = {"val": {"kind": "none"}, "train": {"epochs": 1, "log_every": 1, "checkpoint_every": 2,
+                                             "keep_checkpoints": 2}}
+    first = make_trainer(tmp_path, **kw)
+    first.fit()
+    assert [s for s, _ in ckpt.list_checkpoints(first.ckpt_dir)][-2:] == [4, 6]
+    resumed = make_trainer(tmp_path, resume=str(ckpt.step_dir(first.ckpt_dir, 4)), **kw)
+    assert resumed.step == 4
+    # the abandoned step 6 is kept, outside the checkpoints a resume or the pruning reads
+    aside = [p for p in first.ckpt_dir.iterdir() if p.name.startswith("abandoned_")]
+    assert len(aside) == 1 and (aside[0] / "step_00000006" / "meta.json").exists()
+    assert [s for s, _ in ckpt.list_checkpoints(first.ckpt_dir)] == [4]
+    assert any("moved 1 checkpoint(s) after step 4" in r.get("text", "") for r in read_log(resumed.run_dir))
+    resumed.fit()
+    # the new branch's step 6 survives pruning and is what --resume auto takes
+    assert [s for s, _ in ckpt.list_checkpoints(first.ckpt_dir)][-1] == 6
+    assert ckpt.resolve_resume("auto", first.ckpt_dir) == ckpt.step_dir(first.ckpt_dir, 6)
+    # deterministic data order and RNG: the new branch ends with the abandoned branch's weights
+    new6 = torch.load(ckpt.step_dir(first.ckpt_dir, 6) / "model.pt", weights_only=True)["model"]
+    old6 = torch.load(aside[0] / "step_00000006" / "model.pt", weights_only=True)["model"]
+    for k in old6:
+        assert torch.equal(new6[k], old6[k]), k
+
+
 def test_a_resumed_run_prints_each_validation_message_once(tmp_path):
     kw = {"val": {"kind": "synthetic", "every_steps": 2}, "train": {"epochs": 1, "log_every": 1, "checkpoint_every": 4}}
     first = make_trainer(tmp_path, **kw)

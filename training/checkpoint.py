@@ -41,6 +41,7 @@ import os
 import re
 import shutil
 import signal
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -209,6 +210,31 @@ def recover_checkpoints(root: Path) -> list[str]:
     if best and _best_info(root, best) != read_best(root):
         mark_best(root, best["step"], best["metric"], best["value"])
         notes.append(f"best.json now names step {best['step']} (the newest checkpoint's best)")
+    return notes
+
+
+def set_aside_newer(root: Path, step: int) -> list[str]:
+    """Resuming from step N while the run has later checkpoints (an abandoned branch): move those
+    into ``abandoned_<time>/`` (never read as checkpoints, nothing deleted), so that pruning and
+    ``--resume auto`` follow the resumed branch; ``best.json`` then names the best step that the
+    resumed checkpoint knew of. Call on rank 0. Returns a note per move (for the run log)."""
+    root = Path(root)
+    newer = [(s, p) for s, p in list_checkpoints(root) if s > step]
+    if not newer:
+        return []
+    aside = root / time.strftime("abandoned_%Y%m%d-%H%M%S")
+    aside.mkdir(parents=True, exist_ok=True)
+    for _, path in newer:
+        os.replace(path, aside / path.name.removesuffix(_OLD))
+    _fsync_dir(root)
+    notes = [f"moved {len(newer)} checkpoint(s) after step {step} (steps {', '.join(str(s) for s, _ in newer)}) "
+             f"to {aside}: the run continues from step {step}"]
+    best = read_meta(step_dir(root, step)).get("best") if step_dir(root, step).is_dir() else None
+    current = read_best(root)
+    if best:
+        mark_best(root, best["step"], best["metric"], best["value"])
+    elif current and current["step"] > step:
+        (root / "best.json").unlink()
     return notes
 
 
