@@ -19,6 +19,7 @@ pytestmark = pytest.mark.timeout(180)
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from test_checkpoint_resume import run_training, write_run_files  # noqa: E402
+from trainer_helpers import make_trainer, nan_embeddings  # noqa: E402
 
 
 def free_port() -> int:
@@ -75,29 +76,13 @@ def test_no_weight_decay_on_norms_biases_and_tokens():
 
 
 # ---------------------------------------------------------------- in-process trainer
-def make_trainer(tmp_path, **sections):
-    from training.trainer import Trainer
-
-    config_file = write_run_files(tmp_path, **sections)
-    sys.path.insert(0, str(tmp_path))
-    cfg = load_config(config_file, [f"run_dir={tmp_path / 'run'}"])
-    return Trainer(cfg)
-
-
 def test_nan_guard_skips_bad_steps_and_stops(tmp_path, monkeypatch):
     from training.trainer import NonFiniteError
 
     trainer = make_trainer(tmp_path, train={"nan_patience": 3, "log_every": 1},
                            val={"kind": "none"})
     before = {k: v.clone() for k, v in trainer.raw_model.state_dict().items()}
-    forward = trainer.model.forward
-
-    def poisoned(x):
-        out = forward(x)
-        out.embedding = out.embedding * float("nan")
-        return out
-
-    monkeypatch.setattr(trainer.model, "forward", poisoned)
+    nan_embeddings(trainer, monkeypatch)
     with pytest.raises(NonFiniteError, match="3 consecutive"):
         trainer.fit()
     for k, v in trainer.raw_model.state_dict().items():  # every bad step was skipped

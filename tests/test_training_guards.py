@@ -23,25 +23,11 @@ pytestmark = pytest.mark.timeout(180)
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_checkpoint_resume import write_run_files
+from trainer_helpers import make_trainer, nan_embeddings, read_log
 
 
 class Killed(BaseException):
     """Stands in for a SIGKILL at a chosen instant (nothing catches a BaseException here)."""
-
-
-def make_trainer(tmp_path, resume=None, **sections):
-    from training.trainer import Trainer
-
-    config_file = write_run_files(tmp_path, **sections)
-    if str(tmp_path) not in sys.path:
-        sys.path.insert(0, str(tmp_path))
-    cfg = load_config(config_file, [f"run_dir={tmp_path / 'run'}"])
-    return Trainer(cfg, resume=resume)
-
-
-def read_log(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
 
 
 def save(root: Path, step: int, tag: float, best=None, keep: int = 5) -> Path:
@@ -253,14 +239,7 @@ def test_fp16_nan_loss_counts_as_bad_at_any_scale(tmp_path, monkeypatch):
 
     trainer = make_trainer(tmp_path, val={"kind": "none"}, train={"nan_patience": 3, "log_every": 1})
     _fp16_scaler(trainer, 2.0**16)
-    forward = trainer.model.forward
-
-    def poisoned(x):
-        out = forward(x)
-        out.embedding = out.embedding * float("nan")
-        return out
-
-    monkeypatch.setattr(trainer.model, "forward", poisoned)
+    nan_embeddings(trainer, monkeypatch)
     with pytest.raises(NonFiniteError, match="3 consecutive"):
         trainer.fit()
     assert trainer.step == 3
