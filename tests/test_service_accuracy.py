@@ -4,6 +4,8 @@ sent to /v1/verify give the offline pipeline's accuracy within 0.5 points.
 Needs a trained model (``FACEREC_MODEL``: an export of a training checkpoint with a calibrated
 threshold) and the shared data (``FACEREC_DATA`` with ``lfw/``); skipped otherwise, saying which is
 missing. ``FACEREC_ACCURACY_PAIRS`` (default 600, at least 300) bounds the pairs used.
+``FACEREC_ACCURACY_REPORT=FILE.json`` also writes the measured figures there (the model card cites
+such a file).
 """
 
 from __future__ import annotations
@@ -108,3 +110,15 @@ def test_http_accuracy_matches_offline_on_validation_pairs():
     kf_http = 100 * kfold_accuracy(http_scores, labels, 10).mean
     print(f"10-fold accuracy: HTTP {kf_http:.2f}%, offline {kf_offline:.2f}%")
     assert abs(kf_http - kf_offline) <= 0.5, (kf_http, kf_offline)
+    if os.environ.get("FACEREC_ACCURACY_REPORT"):
+        out = Path(os.environ["FACEREC_ACCURACY_REPORT"])
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps({
+            "model": str(model), "model_version": engine.backend.contract.model_version,
+            "contract_id": engine.backend.contract.contract_id,
+            "pairs": int(len(labels)), "genuine": int(labels.sum()), "threshold": threshold,
+            "accuracy_at_threshold": {"http": acc_http, "offline": acc_offline},
+            "kfold10_accuracy": {"http": kf_http, "offline": kf_offline},
+            "command": f"FACEREC_MODEL={model} FACEREC_DATA=... FACEREC_ACCURACY_REPORT={out} "
+                       "pytest -s tests/test_service_accuracy.py",
+        }, indent=2) + "\n")
