@@ -38,6 +38,18 @@ def test_shipped_training_configs_name_every_field_of_the_schema(name, quality_m
     assert resolved["loss"]["quality_min_images"] == quality_min_images
 
 
+def test_vit_config_keeps_the_shipped_models_margin_whatever_its_base_says():
+    """pool_vit_tiny_fiqa.yaml inherits from pool_mobilefacenet.yaml, whose default margin follows the
+    CPU comparison; the ViT recipe that made the shipped model must not move with it."""
+    from training.__main__ import config_path
+    from training.config import load_config
+
+    shipped = yaml.safe_load((MODEL / "training_config_stage1.yaml").read_text())["loss"]
+    loss = load_config(config_path("pool_vit_tiny_fiqa")).loss
+    assert (loss.margin, loss.margin_kwargs, loss.unpg) == (shipped["margin"], shipped["margin_kwargs"], shipped["unpg"])
+    assert load_config(config_path("pool_mobilefacenet")).loss.margin != shipped["margin"]  # the base did move
+
+
 def test_manifest_matches_the_graph_and_its_contract():
     import hashlib
 
