@@ -213,12 +213,17 @@ def recover_checkpoints(root: Path) -> list[str]:
     return notes
 
 
-def set_aside_newer(root: Path, step: int) -> list[str]:
-    """Resuming from step N while the run has later checkpoints (an abandoned branch): move those
-    into ``abandoned_<time>/`` (never read as checkpoints, nothing deleted), so that pruning and
-    ``--resume auto`` follow the resumed branch; ``best.json`` then names the best step that the
-    resumed checkpoint knew of. Call on rank 0. Returns a note per move (for the run log)."""
-    root = Path(root)
+def set_aside_newer(root: Path, resume_from: Path) -> list[str]:
+    """Resuming from step N of this run (``resume_from`` is a step directory of ``root``) while the
+    run has later checkpoints (an abandoned branch): move those into ``abandoned_<time>/`` (never
+    read as checkpoints, nothing deleted), so that pruning and ``--resume auto`` follow the resumed
+    branch; ``best.json`` then names the best step that the resumed checkpoint knew of. A checkpoint
+    of another run changes nothing. Call on rank 0. Returns a note per move (for the run log)."""
+    root, resume_from = Path(root), Path(resume_from)
+    match = _STEP_DIR.match(resume_from.name)
+    if not match or resume_from.resolve().parent != root.resolve():
+        return []
+    step = int(match.group(1))
     newer = [(s, p) for s, p in list_checkpoints(root) if s > step]
     if not newer:
         return []

@@ -131,10 +131,8 @@ class Trainer:
             recovered = ckpt.recover_checkpoints(self.ckpt_dir)
         barrier(self.info)
         resume_from = ckpt.resolve_resume(resume, self.ckpt_dir)
-        if resume_from is not None and self.info.is_main and Path(resume_from).resolve().parent == self.ckpt_dir.resolve():
-            step_match = ckpt._STEP_DIR.match(Path(resume_from).name)
-            if step_match:  # resuming an older step of this run: its later checkpoints go aside
-                recovered += ckpt.set_aside_newer(self.ckpt_dir, int(step_match.group(1)))
+        if resume_from is not None and self.info.is_main:  # an older step of this run: later ones go aside
+            recovered += ckpt.set_aside_newer(self.ckpt_dir, resume_from)
         barrier(self.info)
         self.init_origin = None
         if cfg.model.init_from and resume_from is None:  # a resumed run has its own weights
