@@ -54,10 +54,34 @@ if "tiny_face" not in list_models():
         return TinyFace(**overrides)
 '''
 
+# Appended to the plugin by the tests that compare N processes with one process on the
+# concatenated batch. The plugin is imported before the trainer builds anything, so the whole run
+# (backbone, class centres, margins, UNPG, optimiser state) computes in float64. In float32 such a
+# comparison is a property of the CPU, not of the code: splitting the global batch changes the
+# summation order of every reduction and the kernels the CPU picks, and a few SGD steps amplify
+# that to ~3e-5 on weights of ~0.1 on some machines (a 2-core Xeon) and to nothing on others. In
+# float64 the same reordering leaves ~1e-16 (measured), so rtol 1e-10 keeps a margin of about a
+# million over rounding, while a real defect (a wrong gradient scale, a lost centre shard, a
+# mis-gathered UNPG batch) changes the weights at the scale of a learning step.
+FLOAT64 = '''
+torch.set_default_dtype(torch.float64)
+_float32_forward = TinyFace.forward
 
-def write_run_files(tmp: Path, **sections) -> Path:
-    """The tiny-model plugin and a config for it; ``sections`` update the config's sections."""
-    (tmp / "tiny_face_plugin.py").write_text(TINY_MODEL)
+
+def _float64_forward(self, x, return_features=False):
+    return _float32_forward(self, x.to(torch.float64), return_features)
+
+
+TinyFace.forward = _float64_forward
+'''
+# What the float64 comparisons allow: ~1e6 times the rounding they were measured with.
+FLOAT64_TOLERANCE = dict(rtol=1e-10, atol=1e-12)
+
+
+def write_run_files(tmp: Path, float64: bool = False, **sections) -> Path:
+    """The tiny-model plugin and a config for it; ``sections`` update the config's sections;
+    ``float64`` makes every process that imports the plugin compute in float64 (see FLOAT64)."""
+    (tmp / "tiny_face_plugin.py").write_text(TINY_MODEL + (FLOAT64 if float64 else ""))
     config = {
         "model": {"name": "tiny_face", "imports": ["tiny_face_plugin"]},
         "loss": {"margin": "elastic_arcface_plus", "margin_kwargs": {"s": 16.0, "m": 0.3},

@@ -6,7 +6,8 @@ Each launcher is what one machine of a cluster runs (docs/training.md, "2 nodes 
 both are on 127.0.0.1 and share the run directory, as nodes share a filesystem. The trainer is the
 real CLI (``-m training --config tiny_cpu``) on the bundled LFW sample; only the backbone is swapped
 for the few-thousand-parameter ``tiny_face`` of the resume tests, which has no BatchNorm, so the
-two-node run and the single-process run compute the same function of the same global batch.
+two-node run and the single-process run compute the same function of the same global batch; every
+process computes in float64 (``FLOAT64``), so the comparison holds on any CPU.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_checkpoint_resume import TINY_MODEL
+from test_checkpoint_resume import FLOAT64, FLOAT64_TOLERANCE, TINY_MODEL
 
 pytestmark = pytest.mark.timeout(150)
 
@@ -69,7 +70,7 @@ def environment(tmp: Path) -> dict:
 
 
 def test_two_torchrun_nodes_on_loopback_equal_one_process(tmp_path):
-    (tmp_path / "tiny_face_plugin.py").write_text(TINY_MODEL + PROBE)
+    (tmp_path / "tiny_face_plugin.py").write_text(TINY_MODEL + FLOAT64 + PROBE)
     env = environment(tmp_path)
     probes = tmp_path / "probes"
     probes.mkdir()
@@ -129,12 +130,13 @@ def test_two_torchrun_nodes_on_loopback_equal_one_process(tmp_path):
     start = torch.load(one / "rank0.pt", weights_only=True)
     assert m1.keys() == m2.keys()
     for k in m1:
-        torch.testing.assert_close(m2[k], m1[k], rtol=1e-5, atol=1e-6, msg=k)
+        assert m1[k].dtype == m2[k].dtype == torch.float64, (k, m1[k].dtype)
+        torch.testing.assert_close(m2[k], m1[k], msg=k, **FLOAT64_TOLERANCE)
     # ... and so do the class centres, sharded 12 + 12 over the nodes.
     ranks = [torch.load(two / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
     shards = [r["loss"]["centres.weight"] for r in ranks]
     assert [s.shape[0] for s in shards] == [12, 12]
-    torch.testing.assert_close(torch.cat(shards), start["loss"]["centres.weight"], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(torch.cat(shards), start["loss"]["centres.weight"], **FLOAT64_TOLERANCE)
 
     # Both nodes hold the same backbone: their optimiser states (SGD momentum, which sums every
     # step's all-reduced gradient) are bit-identical for every backbone parameter. The centres'
