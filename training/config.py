@@ -15,6 +15,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from facerec.data.degrade import RandomDegradation
+
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
@@ -86,6 +88,10 @@ class DataConfig(_Strict):
     prefetch_factor: int = 2
     flip: bool = True
     photometric: float = 0.0
+    # Image damage (blur, resampling, noise, low light, occlusion, JPEG) on part of the training
+    # crops, so the quality token learns that damaged faces are worse (facerec/data/degrade.py;
+    # `{}` takes its defaults: half the images, each kind about equally often).
+    degrade: RandomDegradation | None = None
     center_crop: int | None = None  # crop of unaligned images (e.g. 150 for 250x250 LFW) before resize
     # synthetic data
     num_classes: int = 16

@@ -199,8 +199,8 @@ def build_dataset(cfg, seed: int) -> Dataset:
     is not, the dataset's ``protocol_check_skipped`` says which check did not run and why (the
     trainer logs it once as a warning). Synthetic data has no people and needs no check.
     """
-    transform = CropThen(TrainTransform(flip_p=0.5 if cfg.flip else 0.0, photometric=cfg.photometric),
-                         cfg.center_crop)
+    transform = CropThen(TrainTransform(flip_p=0.5 if cfg.flip else 0.0, photometric=cfg.photometric,
+                                        degrade=cfg.degrade), cfg.center_crop)
     if cfg.kind == "synthetic":
         return SyntheticFaces(cfg.num_classes, cfg.images_per_class, cfg.noise, seed)
     if cfg.kind == "rec":

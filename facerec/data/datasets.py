@@ -18,6 +18,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from facerec.data.align import ensure_three_channels
+from facerec.data.degrade import RandomDegradation
 from facerec.data.folders import Sample, load_or_build_manifest
 from facerec.data.recordio import FaceRecReader
 
@@ -62,19 +63,27 @@ class EvalTransform:
 
 
 class TrainTransform(EvalTransform):
-    """Random horizontal flip (p=0.5) and, optionally, light brightness/contrast/saturation jitter.
+    """Random horizontal flip (p=0.5) and, optionally, light brightness/contrast/saturation jitter
+    and image damage (``degrade``, see :mod:`facerec.data.degrade`).
 
     Only a flip by default: it is all arcface_torch uses, and geometric jitter would undo the
-    alignment the model relies on at test time.
+    alignment the model relies on at test time. Damage is applied to the resized crop, before the
+    flip, with a NumPy generator seeded from torch's RNG, so a DataLoader worker's seed (and a
+    resumed run's restored RNG) decides it like the flip.
     """
 
-    def __init__(self, size: int = 112, flip_p: float = 0.5, photometric: float = 0.0):
+    def __init__(self, size: int = 112, flip_p: float = 0.5, photometric: float = 0.0,
+                 degrade: RandomDegradation | None = None):
         super().__init__(size)
         self.flip_p = flip_p
         self.photometric = photometric  # max relative change, e.g. 0.2
+        self.degrade = degrade
 
     def __call__(self, image: np.ndarray) -> torch.Tensor:
         image = self.resize(image)
+        if self.degrade is not None:
+            rng = np.random.default_rng(int(torch.randint(0, 2**62, ())))
+            image = self.degrade(np.ascontiguousarray(image), rng)
         if torch.rand(()) < self.flip_p:
             image = image[:, ::-1]
         if self.photometric <= 0:
