@@ -237,7 +237,8 @@ def aligned_crop(image: np.ndarray, landmarks: np.ndarray, size: int) -> np.ndar
     rw, rh = max(1, round((x1 - x0) * scale)), max(1, round((y1 - y0) * scale))
     small = cv2.resize(region, (rw, rh), interpolation=cv2.INTER_AREA)
     f = np.array([rw / (x1 - x0), rh / (y1 - y0)])
-    return norm_crop(small, (np.asarray(landmarks, np.float64) - [x0, y0]) * f, size)
+    # Pixel centres: source x lands at (x + 0.5) * f - 0.5 in the resized region.
+    return norm_crop(small, (np.asarray(landmarks, np.float64) - [x0, y0] + 0.5) * f - 0.5, size)
 
 
 class FacePipeline:
