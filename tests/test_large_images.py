@@ -100,6 +100,25 @@ def test_jpeg_is_decoded_reduced_and_at_full_resolution_only_for_a_small_face(pi
     assert 2800 < box[0] < box[2] < 3175 and 2800 < box[1] < box[3] < 3175
 
 
+@pytest.mark.timeout(120)
+def test_exif_rotation_of_a_reduced_jpeg_keeps_full_resolution_coordinates(pipeline):
+    import io
+
+    from PIL import Image
+
+    upright = np.full((6000, 4500, 3), 128, np.uint8)  # portrait: 4500 wide, 6000 high
+    upright[:4500] = cv2.resize(cv2.imread(str(FACE))[:, :, ::-1], (4500, 4500), interpolation=cv2.INTER_CUBIC)
+    expected = pipeline.process(_encode(upright[:, :, ::-1])).faces[0]
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored turned 90 degrees counter-clockwise: "rotate 90 clockwise to view"
+    out = io.BytesIO()
+    Image.fromarray(upright).transpose(Image.Transpose.ROTATE_90).save(out, "JPEG", quality=90,
+                                                                        exif=exif.tobytes())
+    result = pipeline.process(out.getvalue())
+    assert (result.width, result.height) == (4500, 6000)
+    assert np.abs(result.faces[0].box - expected.box).max() < 0.02 * (expected.box[2] - expected.box[0])
+
+
 def test_aligned_crop_shrinks_a_large_face_before_warping():
     """A face 16x larger than the crop, with pixel-level detail (sensor noise, pores): the crop is
     close to the one made from the face at crop scale; a plain bilinear warp samples every 16th
