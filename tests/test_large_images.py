@@ -107,7 +107,8 @@ def test_exif_rotation_of_a_reduced_jpeg_keeps_full_resolution_coordinates(pipel
     from PIL import Image
 
     upright = np.full((6000, 4500, 3), 128, np.uint8)  # portrait: 4500 wide, 6000 high
-    upright[:4500] = cv2.resize(cv2.imread(str(FACE))[:, :, ::-1], (4500, 4500), interpolation=cv2.INTER_CUBIC)
+    rgb = cv2.imread(str(FACE))[:, :, ::-1]
+    upright[:4500] = cv2.resize(rgb, (4500, 4500), interpolation=cv2.INTER_CUBIC)
     expected = pipeline.process(_encode(upright[:, :, ::-1])).faces[0]
     exif = Image.Exif()
     exif[0x0112] = 6  # stored turned 90 degrees counter-clockwise: "rotate 90 clockwise to view"

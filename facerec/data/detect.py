@@ -165,21 +165,22 @@ def pad_image(
 DEFAULT_PAD_ATTEMPTS: tuple[tuple[str, float], ...] = (("replicate", 0.25), ("constant", 0.5))
 
 
-def _scaled(d: Detection, fx: float, fy: float, shift: tuple[float, float] = (0.0, 0.0)) -> Detection:
-    """``d`` moved by ``-shift`` then scaled by (fx, fy): coordinates of one image mapped to another."""
+def map_detection(d: Detection, fx: float, fy: float, shift: tuple[float, float] = (0.0, 0.0)) -> Detection:
+    """``d`` from one image's pixel coordinates to another's: moved by ``-shift`` (a padding), then
+    scaled by (fx, fy) about pixel centres (x -> (x + 0.5) * fx - 0.5, as cv2.resize maps them)."""
     f = np.array([fx, fy], dtype=np.float64)
     s = np.asarray(shift, dtype=np.float64)
-    box = (np.asarray(d.box, np.float64).reshape(2, 2) - s) * f
+    box = (np.asarray(d.box, np.float64).reshape(2, 2) - s + 0.5) * f - 0.5
     return Detection(
         box=box.reshape(4).astype(np.float32),
         score=d.score,
-        landmarks=((np.asarray(d.landmarks, np.float64) - s) * f).astype(np.float32),
+        landmarks=((np.asarray(d.landmarks, np.float64) - s + 0.5) * f - 0.5).astype(np.float32),
     )
 
 
 def bounded_copy(image: np.ndarray, max_side: int | None) -> tuple[np.ndarray, float, float]:
     """``image`` shrunk (area interpolation) so that its longer side is at most ``max_side``, and
-    the factors (fx, fy) that map its coordinates back: x_original = x_copy * fx."""
+    the factors (fx, fy) that map its coordinates back (``map_detection``)."""
     import cv2
 
     h, w = image.shape[:2]
@@ -219,7 +220,7 @@ def detect_faces(
     def attempt(view: np.ndarray, shift: tuple[float, float] = (0.0, 0.0)) -> list[Detection]:
         small, gx, gy = bounded_copy(view, max_side)
         # view -> (minus the padding) base -> image
-        found = [_scaled(_scaled(d, gx, gy), fx, fy, shift) for d in detector.detect(small)]
+        found = [map_detection(map_detection(d, gx, gy), fx, fy, shift) for d in detector.detect(small)]
         return select_faces(found, image.shape, policy, min_size, min_score)
 
     found = attempt(base)

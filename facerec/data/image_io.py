@@ -47,7 +47,9 @@ class ImageDecodeError(ValueError):
     """The input could not be turned into an image (empty, not an image, corrupt, too large)."""
 
 
-def inspect_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, name: str = "image bytes") -> ImageHeader:
+def inspect_image(
+    data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, name: str = "image bytes"
+) -> ImageHeader:
     """Format and size from the header, checked against ``max_pixels`` and the pixel types
     ``to_rgb_uint8`` accepts; ``ImageDecodeError`` otherwise. Costs microseconds, decodes nothing."""
     if len(data) == 0:

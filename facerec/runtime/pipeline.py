@@ -299,7 +299,7 @@ class FacePipeline:
     # ------------------------------------------------------------------ stages
     def locate(self, data, all_faces: bool = False) -> _Located:
         """Decode, detect and align; raises DecodeError / NoFaceError / TooManyFacesError."""
-        from facerec.data.detect import _scaled, detect_faces
+        from facerec.data.detect import detect_faces, map_detection
 
         decoded = _decode(data, self.max_pixels, self.max_bytes, self.detect_max_side)
         fx, fy = decoded.scale
@@ -312,14 +312,15 @@ class FacePipeline:
         if len(found) > self.max_faces:
             raise TooManyFacesError(len(found), self.max_faces)
         found = sorted(found, key=_area, reverse=True)
-        chosen = [_scaled(d, fx, fy) for d in (found if all_faces else found[:1])]
+        chosen = [map_detection(d, fx, fy) for d in (found if all_faces else found[:1])]
         size = self.contract.input_size
         crops, full = [], None
         for d in chosen:
             # From the reduced decode when it holds the face at no less than the crop's
             # resolution; else from the full-resolution image (decoded once, on demand).
-            if decoded.full is None or _crop_scale(d.landmarks, size) * min(fx, fy) <= 1.0:
-                crops.append(aligned_crop(decoded.image, d.landmarks / np.float32([fx, fy]), size))
+            if decoded.full is None or _crop_scale(d.landmarks, size) * max(fx, fy) <= 1.0:
+                on_reduced = (d.landmarks + 0.5) / np.float32([fx, fy]) - 0.5
+                crops.append(aligned_crop(decoded.image, on_reduced, size))
             else:
                 full = decoded.full() if full is None else full
                 crops.append(aligned_crop(full, d.landmarks, size))
