@@ -211,12 +211,21 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "large_images.json"))
     parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--service-only", action="store_true", help="skip part 1 (the pipeline cases)")
     args = parser.parse_args()
+    from service.settings import Settings
+
+    settings = Settings(api_keys=[KEY])
     result = {
         "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+                    "load_average_1min": round(os.getloadavg()[0], 2),
                     "python": platform.python_version(), "opencv": cv2.__version__},
-        "pipeline": pipeline_cases(args.runs),
+        "service_settings": {k: getattr(settings, k) for k in (
+            "max_pixels", "decode_workers", "large_image_pixels", "large_image_workers",
+            "max_queued_large_images")},
     }
+    if not args.service_only:
+        result["pipeline"] = pipeline_cases(args.runs)
     result["service"] = live_service()
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
