@@ -119,6 +119,30 @@ def test_bombs_cost_neither_memory_nor_time():
     assert result["grew_kib"] < 200 * 1024  # decoding one of them took 2.7 GB
 
 
+_BACKSTOP = """
+import sys
+sys.path.insert(0, {root!r})
+import facerec.runtime  # what the service imports before anything loads OpenCV
+import cv2, numpy as np
+from tests.test_image_bombs import gif_bomb
+try:
+    cv2.imdecode(np.frombuffer(gif_bomb(10_001, 10_001), np.uint8), cv2.IMREAD_COLOR)
+    print("decoded")
+except cv2.error:
+    print("refused")
+"""
+
+
+@pytest.mark.timeout(120)
+def test_opencv_itself_refuses_a_bomb_in_a_process_that_imported_the_runtime():
+    """The second line of defence: OpenCV's own ceiling (100 MP, the hard cap of the pixel setting)
+    is set before OpenCV loads, when the environment does not set it."""
+    env = {k: v for k, v in os.environ.items() if k != "OPENCV_IO_MAX_IMAGE_PIXELS"}
+    out = subprocess.run([sys.executable, "-c", _BACKSTOP.format(root=str(ROOT))], env=env,
+                         capture_output=True, text=True, timeout=100, check=True)
+    assert out.stdout.strip().splitlines()[-1] == "refused"
+
+
 def _bgr(h: int = 48, w: int = 64) -> np.ndarray:
     y, x = np.mgrid[0:h, 0:w]
     return np.dstack([x * 4 % 256, y * 5 % 256, (x + y) * 3 % 256]).astype(np.uint8)

@@ -14,8 +14,11 @@ format (AVIF, JPEG 2000, HDR, ...) is refused as unsupported. Why not OpenCV's o
 ``OPENCV_IO_MAX_IMAGE_PIXELS`` is read once, when the OpenCV library is loaded (checked with
 OpenCV 5.0: setting it after ``import cv2`` has no effect), so it cannot follow a per-call or
 per-deployment ``max_pixels`` and is lost whenever anything imported cv2 first. It is still set
-here, to the hard cap ``OPENCV_PIXEL_CEILING``, when this module is the first to load OpenCV and the
-environment does not set it already: a second line of defence if a header parser were ever wrong.
+here (``facerec.runtime`` imports this module first, so the service has it), when this module is
+the first to load OpenCV and the environment does not set it already: a second line of defence if a
+header parser were ever wrong. It is set to ``OPENCV_PIXEL_CEILING``, the service's hard cap on
+``FACEREC_MAX_PIXELS``, not to a ``max_pixels``, so it never refuses what a configured limit allows;
+every smaller limit, per call, is the header check's.
 
 ``reduce`` (2, 4 or 8) lets a caller that only needs a smaller copy decode a JPEG at 1/2, 1/4 or
 1/8 scale straight from the DCT (libjpeg's scaled decoding: 6000x6000 takes 0.03 s at 1/4 instead
