@@ -36,6 +36,7 @@ from facerec.runtime import (
     load_backend,
     resolve_device,
 )
+from facerec.runtime.admission import ImageAdmission
 from facerec.runtime.backends import METADATA_PREFIX
 from service.errors import from_exception
 from service.settings import ModelNotFoundError, Settings
@@ -160,6 +161,8 @@ class Engine:
             min_face_size=s.min_face_size, max_pixels=s.max_pixels, max_bytes=s.max_image_bytes,
             executor=self.executor,
         )
+        self.images = ImageAdmission(self.executor, s.large_image_pixels, s.large_image_workers,
+                                     s.max_queued_large_images)
         self.model_path = path
         self._loaded = True
         log.info("model %s (%s) on %s via %s", path, self.backend.contract.contract_id,
@@ -208,6 +211,7 @@ class Engine:
         if self._loaded:
             await self.batcher.close(drain=True)
             self.executor.shutdown(wait=False)
+            self.images.shutdown()
 
     # ------------------------------------------------------------------ serving
     def provider_active(self) -> bool:
@@ -231,7 +235,9 @@ class Engine:
     @contextlib.asynccontextmanager
     async def admit(self):
         """Bound the requests in decode/detect/model at once; beyond it answer 429 immediately,
-        before any work, as the batcher does for faces."""
+        before any work, as the batcher does for faces. Within a request every image is admitted
+        again by its size in ``process`` (``ImageAdmission``): a request of many large images
+        counts once here, but cannot take the decode threads that small images need."""
         limit = self.settings.max_concurrent_requests
         if self.inflight >= limit:
             raise Overloaded(self.batcher.retry_after(), self.inflight, limit)
@@ -247,7 +253,9 @@ class Engine:
                 self.metrics.pending.set(self.batcher.pending)
 
     async def process(self, data: bytes, all_faces: bool = False):
-        return await self.pipeline.process_async(data, all_faces=all_faces)
+        """One image: large ones (header pixel count) in their own bounded lane, see ``admit``."""
+        async with self.images.admit(data) as executor:
+            return await self.pipeline.process_async(data, all_faces=all_faces, executor=executor)
 
     async def process_many(self, images: dict[str, bytes]) -> dict:
         """Several images concurrently; the first failure (in field order) is raised with its field."""

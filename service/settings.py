@@ -63,6 +63,12 @@ class Settings(BaseSettings):
     max_pending: int = Field(256, ge=1, le=10_000)  # faces queued for the model
     max_concurrent_requests: int = Field(64, ge=1, le=10_000)  # requests being decoded/detected/embedded
     decode_workers: int = Field(4, ge=1, le=64)
+    # Images over large_image_pixels are decoded/detected in their own pool of large_image_workers
+    # threads, so they never hold the decode_workers that small images need (facerec.runtime.admission);
+    # at most max_queued_large_images wait for it, beyond: 429.
+    large_image_pixels: int = Field(4_000_000, ge=100_000, le=100_000_000)
+    large_image_workers: int = Field(2, ge=1, le=64)
+    max_queued_large_images: int = Field(32, ge=0, le=10_000)
     warmup: bool = True
 
     # ---- galleries (1:N identification, docs/gallery.md)

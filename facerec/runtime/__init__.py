@@ -4,6 +4,9 @@ See docs/export_runtime.md. Nothing here imports torch at import time, so an onn
 server starts without it (the torch backend imports it when built).
 """
 
+# First: OpenCV reads its own pixel ceiling once, when it loads (see facerec.data.image_io).
+import facerec.data.image_io  # noqa: F401, I001
+
 from facerec.runtime.backends import Backend, OnnxRuntimeBackend, TorchBackend, load_backend, to_model_input
 from facerec.runtime.batcher import BatcherClosed, BatchInfo, MicroBatcher, Overloaded
 from facerec.runtime.device import (
