@@ -6,6 +6,7 @@ batch boundary, and a torn shard tail (half a row, half an index line: what a ki
 write leaves) is written by hand.
 """
 
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -173,7 +174,26 @@ def test_rec_input_is_keyed_by_the_record_bytes(setup, tmp_path):
     np.testing.assert_allclose(emb, direct, atol=1e-6)
 
 
-def test_cli_teach_and_its_errors(setup, tmp_path, capsys, monkeypatch):
+@pytest.fixture
+def restore_threads():
+    """The CLI sets one thread for its process; give the test session its settings back."""
+    import cv2
+    import torch
+
+    keys = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
+    env = {k: os.environ.get(k) for k in keys}
+    torch_threads, cv2_threads = torch.get_num_threads(), cv2.getNumThreads()
+    yield
+    for k, v in env.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+    torch.set_num_threads(torch_threads)
+    cv2.setNumThreads(cv2_threads)
+
+
+def test_cli_teach_and_its_errors(setup, tmp_path, capsys, monkeypatch, restore_threads):
     from facerec.cli import main
 
     tree, spec, teacher = setup

@@ -144,8 +144,9 @@ def validation(spec, teacher, args) -> str:
 
 def run(args: argparse.Namespace) -> int:
     from facerec.teachers import MissingExtraError, TeacherCacheError
-    from facerec.teachers.compute import TeacherSpec, teach
+    from facerec.teachers.compute import TeacherSpec, one_thread, teach
 
+    one_thread()  # before the teacher loads its libraries: every process runs one thread
     kwargs = parse_options(args.option)
     if args.model:
         kwargs["path"] = args.model

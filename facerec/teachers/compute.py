@@ -104,8 +104,7 @@ def embed_all(spec: TeacherSpec, sources: Sequence[Source], workers: int = 1, ba
     ``workers`` <= 1 runs in this process (with ``teacher`` if given, else ``spec.build()``).
     """
     jobs = [(i, list(sources[i : i + batch_size])) for i in range(0, len(sources), batch_size)]
-    if workers <= 1:
-        one_thread()
+    if workers <= 1:  # this process's thread settings are the caller's (the CLI sets one thread)
         teacher = teacher or spec.build()
         for start, batch in jobs:
             yield start, _embed_sources(teacher, batch)
