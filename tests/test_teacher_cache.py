@@ -1,9 +1,10 @@
 """The teacher cache and `facerec teach`: resumable, keyed by content, multi-process = one process.
 
 Runs the real ONNX teacher (a tiny exported model) on bundled LFW sample photos, which it detects
-and aligns itself. An interruption is made deterministic two ways: ``stop_after`` ends a run at a
-batch boundary, and a torn shard tail (half a row, half an index line: what a kill during a
-write leaves) is written by hand.
+and aligns itself. Interruptions are deterministic: a process running the real teacher kills
+itself (SIGKILL) as it starts its third batch; ``stop_after`` ends a run at a batch boundary; and a
+torn shard tail (half a row, half an index line: what a kill during a write leaves) is written
+by hand.
 """
 
 import os
@@ -246,3 +247,49 @@ def test_pool_preset_keys_the_aligned_file_and_feeds_the_original(tmp_path):
     assert pairs[str(extra)] == str(extra)
     items, from_photo = pool_items(args, photo_teacher=False)  # aligned teachers read the crops
     assert from_photo == 0 and all(k == s for k, s in items)
+
+
+KILLED_RUN = """
+import os, signal, sys
+sys.path.insert(0, sys.argv[1])
+from facerec.teachers.compute import TeacherSpec, teach
+
+spec = TeacherSpec("onnx", {"path": sys.argv[2]})
+teacher = spec.build()
+real_embed, calls = teacher.embed, [0]
+
+def embed(images):  # the real teacher; the process is killed as it starts its third batch
+    calls[0] += 1
+    if calls[0] == 3:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real_embed(images)
+
+teacher.embed = embed
+items = [(("file", p),) * 2 for p in sys.argv[4:]]
+teach(spec, items, sys.argv[3], batch_size=4, progress=False, teacher=teacher)
+"""
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="SIGKILL")
+def test_a_killed_process_resumes_without_recomputing(setup, reference, tmp_path):
+    import subprocess
+
+    tree, spec, teacher = setup
+    ref_out, _ = reference
+    out = tmp_path / "cache"
+    script = tmp_path / "killed.py"
+    script.write_text(KILLED_RUN)
+    root = Path(__file__).resolve().parents[1]
+    files = [str(p) for p in sorted(tree.glob("*/*.jpg"))]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, str(script), str(root), spec.kwargs["path"], str(out), *files],
+                          capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    assert len(TeacherCache(out)) == 8  # two whole batches survived the kill
+    resumed = teach(spec, items_of(tree), out, batch_size=4, progress=False, teacher=teacher)
+    assert resumed.cached == 8 and resumed.computed == 4
+    keys = hashes_of(tree)
+    got, found = TeacherCache(out).lookup(keys)
+    want, _ = TeacherCache(ref_out).lookup(keys)
+    assert found.all()
+    np.testing.assert_allclose(got, want, atol=1e-6)
