@@ -183,3 +183,47 @@ def test_dlib_falls_back_to_the_facerec_box(dlib_teacher):
     assert dlib_teacher.stats["fallback"] == before["fallback"] + 1
     assert float(full @ crop) > 0.95  # the same face, found through the fallback box
     assert np.isnan(dlib_teacher.embed([np.full((120, 120, 3), 128, np.uint8)])).all()
+
+
+PLUGIN = '''
+import torch
+from torch import nn
+
+from facerec.models import register_model
+from facerec.models.output import FaceOutput
+
+
+class Plug(nn.Module):
+    embedding_size, input_size, has_quality, feature_dims = 8, 112, False, []
+
+    def __init__(self):
+        super().__init__()
+        self.pool = nn.AvgPool2d(28)
+        self.fc = nn.Linear(48, 8)
+
+    def forward(self, x, return_features=False):
+        return FaceOutput(self.fc(self.pool(x).flatten(1)))
+
+
+@register_model
+def teacher_plugin_net(**kwargs):
+    return Plug()
+'''
+
+
+def test_facerec_teacher_imports_the_plugins_a_checkpoint_config_lists(tmp_path, monkeypatch):
+    (tmp_path / "teacher_plugin_mod.py").write_text(PLUGIN)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    step = tmp_path / "step_00000001"
+    step.mkdir()
+    (step / "config.yaml").write_text("model:\n  name: teacher_plugin_net\n  imports: [teacher_plugin_mod]\n")
+    torch.manual_seed(3)
+    state = {"fc.weight": torch.randn(8, 48), "fc.bias": torch.randn(8)}
+    torch.save({"model": state, "model_name": "teacher_plugin_net", "model_kwargs": {}, "step": 1},
+               step / "model.pt")
+    teacher = create_teacher("facerec", path=str(step))  # unknown to the registry until imported
+    crops = random_crops(3, seed=5)
+    x = (torch.from_numpy(crops).permute(0, 3, 1, 2).float() - 127.5) / 127.5
+    want = torch.nn.functional.avg_pool2d(x, 28).flatten(1) @ state["fc.weight"].t() + state["fc.bias"]
+    want = (want / want.norm(dim=1, keepdim=True)).numpy()
+    np.testing.assert_allclose(teacher.embed(list(crops)), want, atol=1e-5)

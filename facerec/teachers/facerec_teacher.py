@@ -5,7 +5,8 @@
   or that ``.onnx`` file itself;
 - a torch artefact (``<stem>.pt`` of an export) or a training checkpoint (a ``step_*`` folder, its
   ``model.pt``, or a run's ``checkpoints`` folder with ``best.json``), rebuilt from the model
-  registry by :func:`facerec.export.torch_artifact.load_model_file` (weights-only loading), so
+  registry by :func:`facerec.export.torch_artifact.load_model_file` (weights-only loading), after
+  importing the plugin modules the checkpoint's ``config.yaml`` lists under ``model.imports``; so
   ``facerec/`` reads checkpoints without importing ``training/``.
 
 The input follows the model's embedding contract (112 x 112 RGB ArcFace-aligned crops,
@@ -29,6 +30,23 @@ from facerec.teachers.base import (
 )
 
 
+def import_model_plugins(config_yaml: Path) -> list[str]:
+    """Import the modules a training run's resolved config lists under ``model.imports`` (plugins
+    that register their backbones), as the trainer did before building the model. Reads the
+    stored YAML itself: ``facerec/`` does not import ``training/``."""
+    import importlib
+
+    import yaml
+
+    if not config_yaml.is_file():
+        return []
+    config = yaml.safe_load(config_yaml.read_text()) or {}
+    modules = list(((config.get("model") or {}).get("imports")) or [])
+    for module in modules:
+        importlib.import_module(module)
+    return modules
+
+
 class FacerecTeacher(Teacher):
     name = "facerec"
     input_kind = "aligned"
@@ -49,6 +67,7 @@ class FacerecTeacher(Teacher):
             from facerec.export.torch_artifact import _checkpoint_file, default_contract, load_model_file
 
             weights = _checkpoint_file(source)
+            import_model_plugins(weights.parent / "config.yaml")
             loaded = load_model_file(weights)
             self.backend = TorchBackend(loaded.model, device="cpu", contract=default_contract(loaded),
                                         return_features=False, threads=threads)
