@@ -209,6 +209,8 @@ def test_cli_teach_and_its_errors(setup, tmp_path, capsys, monkeypatch, restore_
               "--no-progress"])
     with pytest.raises(SystemExit, match="not KEY=VALUE"):
         main(["teach", "onnx", "--model", model, "-o", "bgr", "--data", str(tree), "--out", str(out)])
+    with pytest.raises(SystemExit, match="--out DIR is needed"):
+        main(["teach", "onnx", "--model", model, "--data", str(tree)])
     with pytest.raises(SystemExit, match="unknown teacher"):
         main(["teach", "nope", "--data", str(tree), "--out", str(out)])
     with pytest.raises(SystemExit, match="--preset pool needs --aligned"):

@@ -41,7 +41,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sources", nargs="+", help="--preset pool: pool sources (default: the protocol's)")
     parser.add_argument("--pins", help="--preset pool: the Pins folder, if the aligned pool has it")
     parser.add_argument("--data-root", help="shared data root (default $FACEREC_DATA or ../shared/data)")
-    parser.add_argument("--out", required=True, help="the cache folder (one teacher per folder)")
+    parser.add_argument("--out", help="the cache folder (one teacher per folder)")
     parser.add_argument("--workers", type=int, default=1, help="processes, one thread each")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--limit", type=int, help="only the first N images (a dry run)")
@@ -170,6 +170,8 @@ def run(args: argparse.Namespace) -> int:
         items = []
     if args.limit:
         items = items[: args.limit]
+    if items and not args.out:
+        raise SystemExit("facerec teach: --out DIR is needed (the cache folder)")
     if items:
         try:
             summary = teach(spec, items, args.out, args.workers, args.batch_size, args.stop_after,
