@@ -81,6 +81,18 @@ class Teacher(ABC):
                 "weights_hash": self.weights_hash}
 
 
+def default_detector():
+    """facerec's MTCNN: on onnxruntime (one thread, the fastest for photos) where it is installed,
+    else on torch (a core dependency; the dlib teacher does not otherwise need onnxruntime)."""
+    from facerec.data.detect import create_detector
+
+    try:
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        return create_detector("mtcnn", backend="torch")
+    return create_detector("mtcnn", backend="onnx", threads=1)
+
+
 class AlignedInput:
     """Turns any image into the crop an aligned-input model expects.
 
@@ -96,11 +108,10 @@ class AlignedInput:
         self._detector = None
 
     def _detect(self, image: np.ndarray):
-        from facerec.data.detect import create_detector, detect_faces
+        from facerec.data.detect import detect_faces
 
         if self._detector is None:
-            factory = self._detector_factory or (lambda: create_detector("mtcnn", backend="onnx", threads=1))
-            self._detector = factory()
+            self._detector = (self._detector_factory or default_detector)()
         return detect_faces(self._detector, image, policy="largest")
 
     def crop(self, image: np.ndarray) -> np.ndarray | None:

@@ -83,11 +83,11 @@ class DlibTeacher(Teacher):
         self.stats = {"hog": 0, "fallback": 0, "none": 0}
 
     def _fallback_box(self, image: np.ndarray):
-        from facerec.data.detect import create_detector, detect_faces
+        from facerec.data.detect import detect_faces
+        from facerec.teachers.base import default_detector
 
         if self._detector is None:
-            factory = self._detector_factory or (lambda: create_detector("mtcnn", backend="onnx", threads=1))
-            self._detector = factory()
+            self._detector = (self._detector_factory or default_detector)()
         faces = detect_faces(self._detector, image, policy="largest")
         if not faces:
             return None
