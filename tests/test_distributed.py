@@ -14,7 +14,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from ddp_worker import CONFIG, global_inputs  # noqa: E402
+from ddp_worker import CONFIG, distill_inputs, distill_losses, global_inputs  # noqa: E402
 
 from facerec.losses import FaceRecognitionLoss  # noqa: E402
 
@@ -27,20 +27,24 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_ranks_equal_one_process(tmp_path):
+def run_two_ranks(tmp_path, *mode):
     port = str(free_port())
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
     root = Path(__file__).resolve().parents[1]
     env["PYTHONPATH"] = os.pathsep.join([str(root), env.get("PYTHONPATH", "")])
     worker = Path(__file__).parent / "ddp_worker.py"
     procs = [
-        subprocess.Popen([sys.executable, str(worker), str(r), "2", port, str(tmp_path)],
+        subprocess.Popen([sys.executable, str(worker), str(r), "2", port, str(tmp_path), *mode],
                          env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         for r in range(2)
     ]
     for p in procs:
         output, _ = p.communicate(timeout=180)
         assert p.returncode == 0, output.decode()[-3000:]
+
+
+def test_two_ranks_equal_one_process(tmp_path):
+    run_two_ranks(tmp_path)
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
 
     embeddings, labels, quality, weight = global_inputs()
@@ -65,3 +69,27 @@ def test_two_ranks_equal_one_process(tmp_path):
         torch.testing.assert_close(r["weight_grad"], loss.centres.weight.grad[start:end],
                                    rtol=1e-10, atol=1e-12)
     assert ranks[0]["shard"] != ranks[1]["shard"]
+
+
+def test_distillation_two_ranks_equal_one_process(tmp_path):
+    """Relational losses over the gathered batch (teacher embeddings and masks gathered with the
+    features) and the embedding loss: every rank reports the global loss and gets its rows'
+    single-process gradients; the replicated projection's gradients sum to the single-process one."""
+    run_two_ranks(tmp_path, "distill")
+    ranks = [torch.load(tmp_path / f"distill_rank{r}.pt") for r in range(2)]
+
+    student, teacher, mask, weight = distill_inputs()
+    s = student.clone().requires_grad_()
+    w = weight.clone().requires_grad_()
+    losses = distill_losses(s, teacher, mask, w)
+    sum(losses.values()).backward()
+
+    for r in ranks:
+        lo, hi = r["local"]
+        for name, value in losses.items():
+            torch.testing.assert_close(r[name], value.detach(), rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(r["student_grad"], s.grad[lo:hi], rtol=1e-10, atol=1e-12)
+        assert torch.all(r["student_grad"][~mask[lo:hi]] == 0)
+    torch.testing.assert_close(ranks[0]["weight_grad"] + ranks[1]["weight_grad"], w.grad,
+                               rtol=1e-10, atol=1e-12)
+    assert all(v.item() > 1e-3 for v in losses.values())

@@ -27,6 +27,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
              "evaluate a model (verify, quality, ood) into a report folder: JSON, PNG plots, summary.md"),
     "calibrate-openset": ("facerec.cli.calibrate_openset",
                           "calibrate an exported model's open-set (1:N) thresholds at FPIRs on validation"),
+    "teach": ("facerec.cli.teach",
+              "compute a teacher's embeddings (dlib, ONNX, facerec model) of a dataset once, into a resumable cache"),
 }
 
 
