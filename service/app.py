@@ -19,7 +19,7 @@ from service.auth import ApiKeys
 from service.engine import Engine
 from service.errors import install_handlers
 from service.metrics import Metrics
-from service.middleware import RequestContextMiddleware
+from service.middleware import RequestContextMiddleware, install_access_log_redaction
 from service.routes import ROUTERS
 from service.settings import Settings
 
@@ -35,6 +35,7 @@ Every `/v1` route except health needs the `X-API-Key` header. Every response car
 
 def create_app(settings: Settings | None = None, announce_key: bool = True) -> FastAPI:
     settings = settings or Settings()
+    install_access_log_redaction()  # API keys sent in a query string stay out of the access log
     metrics = Metrics()
     engine = Engine(settings, metrics)
     engine.load()
@@ -66,5 +67,6 @@ def create_app(settings: Settings | None = None, announce_key: bool = True) -> F
     install_handlers(app)
     for router in ROUTERS:
         app.include_router(router)
-    app.add_middleware(RequestContextMiddleware, max_body=settings.max_request_bytes, metrics=metrics)
+    app.add_middleware(RequestContextMiddleware, max_body=settings.max_request_bytes, metrics=metrics,
+                       body_timeout_s=settings.body_timeout_s)
     return app
