@@ -56,7 +56,7 @@ def create_app(settings: Settings | None = None, announce_key: bool = True) -> F
         version=facerec.__version__,
         description=DESCRIPTION,
         lifespan=lifespan,
-        docs_url="/docs" if settings.docs else None,
+        docs_url=None,  # /docs is our own page without a CDN (service/routes/demo.py)
         redoc_url=None,
         openapi_url="/openapi.json" if settings.docs else None,
     )

@@ -329,3 +329,28 @@ def test_each_429_names_the_limit_hit(model_dir, tmp_path):
     assert "faces" not in message
     # The batcher's own limit still speaks of faces.
     assert "faces pending" in str(Overloaded(0.5, 3, 3))
+
+
+def test_docs_page_loads_nothing_from_elsewhere(model_dir, tmp_path):
+    """/docs is served from service/static (FastAPI's Swagger UI page loads its code from a CDN)."""
+    import re
+
+    settings = Settings(model=model_dir, api_keys=[KEY], device="cpu", gallery_path=tmp_path / "g.sqlite3")
+    app = create_app(settings, announce_key=False)
+    with TestClient(app) as client:
+        page = client.get("/docs")
+        assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+        assert "script-src 'self'" in page.headers["content-security-policy"]
+        assets = re.findall(r'(?:src|href)="([^"]+)"', page.text)
+        assert "/docs/docs.js" in assets and "/docs/docs.css" in assets
+        for url in assets:
+            assert not re.match(r"(https?:)?//", url), url  # same origin only
+            if url.startswith("/docs/"):
+                asset = client.get(url)
+                assert asset.status_code == 200 and "http" not in asset.text.replace("/openapi.json", "")
+        assert "fetch(\"/openapi.json\"" in client.get("/docs/docs.js").text
+        assert client.get("/openapi.json").status_code == 200
+    off = Settings(model=model_dir, api_keys=[KEY], device="cpu", docs=False, gallery_path=tmp_path / "g.sqlite3")
+    with TestClient(create_app(off, announce_key=False)) as client:
+        for path in ("/docs", "/docs/docs.js", "/openapi.json"):
+            assert client.get(path).status_code == 404, path
