@@ -95,6 +95,23 @@ def _closed_within(sock: socket.socket, seconds: float, trickle: bytes | None = 
     raise AssertionError(f"connection still open after {seconds} s; received {received[:200]!r}")
 
 
+def _read_one(sock: socket.socket) -> bytes:
+    """One whole response (headers + Content-Length body) from a keep-alive connection."""
+    sock.settimeout(10)
+    raw = b""
+    while b"\r\n\r\n" not in raw:
+        chunk = sock.recv(65536)
+        assert chunk, f"closed mid-response: {raw!r}"
+        raw += chunk
+    _, headers, body = _response(raw)
+    while len(body) < int(headers["content-length"]):
+        chunk = sock.recv(65536)
+        assert chunk, f"closed mid-body: {raw!r}"
+        body += chunk
+        raw += chunk
+    return raw
+
+
 def _response(raw: bytes) -> tuple[int, dict, bytes]:
     head, _, body = raw.partition(b"\r\n\r\n")
     lines = head.decode("latin-1").split("\r\n")
@@ -128,9 +145,7 @@ def test_keepalive_connection_gets_a_fresh_header_deadline_per_request(slow_serv
     base, s = slow_server
     with _connect(base) as sock:
         sock.sendall(b"GET /v1/health/live HTTP/1.1\r\nHost: x\r\n\r\n")
-        sock.settimeout(5)
-        status, _, _ = _response(sock.recv(65536))
-        assert status == 200
+        assert _response(_read_one(sock))[0] == 200
         sock.sendall(b"GET /v1/health/live HTTP/1.1\r\n")  # the second request stalls
         elapsed, got = _closed_within(sock, 10, trickle=b"Y")
     assert got == b"" and elapsed < s.header_timeout_s + 3, elapsed
@@ -164,6 +179,14 @@ def test_unread_body_cannot_trickle_after_the_answer(slow_server):
     assert s.body_timeout_s * 0.8 <= elapsed < s.body_timeout_s + 3, elapsed
 
 
+def test_oversized_headers_answer_400_and_close(slow_server):
+    base, s = slow_server
+    with _connect(base) as sock:
+        sock.sendall(b"GET /v1/health/live HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * (s.max_header_bytes + 1024))
+        _, got = _closed_within(sock, 10)
+    assert _response(got)[0] == 400  # the header deadline closes without an answer: this is the size check
+
+
 def test_requests_within_the_deadlines_are_served(slow_server):
     base, _ = slow_server
     with httpx.Client(base_url=base, timeout=30) as client:
@@ -181,7 +204,7 @@ def test_connection_cap_answers_503_then_recovers(model_dir, tmp_path):
             for _ in range(cap):  # keep-alive connections, each with one request answered
                 sock = _connect(base)
                 sock.sendall(b"GET /v1/health/live HTTP/1.1\r\nHost: x\r\n\r\n")
-                assert _response(sock.recv(65536))[0] == 200
+                assert _response(_read_one(sock))[0] == 200
                 held.append(sock)
             with _connect(base) as extra:
                 extra.sendall(b"GET /v1/health/live HTTP/1.1\r\nHost: x\r\n\r\n")
