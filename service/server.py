@@ -7,8 +7,8 @@ a few hundred slow ones get every other client a 503. This module closes those g
 itself, so the service is safe without a proxy in front:
 
 - **header deadline**: a connection must deliver a complete request line and headers within
-  ``header_timeout_s`` of opening (or of its previous response, for keep-alive); otherwise it is
-  closed;
+  ``header_timeout_s`` of opening (on a keep-alive connection: of the next request's first byte;
+  an idle one is closed after ``keepalive_timeout_s``); otherwise it is closed;
 - **body deadline**: the body must arrive within ``body_timeout_s`` of the headers. A route waiting
   for it answers 408 (``service.middleware``); a body nobody reads (say, after a 401) cannot keep
   trickling in either: the connection is closed at the deadline;
@@ -66,7 +66,7 @@ class BoundedH11Protocol(H11Protocol):
         self._app = self.app
         self._refuse = _too_many_connections(self.max_connections)
         self._timer: asyncio.TimerHandle | None = None
-        self._phase: str | None = None  # the deadline running: "headers", "body" or none
+        self._phase: str | None = None  # "headers", "body" (deadline running), "idle" or none
         self._body_late = False
 
     # ---------------------------------------------------------------- deadlines
@@ -83,12 +83,17 @@ class BoundedH11Protocol(H11Protocol):
         elif phase == "body":
             self._timer = self.loop.call_later(self.body_timeout_s, self._body_deadline)
 
-    def _follow_request(self) -> None:
+    def _follow_request(self, response_ended: bool = False) -> None:
         """After h11 consumed bytes or a response ended: the deadline that applies now."""
         if self.transport.is_closing():
             self._set_phase(None)
             return
         state = self.conn.their_state
+        if state is h11.IDLE and response_ended:
+            # Idle keep-alive: uvicorn's keep-alive timer applies; the next request's header deadline
+            # starts with its first byte.
+            self._set_phase("idle")
+            return
         # DONE: the request is in and the app's time is not limited here (admission bounds it).
         self._set_phase("headers" if state is h11.IDLE else "body" if state is h11.SEND_BODY else None)
 
@@ -134,7 +139,7 @@ class BoundedH11Protocol(H11Protocol):
         super().on_response_complete()
         if self._body_late and self.conn.their_state is h11.SEND_BODY and not self.transport.is_closing():
             self._close_late_body()
-        self._follow_request()
+        self._follow_request(response_ended=True)
 
     def connection_lost(self, exc) -> None:
         self._set_phase(None)

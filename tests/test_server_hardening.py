@@ -146,7 +146,13 @@ def test_keepalive_connection_gets_a_fresh_header_deadline_per_request(slow_serv
     with _connect(base) as sock:
         sock.sendall(b"GET /v1/health/live HTTP/1.1\r\nHost: x\r\n\r\n")
         assert _response(_read_one(sock))[0] == 200
-        sock.sendall(b"GET /v1/health/live HTTP/1.1\r\n")  # the second request stalls
+        # Idle between requests, the keep-alive timeout applies (5 s here), not the header deadline.
+        sock.settimeout(3 * s.header_timeout_s)
+        with pytest.raises(TimeoutError):
+            assert sock.recv(1) != b"", "closed while idle before the keep-alive timeout"
+        sock.sendall(b"GET /v1/health/live HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert _response(_read_one(sock))[0] == 200
+        sock.sendall(b"GET /v1/health/live HTTP/1.1\r\n")  # the third request stalls
         elapsed, got = _closed_within(sock, 10, trickle=b"Y")
     assert got == b"" and elapsed < s.header_timeout_s + 3, elapsed
 
@@ -323,7 +329,10 @@ def test_access_log_of_a_real_server_holds_no_query_key(model_dir, tmp_path):
 
 # ------------------------------------------------------------------------------ extras
 def test_no_server_paths_in_models_and_health(model_dir, tmp_path):
-    settings = Settings(model=model_dir, api_keys=[KEY], device="cpu", gallery_path=tmp_path / "g.sqlite3")
+    # warmup=False here and below: a warm-up thread still inside onnxruntime when the interpreter
+    # exits aborts the process ("terminate called without an active exception").
+    settings = Settings(model=model_dir, api_keys=[KEY], device="cpu", warmup=False,
+                        gallery_path=tmp_path / "g.sqlite3")
     with TestClient(create_app(settings, announce_key=False)) as client:
         wait_ready(client.get)
         for path in ("/v1/models", "/v1/health/ready", "/v1/health/live"):
@@ -337,7 +346,7 @@ def test_no_server_paths_in_models_and_health(model_dir, tmp_path):
 
 def test_each_429_names_the_limit_hit(model_dir, tmp_path):
     settings = Settings(model=model_dir, api_keys=[KEY], device="cpu", max_concurrent_requests=1,
-                        gallery_path=tmp_path / "g.sqlite3")
+                        warmup=False, gallery_path=tmp_path / "g.sqlite3")
     engine = create_app(settings, announce_key=False).state.engine
 
     async def two_at_once():
@@ -358,7 +367,8 @@ def test_docs_page_loads_nothing_from_elsewhere(model_dir, tmp_path):
     """/docs is served from service/static (FastAPI's Swagger UI page loads its code from a CDN)."""
     import re
 
-    settings = Settings(model=model_dir, api_keys=[KEY], device="cpu", gallery_path=tmp_path / "g.sqlite3")
+    settings = Settings(model=model_dir, api_keys=[KEY], device="cpu", warmup=False,
+                        gallery_path=tmp_path / "g.sqlite3")
     app = create_app(settings, announce_key=False)
     with TestClient(app) as client:
         page = client.get("/docs")
@@ -373,7 +383,8 @@ def test_docs_page_loads_nothing_from_elsewhere(model_dir, tmp_path):
                 assert asset.status_code == 200 and "http" not in asset.text.replace("/openapi.json", "")
         assert "fetch(\"/openapi.json\"" in client.get("/docs/docs.js").text
         assert client.get("/openapi.json").status_code == 200
-    off = Settings(model=model_dir, api_keys=[KEY], device="cpu", docs=False, gallery_path=tmp_path / "g.sqlite3")
+    off = Settings(model=model_dir, api_keys=[KEY], device="cpu", docs=False, warmup=False,
+                   gallery_path=tmp_path / "g.sqlite3")
     with TestClient(create_app(off, announce_key=False)) as client:
         for path in ("/docs", "/docs/docs.js", "/openapi.json"):
             assert client.get(path).status_code == 404, path
