@@ -4,7 +4,9 @@ The model is loaded in the factory, not lazily: a missing model, a GPU the stric
 cannot use or an OOD file of another model stops the start with its message, before a port is
 opened. Warm-up then runs in the background (liveness answers, readiness waits for it).
 
-``uvicorn --factory service.app:create_app`` works too (settings from the environment).
+``uvicorn --factory service.app:create_app`` works too (settings from the environment), but only
+``facerec-serve`` applies the connection settings (deadlines, connection cap: service/server.py);
+with plain uvicorn add ``--http service.server:BoundedH11Protocol`` for them at their defaults.
 """
 
 from __future__ import annotations
