@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
 import uuid
 
 import h11
@@ -34,6 +35,29 @@ from service.errors import REQUEST_ID_HEADER, envelope
 from service.settings import Settings
 
 log = logging.getLogger("service")
+
+
+class _Throttled:
+    """One log line per ``interval_s`` at most for an event that an attack repeats by the
+    thousand (a slowloris wave would otherwise write a line per connection)."""
+
+    def __init__(self, level: int, message: str, interval_s: float = 5.0) -> None:
+        self.level, self.message, self.interval_s = level, message, interval_s
+        self.last = -interval_s
+        self.count = 0
+
+    def __call__(self, *args) -> None:
+        self.count += 1
+        now = time.monotonic()
+        if now - self.last >= self.interval_s:
+            log.log(self.level, self.message + " (%d such connection(s) since the last report)",
+                    *args, self.count)
+            self.last, self.count = now, 0
+
+
+_headers_late_log = _Throttled(logging.INFO, "closed a connection from %s: no complete request headers within %.1f s")
+_body_late_log = _Throttled(logging.INFO, "closed a connection from %s: request body not complete within %.1f s")
+_refused_log = _Throttled(logging.WARNING, "refused a connection from %s: %d connections open")
 
 
 def _too_many_connections(limit: int):
@@ -100,8 +124,7 @@ class BoundedH11Protocol(H11Protocol):
     def _headers_late(self) -> None:
         self._timer = None
         if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
-            log.info("closed a connection from %s: no complete request headers within %.1f s",
-                     _addr(self.client), self.header_timeout_s)
+            _headers_late_log(_addr(self.client), self.header_timeout_s)
             self.transport.close()
 
     def _body_deadline(self) -> None:
@@ -115,16 +138,14 @@ class BoundedH11Protocol(H11Protocol):
             self._close_late_body()
 
     def _close_late_body(self) -> None:
-        log.info("closed a connection from %s: request body not complete within %.1f s",
-                 _addr(self.client), self.body_timeout_s)
+        _body_late_log(_addr(self.client), self.body_timeout_s)
         self.transport.close()
 
     # ---------------------------------------------------------------- protocol hooks
     def connection_made(self, transport) -> None:
         super().connection_made(transport)
         if len(self.connections) > 2 * self.max_connections:
-            log.warning("refused a connection from %s: %d connections open", _addr(self.client),
-                        len(self.connections))
+            _refused_log(_addr(self.client), len(self.connections))
             transport.close()
             return
         self._set_phase("headers")
