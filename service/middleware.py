@@ -88,9 +88,8 @@ class RequestContextMiddleware:
                 message = await receive()  # after the body: waiting for a disconnect is not bounded
             else:
                 try:
-                    async with asyncio.timeout_at(body_deadline):
-                        message = await receive()
-                except TimeoutError:
+                    message = await _receive_by(receive, body_deadline)
+                except asyncio.TimeoutError:
                     raise too_slow(self.body_timeout_s) from None
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
@@ -134,6 +133,16 @@ class RequestContextMiddleware:
         response = JSONResponse(envelope(err.code, err.message, request_id, err.details),
                                 status_code=err.status, headers=err.headers)
         await response({"type": "http"}, _empty_receive, send)
+
+
+async def _receive_by(receive, deadline: float):
+    """``receive()``, cancelled if it is still waiting at ``deadline`` (loop time). A message that is
+    already buffered is returned even past the deadline: only a client that is slow counts."""
+    if hasattr(asyncio, "timeout_at"):  # Python >= 3.11
+        async with asyncio.timeout_at(deadline):
+            return await receive()
+    remaining = deadline - asyncio.get_running_loop().time()
+    return await asyncio.wait_for(receive(), max(remaining, 1e-3))
 
 
 async def _empty_receive():
