@@ -6,6 +6,7 @@ Command-line options override the ``FACEREC_*`` environment (which overrides the
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import sys
 
@@ -43,16 +44,18 @@ def main(argv: list[str] | None = None) -> int:
     import uvicorn
 
     from service.app import create_app
+    from service.server import uvicorn_config
 
     try:
         app = create_app(settings)
     except (ModelNotFoundError, DeviceUnavailableError) as err:
         print(f"facerec-serve: {err}", file=sys.stderr)
         return 2
-    # One worker process: the model, the batcher and the concurrency limits live in this process.
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level=args.log_level,
-                timeout_graceful_shutdown=30)
-    return 0
+    # Deadlines, connection cap, header size and backlog from the settings (service/server.py).
+    server = uvicorn.Server(uvicorn_config(app, settings, log_level=args.log_level))
+    with contextlib.suppress(KeyboardInterrupt):
+        server.run()
+    return 0 if server.started else 3  # 3: the port could not be bound (as uvicorn.run exits)
 
 
 if __name__ == "__main__":

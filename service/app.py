@@ -4,7 +4,9 @@ The model is loaded in the factory, not lazily: a missing model, a GPU the stric
 cannot use or an OOD file of another model stops the start with its message, before a port is
 opened. Warm-up then runs in the background (liveness answers, readiness waits for it).
 
-``uvicorn --factory service.app:create_app`` works too (settings from the environment).
+``uvicorn --factory service.app:create_app`` works too (settings from the environment), but only
+``facerec-serve`` applies the connection settings (deadlines, connection cap: service/server.py);
+with plain uvicorn add ``--http service.server:BoundedH11Protocol`` for them at their defaults.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from service.auth import ApiKeys
 from service.engine import Engine
 from service.errors import install_handlers
 from service.metrics import Metrics
-from service.middleware import RequestContextMiddleware
+from service.middleware import RequestContextMiddleware, install_access_log_redaction
 from service.routes import ROUTERS
 from service.settings import Settings
 
@@ -35,6 +37,7 @@ Every `/v1` route except health needs the `X-API-Key` header. Every response car
 
 def create_app(settings: Settings | None = None, announce_key: bool = True) -> FastAPI:
     settings = settings or Settings()
+    install_access_log_redaction()  # API keys sent in a query string stay out of the access log
     metrics = Metrics()
     engine = Engine(settings, metrics)
     engine.load()
@@ -55,7 +58,7 @@ def create_app(settings: Settings | None = None, announce_key: bool = True) -> F
         version=facerec.__version__,
         description=DESCRIPTION,
         lifespan=lifespan,
-        docs_url="/docs" if settings.docs else None,
+        docs_url=None,  # /docs is our own page without a CDN (service/routes/demo.py)
         redoc_url=None,
         openapi_url="/openapi.json" if settings.docs else None,
     )
@@ -66,5 +69,6 @@ def create_app(settings: Settings | None = None, announce_key: bool = True) -> F
     install_handlers(app)
     for router in ROUTERS:
         app.include_router(router)
-    app.add_middleware(RequestContextMiddleware, max_body=settings.max_request_bytes, metrics=metrics)
+    app.add_middleware(RequestContextMiddleware, max_body=settings.max_request_bytes, metrics=metrics,
+                       body_timeout_s=settings.body_timeout_s)
     return app

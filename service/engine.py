@@ -240,7 +240,8 @@ class Engine:
         counts once here, but cannot take the decode threads that small images need."""
         limit = self.settings.max_concurrent_requests
         if self.inflight >= limit:
-            raise Overloaded(self.batcher.retry_after(), self.inflight, limit)
+            raise Overloaded(self.batcher.retry_after(), self.inflight, limit, what="too many concurrent requests",
+                             unit="requests in progress, FACEREC_MAX_CONCURRENT_REQUESTS")
         self.inflight += 1
         if self.metrics is not None:
             self.metrics.inflight.set(self.inflight)

@@ -71,6 +71,14 @@ class Settings(BaseSettings):
     max_queued_large_images: int = Field(32, ge=0, le=10_000)
     warmup: bool = True
 
+    # ---- connections (service/server.py): slow or idle clients cannot hold sockets for ever
+    max_connections: int = Field(512, ge=1, le=100_000)  # open connections; requests beyond: 503
+    header_timeout_s: float = Field(10.0, ge=0.5, le=300.0)  # request line + headers must be in by then
+    body_timeout_s: float = Field(60.0, ge=0.5, le=3600.0)  # the whole body, from the end of the headers
+    keepalive_timeout_s: float = Field(5.0, ge=0.5, le=300.0)  # an idle keep-alive connection is closed
+    max_header_bytes: int = Field(16 * 1024, ge=1024, le=1 * MB)  # request line + headers (h11: 400 beyond)
+    backlog: int = Field(2048, ge=1, le=65_535)  # connections the kernel queues before they are accepted
+
     # ---- galleries (1:N identification, docs/gallery.md)
     gallery_backend: Literal["sqlite", "pgvector"] = "sqlite"
     gallery_path: Path | None = Field(

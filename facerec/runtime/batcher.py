@@ -48,12 +48,12 @@ def _backend_lock(backend) -> threading.Lock:
 
 
 class Overloaded(RuntimeError):
-    """The batcher holds ``limit`` faces already; retry after ``retry_after_s`` seconds."""
+    """``pending`` of ``limit`` units of work are admitted already (by default faces in the
+    batcher; ``what`` names the limit that was hit); retry after ``retry_after_s`` seconds."""
 
-    def __init__(self, retry_after_s: float, pending: int, limit: int) -> None:
-        super().__init__(
-            f"inference queue full ({pending} of {limit} faces pending); retry in {retry_after_s:.2f} s"
-        )
+    def __init__(self, retry_after_s: float, pending: int, limit: int,
+                 what: str = "inference queue full", unit: str = "faces pending") -> None:
+        super().__init__(f"{what} ({pending} of {limit} {unit}); retry in {retry_after_s:.2f} s")
         self.retry_after_s = retry_after_s
         self.pending = pending
         self.limit = limit

@@ -7,6 +7,7 @@ from typing import Annotated
 from fastapi import Depends, Request
 
 from facerec.runtime import Face
+from service.auth import ApiKey
 from service.engine import Engine
 from service.errors import ApiError
 from service.schemas import (
@@ -19,10 +20,13 @@ from service.schemas import (
 )
 
 
-def get_engine(request: Request) -> Engine:
+def get_engine(request: Request, _: ApiKey) -> Engine:
+    # The key is checked first (a sub-dependency runs before this one, and FastAPI runs it once per
+    # request): a client without a key learns nothing, not even that the model is warming up.
     engine: Engine = request.app.state.engine
     if not engine.ready:
-        detail = engine.warmup_error or "the model is warming up"
+        # The warm-up exception's text stays in the log: it can name server paths.
+        detail = "warm-up failed (the server log says why)" if engine.warmup_error else "the model is warming up"
         raise ApiError(503, "not_ready", f"not ready: {detail}", headers={"Retry-After": "2"})
     return engine
 

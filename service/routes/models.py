@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from fastapi import APIRouter, Request
 
 from service.auth import ApiKey
@@ -17,6 +19,9 @@ async def models(request: Request, _: ApiKey) -> ModelsResponse:
     engine = request.app.state.engine
     s = engine.settings
     info = engine.backend.describe()
+    # Names, not server paths: a client has no use for the filesystem layout (the start-up log has it).
+    path = Path(info.pop("path", None) or engine.model_path)
+    info["folder"], info["file"] = (path.parent.name, path.name) if path.suffix else (path.name, None)
     cal = engine.calibration
     providers = info.get("providers") or [info["provider"]]
     ood = None
