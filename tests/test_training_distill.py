@@ -127,7 +127,7 @@ def test_distillation_trains_logs_its_terms_and_pulls_the_student_to_the_teacher
 
     data, cache = faces
     sections = distill_sections(data, cache, distill={"relational_weight": 5.0},
-                                train={"epochs": 12, "log_every": 3, "checkpoint_every": 100})
+                                train={"epochs": 8, "log_every": 3, "checkpoint_every": 100})
     trainer = trainer_at(tmp_path / "on", **sections)
     assert len(trainer.dataset) == 26 and trainer.num_classes == 8
     assert trainer.distill.coverage == pytest.approx(IN_CACHE / 26)
@@ -155,7 +155,7 @@ def test_distillation_trains_logs_its_terms_and_pulls_the_student_to_the_teacher
 
     log = read_log(tmp_path / "on" / "run")
     train = [r for r in log if r["kind"] == "train"]
-    assert len(train) == 12 * 3 // 3
+    assert len(train) == 8 * 3 // 3
     for record in train:
         assert {"relational", "embedding", "classification", "quality", "loss"} <= set(record)
     assert train[-1]["relational"] < train[0]["relational"]
@@ -351,7 +351,7 @@ def test_config_errors_say_what_is_wrong(tmp_path, faces):
     from training.config import load_config
 
     data, cache = faces
-    folder = [f"data.kind=folder", f"data.path={data}"]
+    folder = ["data.kind=folder", f"data.path={data}"]
     with pytest.raises(ValidationError, match="both 0, so there is nothing to distil"):
         load_config(None, folder + [f"loss.distill={{cache: {cache}, relational_weight: 0}}"])
     with pytest.raises(ValidationError, match="synthetic images have none"):
