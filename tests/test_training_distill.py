@@ -201,6 +201,13 @@ def test_the_trainers_distill_term_equals_the_losses_computed_directly(tmp_path,
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-7)
     assert all(float(g.abs().sum()) > 0 for g in got)
+    # under AMP the terms still compute in float32 (a small temperature magnifies bf16's rounding)
+    student = model(images).embedding.detach()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        amp_total, _ = trainer.distill.loss(student.bfloat16(), index)
+    assert amp_total.dtype == torch.float32
+    want_total, _ = trainer.distill.loss(student.bfloat16().float(), index)
+    assert torch.equal(amp_total, want_total)
 
     # the whole step: the projection is in the optimiser, its own group, and moves
     groups = {g["name"]: g for g in trainer.optimizer.param_groups}
