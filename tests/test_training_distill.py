@@ -269,6 +269,18 @@ def test_images_without_identity_feed_only_the_distillation_terms(tmp_path, face
     for line in kept.distill.messages(2):
         kept.log.message(line)
     assert any("2 images of identities with fewer than 2 images feed distillation only" in t for t in texts)
+    # centre imprinting skips the label -1 images: every class gets its own images' mean
+    kept.imprint_centres()
+    assert any("imprinted 6 of 6 class centres" in t for t in texts), texts
+    from facerec.data.datasets import EvalTransform, read_rgb
+
+    first = [i for i, s in enumerate(samples) if s.label == 0]
+    with torch.no_grad():
+        emb = kept.raw_model(torch.stack([EvalTransform()(read_rgb(kept.dataset.root / samples[i].path))
+                                          for i in first])).embedding
+    mean = torch.nn.functional.normalize(torch.nn.functional.normalize(emb, dim=1).sum(0), dim=0)
+    centre = torch.nn.functional.normalize(kept.loss_fn.centres.weight[0].detach(), dim=0)
+    assert float(centre @ mean) > 1 - 1e-5
 
 
 # ---------------------------------------------------------------- (4) 2 processes == 1 process

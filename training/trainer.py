@@ -1,4 +1,5 @@
-"""The training loop: backbone + FaceRecognitionLoss, AMP, DDP with summed gradients, resume.
+"""The training loop: backbone + FaceRecognitionLoss (+ loss.distill: training/distill.py), AMP, DDP
+with summed gradients, resume.
 
 Hot-path rules: the step never waits for the device. Losses and the non-finite guard accumulate
 in device tensors and are read once every ``log_every`` steps; a non-finite step is skipped on
