@@ -37,6 +37,31 @@ class ModelConfig(_Strict):
     init_from: str | None = None
 
 
+class DistillConfig(_Strict):
+    """``loss.distill``: learn from a teacher's cached embeddings (``facerec teach``)."""
+
+    cache: str  # a teacher cache folder (facerec teach --out)
+    # relational: match the student's in-batch cosine matrix to the teacher's (0: off)
+    relational_weight: float = Field(1.0, ge=0.0)
+    relational_kind: Literal["kl", "mse"] = "kl"
+    temperature: float = Field(0.1, gt=0.0)  # the student's row-softmax (kl)
+    teacher_temperature: float | None = Field(None, gt=0.0)  # None: the student's
+    # embedding: a learned projection student -> teacher space, cosine loss (0: off)
+    embedding_weight: float = Field(0.0, ge=0.0)
+    # Keep the images of identities with fewer than data.min_images_per_identity images, with label
+    # -1: they feed only the distillation terms (no margin, UNPG or quality loss, no class).
+    images_without_identity: bool = False
+
+    @model_validator(mode="after")
+    def _check(self) -> DistillConfig:
+        if not self.cache:
+            raise ValueError("loss.distill.cache: give the teacher cache folder (made by `facerec teach`)")
+        if self.relational_weight == 0 and self.embedding_weight == 0:
+            raise ValueError("loss.distill: relational_weight and embedding_weight are both 0, so there is "
+                             "nothing to distil; set one above 0, or loss.distill=null to train without a teacher")
+        return self
+
+
 class LossConfig(_Strict):
     margin: str = "arcface"
     margin_kwargs: dict[str, Any] = Field(default_factory=dict)
@@ -51,6 +76,7 @@ class LossConfig(_Strict):
     # random: N(0, 0.01) centres. imprint: each class centre starts at the mean unit embedding of
     # its training images under the initial backbone (for fine-tuning from model.init_from).
     centres_init: Literal["random", "imprint"] = "random"
+    distill: DistillConfig | None = None  # None: no teacher
 
 
 class OptimConfig(_Strict):
@@ -167,6 +193,13 @@ class Config(_Strict):
         if self.loss.centres_init == "imprint" and not self.model.init_from:
             raise ValueError("loss.centres_init=imprint needs model.init_from: an untrained backbone "
                              "embeds every image alike, so its class means are no starting point")
+        distill = self.loss.distill
+        if distill is not None and self.data.kind == "synthetic":
+            raise ValueError("loss.distill needs image files (data.kind folder, pool or rec): the teacher cache "
+                             "is keyed by the bytes of each training image, and synthetic images have none")
+        if distill is not None and distill.images_without_identity and self.data.kind == "rec":
+            raise ValueError("loss.distill.images_without_identity applies to data.kind folder or pool (identities "
+                             "below data.min_images_per_identity); a .rec keeps all its identities")
         return self
 
     def to_yaml(self) -> str:

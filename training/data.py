@@ -129,16 +129,22 @@ class CropThen:
         return self.inner(center_crop(image, self.crop))
 
 
-def select_identities(samples: list[Sample], identity_range=None, min_images: int = 1) -> list[Sample]:
-    """Keep a [start, end) range of the sorted identities with enough images; labels renumbered."""
+def select_identities(samples: list[Sample], identity_range=None, min_images: int = 1,
+                      keep_small: bool = False) -> list[Sample]:
+    """Keep a [start, end) range of the sorted identities with enough images; labels renumbered.
+
+    ``keep_small``: the range's identities with fewer than ``min_images`` images stay, with label
+    -1 (no class: they feed the distillation terms only); identities outside the range never do.
+    """
     names = sorted({s.identity for s in samples})
     if identity_range is not None:
         names = names[identity_range[0] : identity_range[1]]
     counts: dict[str, int] = {}
     for s in samples:
         counts[s.identity] = counts.get(s.identity, 0) + 1
-    names = [n for n in names if counts.get(n, 0) >= min_images]
-    labels = {n: i for i, n in enumerate(names)}
+    labels = {n: i for i, n in enumerate(n for n in names if counts.get(n, 0) >= min_images)}
+    if keep_small:
+        labels.update({n: -1 for n in names if n not in labels})
     return [Sample(s.path, labels[s.identity], s.identity, s.sha1) for s in samples if s.identity in labels]
 
 
@@ -192,8 +198,11 @@ REC_CHECK_SKIPPED = (f"{PROTOCOL_CHECK}: insightface .rec/.idx data carries nume
                      "the image folders the .rec was packed from (data.kind=folder runs the check)")
 
 
-def build_dataset(cfg, seed: int) -> Dataset:
+def build_dataset(cfg, seed: int, keep_small_identities: bool = False) -> Dataset:
     """The training dataset of ``cfg`` (a DataConfig); ``.num_classes`` is set on it.
+
+    ``keep_small_identities`` (folder, pool): identities below ``cfg.min_images_per_identity`` are
+    kept with label -1 instead of dropped (see :func:`select_identities`); they are no class.
 
     Real data is checked against the protocol's held-out people where that is possible; where it
     is not, the dataset's ``protocol_check_skipped`` says which check did not run and why (the
@@ -215,8 +224,8 @@ def build_dataset(cfg, seed: int) -> Dataset:
     else:  # pool: absolute paths from the protocol, so the root is '/'
         samples = pool_samples(cfg.path, cfg.pool_sources, cfg.pins)
         root = Path(samples[0].path).anchor if samples else "/"
-    samples = select_identities(samples, cfg.identity_range, cfg.min_images_per_identity)
-    if not samples:
+    samples = select_identities(samples, cfg.identity_range, cfg.min_images_per_identity, keep_small_identities)
+    if not any(s.label >= 0 for s in samples):
         raise ValueError("no training images left after identity selection")
     dataset = FolderDataset(root, transform, samples=samples)
     dataset.protocol_check_skipped = skipped
@@ -230,7 +239,7 @@ def class_counts(dataset: Dataset) -> torch.Tensor | None:
         return torch.full((n,), dataset.images_per_class, dtype=torch.long)
     if isinstance(dataset, FolderDataset):
         labels = torch.tensor([s.label for s in dataset.samples], dtype=torch.long)
-        return torch.bincount(labels, minlength=n)
+        return torch.bincount(labels[labels >= 0], minlength=n)  # label -1: no class
     if isinstance(dataset, RecDataset):
         ranges = dataset.reader.identity_ranges()
         if len(ranges) == n:

@@ -55,7 +55,7 @@ class RunLogger:
                 if isinstance(value, (int, float)) and not isinstance(value, bool):
                     self.writer.add_scalar(f"{kind}/{key}", value, step)
         if self.bar is not None and kind == "train":
-            shown = {k: values[k] for k in ("loss", "lr", "img_s") if k in values}
+            shown = {k: values[k] for k in ("loss", "relational", "embedding", "lr", "img_s") if k in values}
             self.bar.set_postfix({k: f"{v:.4g}" for k, v in shown.items()}, refresh=False)
 
     def message(self, text: str, step: int | None = None) -> None:

@@ -14,7 +14,10 @@ import torch
 from torch import nn
 
 
-def param_groups(model: nn.Module, loss_fn: nn.Module, weight_decay: float) -> list[dict]:
+def param_groups(model: nn.Module, loss_fn: nn.Module, weight_decay: float,
+                 extra: list[torch.Tensor] = ()) -> list[dict]:
+    """Backbone (decayed / not), class centres and ``extra`` (the distillation projection: a
+    replicated matrix, decayed like the backbone's); empty groups are left out."""
     skip_names = set(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else set()
     decay, no_decay = [], []
     for name, p in model.named_parameters():
@@ -27,17 +30,18 @@ def param_groups(model: nn.Module, loss_fn: nn.Module, weight_decay: float) -> l
         {"params": no_decay, "weight_decay": 0.0, "name": "backbone_no_decay"},
         {"params": [p for p in loss_fn.parameters() if p.requires_grad],
          "weight_decay": weight_decay, "name": "centres"},
+        {"params": list(extra), "weight_decay": weight_decay, "name": "distill_projection"},
     ]
     return [g for g in groups if g["params"]]
 
 
-def build_optimizer(model: nn.Module, loss_fn: nn.Module, cfg) -> torch.optim.Optimizer:
-    """SGD or AdamW over backbone + class centres; fused kernels when this torch has them.
+def build_optimizer(model: nn.Module, loss_fn: nn.Module, cfg, extra: list[torch.Tensor] = ()) -> torch.optim.Optimizer:
+    """SGD or AdamW over backbone + class centres (+ ``extra``); fused kernels when this torch has them.
 
     A fused optimiser also lets the trainer skip a non-finite step on the device (``found_inf``),
     without a host sync; the fallback (foreach) has to ask the host.
     """
-    groups = param_groups(model, loss_fn, cfg.weight_decay)
+    groups = param_groups(model, loss_fn, cfg.weight_decay, extra)
     if cfg.name == "sgd":
         cls, kwargs = torch.optim.SGD, dict(lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
     else:

@@ -1,4 +1,5 @@
-"""The training loop: backbone + FaceRecognitionLoss, AMP, DDP with summed gradients, resume.
+"""The training loop: backbone + FaceRecognitionLoss (+ loss.distill: training/distill.py), AMP, DDP
+with summed gradients, resume.
 
 Hot-path rules: the step never waits for the device. Losses and the non-finite guard accumulate
 in device tensors and are read once every ``log_every`` steps; a non-finite step is skipped on
@@ -43,6 +44,7 @@ from training.data import (
     class_counts,
 )
 from training.dist import DistInfo, allreduce_sum_hook, barrier, init_distributed
+from training.distill import Distillation, load_distill_state
 from training.logger import RunLogger
 from training.optim import (
     autocast_dtype,
@@ -123,7 +125,9 @@ class Trainer:
             importlib.import_module(module)
 
         seed_everything(cfg.train.seed)  # same backbone init on every rank
-        self.dataset = build_dataset(cfg.data, cfg.train.seed)
+        distill_cfg = cfg.loss.distill
+        self.dataset = build_dataset(cfg.data, cfg.train.seed,
+                                     keep_small_identities=bool(distill_cfg and distill_cfg.images_without_identity))
         self.num_classes = int(self.dataset.num_classes)
         model = create_model(cfg.model.name, **cfg.model.kwargs)
         recovered: list[str] = []
@@ -162,10 +166,17 @@ class Trainer:
                 self.loss_fn.set_quality_classes(counts >= lc.quality_min_images)
                 self.quality_excluded_classes = int((counts < lc.quality_min_images).sum())
         self.loss_fn.to(self.device)
-        self.optimizer = build_optimizer(model, self.loss_fn, cfg.optim)
+        self.distill = None  # loss.distill: teacher rows of every training image + the terms
+        if distill_cfg is not None:
+            self.distill = Distillation(distill_cfg, self.dataset, model.embedding_size, cfg.train.seed,
+                                        self.device, progress=cfg.train.progress and self.info.is_main)
+        distill_params = self.distill.params if self.distill else []
+        self.optimizer = build_optimizer(model, self.loss_fn, cfg.optim, distill_params)
         self.centre_params = [p for p in self.loss_fn.parameters() if p.requires_grad]
         shard_ids = {id(p) for p in self.centre_params}
+        # replicated parameters (same on every rank, gradients summed): backbone + projection
         self.backbone_params = [p for p in model.parameters() if p.requires_grad and id(p) not in shard_ids]
+        self.backbone_params += distill_params
         self.amp_dtype = autocast_dtype(cfg.train.amp, self.device)
         self.scaler = make_scaler(self.amp_dtype, self.device)
 
@@ -188,7 +199,8 @@ class Trainer:
 
         self.sampler = ResumableBatchSampler(len(self.dataset), cfg.data.batch_size, self.info.rank,
                                              self.info.world_size, cfg.train.seed)
-        self.loader = build_loader(self.dataset, self.sampler, cfg.data, self.device.type == "cuda")
+        self.loader = build_loader(self.distill.wrap(self.dataset) if self.distill else self.dataset,
+                                   self.sampler, cfg.data, self.device.type == "cuda")
         spe = self.sampler.steps_per_epoch
         self.total_steps = cfg.train.epochs * spe
         if cfg.train.max_steps is not None:
@@ -224,6 +236,8 @@ class Trainer:
                 self.log.message(f"{excluded} of {self.num_classes} identities have fewer than "
                                  f"{cfg.loss.quality_min_images} images: they train the classifier "
                                  "but not the quality target")
+            for line in self.distill.messages(cfg.data.min_images_per_identity) if self.distill else []:
+                self.log.message(line)
         if path is None and cfg.loss.centres_init == "imprint":
             self.imprint_centres()
 
@@ -251,7 +265,8 @@ class Trainer:
                                              enabled=self.amp_dtype is not None):
             for images, labels in tqdm(loader, desc="imprinting class centres", disable=not show):
                 emb = self.raw_model(images.to(self.device)).embedding.float()
-                sums.index_add_(0, labels.to(self.device), nn.functional.normalize(emb, dim=1))
+                keep = labels.to(self.device) >= 0  # label -1 (images_without_identity): no class
+                sums.index_add_(0, labels.to(self.device)[keep], nn.functional.normalize(emb[keep], dim=1))
         self.raw_model.train(was_training)
         if self.info.distributed:
             dist.all_reduce(sums)
@@ -274,6 +289,7 @@ class Trainer:
     def _reset_meters(self) -> None:
         z = lambda: torch.zeros((), device=self.device)
         self.meters = {"loss": z(), "classification": z(), "quality": z(), "grad_norm": z(), "count": z()}
+        self.meters.update({name: z() for name in (self.distill.terms.names if getattr(self, "distill", None) else [])})
         # The streak of consecutive bad steps carries over logging intervals; the rest restarts.
         if not hasattr(self, "bad_streak"):
             self.bad_streak = z()
@@ -282,7 +298,9 @@ class Trainer:
         self._meter_start = (time.perf_counter(), self.step)
 
     def rank_state(self) -> dict:
+        distill = {"distill": self.distill.state_dict()} if self.distill else {}
         return {
+            **distill,
             "loss": self.loss_fn.state_dict(), "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
             "step": self.step, "epoch": self.epoch, "step_in_epoch": self.step_in_epoch,
@@ -294,6 +312,7 @@ class Trainer:
         model_state, state, meta = ckpt.load_checkpoint(path, self.info.rank, self.info.world_size)
         self.raw_model.load_state_dict(model_state["model"])
         self.loss_fn.load_state_dict(state["loss"])
+        load_distill_state(self.distill, state, path)  # before the optimiser, whose groups it decides
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
@@ -345,7 +364,7 @@ class Trainer:
         for value in found.values():
             torch.maximum(value, skip.to(value.device).reshape(value.shape), out=value)
 
-    def train_step(self, images: torch.Tensor, labels: torch.Tensor) -> None:
+    def train_step(self, images: torch.Tensor, labels: torch.Tensor, index: torch.Tensor | None = None) -> None:
         """One optimiser step, guarded against non-finite values without a host sync.
 
         The guard looks at the loss and at the global gradient norm, which is computed in every
@@ -355,17 +374,24 @@ class Trainer:
         ``train.nan_patience``; under fp16 a GradScaler overflow with a finite loss is the
         scaler's normal back-off, counted apart (``overflow_steps``) and only treated as bad once
         the scale has fallen below ``FP16_OVERFLOW_SCALE``. A skipped step does not roll back
-        BatchNorm running statistics (nor the scheduler): see the module docstring.
+        BatchNorm running statistics (nor the scheduler): see the module docstring. ``index``: the
+        batch's sample indices (loss.distill only), which pick the teacher rows.
         """
         clip = self.cfg.optim.clip_grad_norm
         with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
             out = self.model(images)
             losses = self.loss_fn(out.embedding, labels, out.quality if self.has_quality else None)
-        self.scaler.scale(losses.total).backward()
+            total, terms = losses.total, {}
+            if self.distill is not None:
+                distill_total, terms = self.distill.loss(out.embedding, index)
+                total = total + distill_total
+        self.scaler.scale(total).backward()
+        if self.distill is not None:
+            self.distill.sum_gradients()
         self.scaler.unscale_(self.optimizer)  # no-op without fp16; scaler.step would do it anyway
         # clipping off: the norm is only measured (max_norm None), for the guard and the log
         norm = clip_grad_norm(self.backbone_params, self.centre_params, clip or None)
-        total = losses.total.detach()
+        total = total.detach()
         loss_ok = torch.isfinite(total)
         finite = loss_ok & torch.isfinite(norm.to(total.device))
         if self.scaler.is_enabled():
@@ -393,6 +419,8 @@ class Trainer:
         if losses.quality is not None:
             m["quality"] += torch.nan_to_num(losses.quality.detach()) * good
         m["grad_norm"] += torch.nan_to_num(norm.detach().float().to(total.device)) * good
+        for name, value in terms.items():
+            m[name] += torch.nan_to_num(value.detach()) * good
         m["count"] += good
         # applied step: the streak restarts; bad step: it grows; fp16 overflow: it stays
         self.bad_streak = (self.bad_streak + bad) * (1 - good)
@@ -408,11 +436,15 @@ class Trainer:
         """The one host sync of a logging interval: read the meters, log, check the NaN guard."""
         collapse = getattr(self, "last_collapse", None)  # float32, on the device (pair_collapse)
         self.last_collapse = None
+        names = [*self.meters, "bad_max", "bad_count", "overflow"]
         parts = [torch.stack([*self.meters.values(), self.bad_max, self.bad_count, self.overflow_count]).float()]
         if collapse is not None:
             parts.append(collapse)
         values = torch.cat(parts).tolist()
-        loss, ce, q, gn, count, bad_max, bad_count, overflow = values[:8]
+        read = dict(zip(names, values))
+        loss, ce, q, gn, count = (read[k] for k in ("loss", "classification", "quality", "grad_norm", "count"))
+        bad_max, bad_count, overflow = read["bad_max"], read["bad_count"], read["overflow"]
+        collapse_values = values[len(names):]
         elapsed = time.perf_counter() - self._meter_start[0]
         steps = self.step - self._meter_start[1]
         n = max(count, 1.0)
@@ -424,8 +456,10 @@ class Trainer:
             record["overflow_steps"] = int(overflow)
         if self.has_quality:
             record["quality"] = q / n
-        if collapse is not None and all(math.isfinite(v) for v in values[8:]):
-            record["pair_cos"], record["collapsed_pairs"] = values[8:]
+        for name in self.distill.terms.names if self.distill else []:
+            record[name] = read[name] / n
+        if collapse is not None and all(math.isfinite(v) for v in collapse_values):
+            record["pair_cos"], record["collapsed_pairs"] = collapse_values
             self._check_collapse(record["collapsed_pairs"])
         if self.device.type == "cuda":
             record["max_memory_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
@@ -506,12 +540,12 @@ class Trainer:
         try:
             while self.step < self.total_steps and self.epoch < epochs_total and not self.stop_reason:
                 self.sampler.set_epoch(self.epoch, self.step_in_epoch)
-                for images, labels in self.loader:
+                for images, labels, *index in self.loader:  # index: loss.distill's sample indices
                     images = images.to(self.device, non_blocking=True)
                     if self.channels_last:
                         images = images.contiguous(memory_format=torch.channels_last)
                     labels = labels.to(self.device, non_blocking=True)
-                    self.train_step(images, labels)
+                    self.train_step(images, labels, *index)
                     self.step += 1
                     self.step_in_epoch += 1
                     self.log.advance()
