@@ -93,6 +93,9 @@ class PersonRecord:
     metadata: dict
     created_at: str
     samples: int = 0
+    #: Why ``metadata`` is ``{}`` although the row holds something: the stored value cannot be
+    #: returned (written before writes were checked, see ``facerec.gallery.metadata``).
+    metadata_error: str | None = None
 
 
 @dataclass

@@ -39,6 +39,7 @@ from facerec.gallery import (
 )
 from facerec.gallery.measure import evidence_of
 from facerec.gallery.openset import OPENSET_FILE
+from facerec.gallery.sql_base import MAX_OFFSET
 from facerec.gallery.store import valid_id
 from facerec.runtime import DecodeError, NoFaceError, TooManyFacesError
 from service.auth import ApiKey
@@ -70,12 +71,15 @@ from service.routes.gallery_io import (
     SearchResponse,
     body_kind,
     check_fields,
+    check_person_metadata,
     decode_images,
     enroll_input,
     form_text,
     json_body,
+    metadata_limits,
     read_files,
     read_form,
+    returnable,
 )
 
 log = logging.getLogger("service")
@@ -242,7 +246,12 @@ def _gallery_out(manager: GalleryManager, record) -> GalleryOut:
 
 
 def _person_out(p) -> PersonOut:
-    return PersonOut(id=p.id, name=p.name, metadata=p.metadata, created_at=p.created_at, samples=p.samples)
+    metadata, error = p.metadata, getattr(p, "metadata_error", None)
+    if error is None and not returnable(metadata):  # the store checked it; this is the last guard
+        log.warning("gallery %s: person %s has metadata the response encoder refuses", p.gallery_id, p.id)
+        metadata, error = {}, "metadata: stored value cannot be returned as JSON"
+    return PersonOut(id=p.id, name=p.name, metadata=metadata, created_at=p.created_at, samples=p.samples,
+                     metadata_error=error)
 
 
 async def _offer(engine, images: list[bytes]) -> list[Offered]:
@@ -413,7 +422,9 @@ async def create_person(
     manager = await _manager(state)
     record = await _call(manager.store.get_gallery, gallery_id)
     await _call(manager.require_contract, record)  # before any image work
-    images, name, metadata = await enroll_input(request, engine.settings.max_image_bytes, named=True)
+    images, name, metadata = await enroll_input(
+        request, engine.settings.max_image_bytes, named=True, limits=metadata_limits(state.settings)
+    )
     offered = await _offer(engine, images)
     enrollment = await _call(manager.enroll, gallery_id, offered, None, name, metadata or {})
     response = _enroll_response(request, enrollment)
@@ -445,7 +456,9 @@ async def add_samples(
     record = await _call(manager.store.get_gallery, gallery_id)
     await _call(manager.require_contract, record)
     await _call(manager.store.get_person, gallery_id, person_id)
-    images, _name, _meta = await enroll_input(request, engine.settings.max_image_bytes, named=False)
+    images, _name, _meta = await enroll_input(
+        request, engine.settings.max_image_bytes, named=False, limits=metadata_limits(state.settings)
+    )
     offered = await _offer(engine, images)
     enrollment = await _call(manager.enroll, gallery_id, offered, person_id)
     response = _enroll_response(request, enrollment)
@@ -483,6 +496,7 @@ async def batch_enroll(
             )
         if p.person_id is not None:
             _id(p.person_id, "person")
+        check_person_metadata(p.metadata, metadata_limits(state.settings), f"persons[{i}].metadata")
     decoded = [
         decode_images(p.images, engine.settings.max_image_bytes, f"persons[{i}].images")
         for i, p in enumerate(body.persons)
@@ -507,7 +521,7 @@ async def list_persons(
     state: Galleries,
     _: ApiKey,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Annotated[int, Query(ge=0, le=MAX_OFFSET)] = 0,
 ) -> PersonList:
     manager = await _manager(state)
     gallery_id = _id(gallery_id, "gallery")
@@ -544,6 +558,7 @@ async def get_person(gallery_id: str, person_id: str, state: Galleries, _: ApiKe
 async def update_person(
     gallery_id: str, person_id: str, body: PersonUpdate, state: Galleries, _: ApiKey
 ) -> PersonOut:
+    check_person_metadata(body.metadata, metadata_limits(state.settings))
     manager = await _manager(state)
     person = await _call(
         manager.store.update_person,

@@ -10,12 +10,13 @@ import json
 from typing import Any, Literal
 
 from fastapi import Request
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+from pydantic_core import PydanticSerializationError
 from starlette.datastructures import UploadFile
 
-from facerec.gallery import EnrollmentPolicy, Reason
+from facerec.gallery import EnrollmentPolicy, MetadataError, MetadataLimits, Reason, check_metadata
 from service.errors import ApiError, _validation_details
-from service.inputs import _b64, image_too_large
+from service.inputs import _b64, image_too_large, parse_json
 from service.schemas import ImageReport
 
 MAX_IMAGES_PER_REQUEST = 32
@@ -90,6 +91,9 @@ class PersonOut(BaseModel):
     metadata: dict
     created_at: str
     samples: int
+    metadata_error: str | None = Field(
+        None, description="why `metadata` is {}: the stored value cannot be returned (written by an "
+        "older version without the metadata limits); replace it with PATCH")
 
 
 class PersonDetail(PersonOut):
@@ -182,16 +186,15 @@ class SearchResponse(BaseModel):
 async def read_form(request: Request, max_files: int):
     try:
         return await request.form(max_files=max_files, max_fields=8, max_part_size=64 * 1024)
+    except ApiError:  # the body passed the size limit while it was read (chunked upload): 413
+        raise
     except Exception as exc:  # noqa: BLE001 - parse errors are the client's
         raise ApiError(422, "invalid_multipart", f"malformed multipart body ({exc})") from None
 
 
 async def json_body(request: Request, model: type[BaseModel]):
     body = await request.body()
-    try:
-        payload = json.loads(body) if body.strip() else None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ApiError(422, "invalid_json", f"the body is not valid JSON ({exc})") from None
+    payload = parse_json(body) if body.strip() else None
     try:
         return model.model_validate(payload)
     except ValidationError as exc:
@@ -256,10 +259,7 @@ def form_text(form, field: str) -> str | None:
 def json_field(value: str | None, field: str):
     if value is None or value == "":
         return None
-    try:
-        return json.loads(value)
-    except json.JSONDecodeError:
-        raise ApiError(422, "validation_error", f"{field} must be JSON", {"field": field}) from None
+    return parse_json(value, field)
 
 
 def decode_images(images: list[str], max_bytes: int, prefix: str = "images") -> list[bytes]:
@@ -268,7 +268,45 @@ def decode_images(images: list[str], max_bytes: int, prefix: str = "images") -> 
     return [_b64(f"{prefix}[{i}]", text, max_bytes) for i, text in enumerate(images)]
 
 
-async def enroll_input(request: Request, max_bytes: int, named: bool) -> tuple[list[bytes], str | None, Any]:
+def metadata_limits(settings) -> MetadataLimits:
+    return MetadataLimits(
+        max_bytes=settings.metadata_max_bytes,
+        max_keys=settings.metadata_max_keys,
+        max_depth=settings.metadata_max_depth,
+        max_string=settings.metadata_max_string,
+    )
+
+
+# The encoder of the responses (FastAPI serialises response models through pydantic's JSON mode).
+_ENCODER = TypeAdapter(dict[str, Any])
+
+
+def returnable(metadata: dict) -> bool:
+    """Whether ``metadata`` comes back unchanged through the response encoder."""
+    try:
+        return json.loads(_ENCODER.dump_json(metadata)) == metadata
+    except (PydanticSerializationError, ValueError, RecursionError):
+        return False
+
+
+def check_person_metadata(value, limits: MetadataLimits, field: str = "metadata") -> dict | None:
+    """``value`` (None: not given) when it is within ``limits`` and returnable, else 422
+    ``invalid_metadata`` naming the offending path and the limit. Runs before anything is stored:
+    what is stored is returned by every later listing and search."""
+    if value is None:
+        return None
+    try:
+        check_metadata(value, limits, field)
+    except MetadataError as exc:
+        raise ApiError(422, exc.code, str(exc), exc.details()) from None
+    if not returnable(value):
+        raise ApiError(422, "invalid_metadata", f"{field}: cannot be returned as JSON", {"field": field})
+    return value
+
+
+async def enroll_input(
+    request: Request, max_bytes: int, named: bool, limits: MetadataLimits
+) -> tuple[list[bytes], str | None, dict | None]:
     if body_kind(request) == "multipart":
         form = await read_form(request, MAX_IMAGES_PER_REQUEST)
         try:
@@ -282,8 +320,7 @@ async def enroll_input(request: Request, max_bytes: int, named: bool) -> tuple[l
         body = await json_body(request, PersonEnrollJSON if named else SamplesJSON)
         name, metadata = getattr(body, "name", None), getattr(body, "metadata", None)
         images = decode_images(body.images, max_bytes)
-    if metadata is not None and not isinstance(metadata, dict):
-        raise ApiError(422, "validation_error", "metadata must be a JSON object", {"field": "metadata"})
+    metadata = check_person_metadata(metadata, limits)
     if named and not (name or "").strip():
         raise ApiError(422, "validation_error", "a new person needs a `name`", {"field": "name"})
     return images, name, metadata
