@@ -186,8 +186,12 @@ def install_handlers(app: FastAPI) -> None:
         if any(e.get("type") == "json_invalid" for e in errors):  # same code as the routes that parse
             err = ApiError(422, "invalid_json", "the body is not valid JSON", _validation_details(errors))
         else:
-            err = ApiError(422, "validation_error", "the request does not match the API schema",
-                           _validation_details(errors))
+            details = _validation_details(errors)
+            first = details[0] if details else {}
+            where = ".".join(str(part) for part in first.get("loc", []))
+            summary = f": {where}: {first.get('msg')}" if first else ""
+            err = ApiError(422, "validation_error", f"the request does not match the API schema{summary}",
+                           details)
         return error_response(err, request_id_of(request), request)
 
     async def _engine_error(request: Request, exc: Exception) -> JSONResponse:

@@ -40,7 +40,8 @@ class Reason(str, Enum):
 class EnrollmentPolicy(BaseModel):
     """Per-gallery thresholds of the enrollment gate; ``None`` switches a check off."""
 
-    model_config = ConfigDict(extra="forbid")
+    # strict: a JSON `true` is not a threshold of 1.0 (the API schema says number)
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     min_quality: float | None = Field(
         10.0,

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Query, Request, Response
+from fastapi import Path as PathParam
 from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 
@@ -40,13 +41,14 @@ from facerec.gallery import (
 from facerec.gallery.measure import evidence_of
 from facerec.gallery.openset import OPENSET_FILE
 from facerec.gallery.sql_base import MAX_OFFSET
-from facerec.gallery.store import valid_id
+from facerec.gallery.store import ID_PATTERN, valid_id
 from facerec.runtime import DecodeError, NoFaceError, TooManyFacesError
 from service.auth import ApiKey
 from service.errors import ApiError, _validation_details, from_exception
 from service.inputs import _b64
 from service.routes.common import ERROR_RESPONSES, EngineDep, image_report
 from service.routes.gallery_io import (
+    BATCH_DOC,
     MAX_IMAGES_PER_REQUEST,
     PERSON_DOC,
     SAMPLES_DOC,
@@ -72,6 +74,7 @@ from service.routes.gallery_io import (
     body_kind,
     check_fields,
     check_person_metadata,
+    checked_name,
     decode_images,
     enroll_input,
     form_text,
@@ -203,6 +206,15 @@ def get_galleries(request: Request) -> GalleryState:
 
 
 Galleries = Annotated[GalleryState, Depends(get_galleries)]
+
+
+def _path_id(what: str):
+    return Annotated[str, PathParam(pattern=ID_PATTERN, description=f"the {what}'s id: 32 hexadecimal digits")]
+
+
+# The schema states the id format, so a malformed id is refused by validation (422) like any other
+# schema violation; an unknown well-formed id is the store's 404.
+GalleryId, PersonId, SampleId = _path_id("gallery"), _path_id("person"), _path_id("sample")
 
 
 async def _manager(state: GalleryState) -> GalleryManager:
@@ -360,7 +372,7 @@ async def list_galleries(state: Galleries, _: ApiKey) -> GalleryList:
 
 
 @router.get("/galleries/{gallery_id}", response_model=GalleryOut, responses=ERRORS, summary="One gallery")
-async def get_gallery(gallery_id: str, state: Galleries, _: ApiKey) -> GalleryOut:
+async def get_gallery(gallery_id: GalleryId, state: Galleries, _: ApiKey) -> GalleryOut:
     manager = await _manager(state)
     return _gallery_out(manager, await _call(manager.store.get_gallery, _id(gallery_id, "gallery")))
 
@@ -371,7 +383,7 @@ async def get_gallery(gallery_id: str, state: Galleries, _: ApiKey) -> GalleryOu
     responses=ERRORS,
     summary="Rename a gallery or change its policy / threshold",
 )
-async def update_gallery(gallery_id: str, body: GalleryUpdate, state: Galleries, _: ApiKey) -> GalleryOut:
+async def update_gallery(gallery_id: GalleryId, body: GalleryUpdate, state: Galleries, _: ApiKey) -> GalleryOut:
     manager = await _manager(state)
     record = await _call(manager.store.get_gallery, _id(gallery_id, "gallery"))
     config = None
@@ -395,7 +407,7 @@ async def update_gallery(gallery_id: str, body: GalleryUpdate, state: Galleries,
     responses=ERRORS,
     summary="Delete a gallery with all its persons and samples",
 )
-async def delete_gallery(gallery_id: str, state: Galleries, _: ApiKey) -> Response:
+async def delete_gallery(gallery_id: GalleryId, state: Galleries, _: ApiKey) -> Response:
     manager = await _manager(state)
     await _call(manager.store.delete_gallery, _id(gallery_id, "gallery"))
     log.info("gallery %s deleted", gallery_id)
@@ -416,7 +428,7 @@ async def delete_gallery(gallery_id: str, state: Galleries, _: ApiKey) -> Respon
     "created when at least one photo is accepted, else 422 `enrollment_refused`.",
 )
 async def create_person(
-    gallery_id: str, request: Request, engine: EngineDep, state: Galleries, _: ApiKey
+    gallery_id: GalleryId, request: Request, engine: EngineDep, state: Galleries, _: ApiKey
 ) -> EnrollResponse:
     gallery_id = _id(gallery_id, "gallery")
     manager = await _manager(state)
@@ -449,7 +461,7 @@ async def create_person(
     "as enrollment; 422 `enrollment_refused` when none is accepted.",
 )
 async def add_samples(
-    gallery_id: str, person_id: str, request: Request, engine: EngineDep, state: Galleries, _: ApiKey
+    gallery_id: GalleryId, person_id: PersonId, request: Request, engine: EngineDep, state: Galleries, _: ApiKey
 ) -> EnrollResponse:
     gallery_id, person_id = _id(gallery_id, "gallery"), _id(person_id, "person")
     manager = await _manager(state)
@@ -471,13 +483,14 @@ async def add_samples(
     "/galleries/{gallery_id}/enroll",
     response_model=BatchEnrollResponse,
     responses=ERRORS,
+    openapi_extra=BATCH_DOC,
     summary="Batch enrollment: several persons, several photos each",
     description="JSON `{persons: [{name | person_id, metadata?, images: [base64, ...]}, ...]}` (at "
     f"most {MAX_IMAGES_PER_REQUEST} images in all). Persons are enrolled in order; each gets its "
     "own report (a person none of whose photos passes is not created).",
 )
 async def batch_enroll(
-    gallery_id: str, request: Request, engine: EngineDep, state: Galleries, _: ApiKey
+    gallery_id: GalleryId, request: Request, engine: EngineDep, state: Galleries, _: ApiKey
 ) -> BatchEnrollResponse:
     gallery_id = _id(gallery_id, "gallery")
     manager = await _manager(state)
@@ -496,6 +509,8 @@ async def batch_enroll(
             )
         if p.person_id is not None:
             _id(p.person_id, "person")
+        else:
+            checked_name(p.name, f"persons[{i}].name")
         check_person_metadata(p.metadata, metadata_limits(state.settings), f"persons[{i}].metadata")
     decoded = [
         decode_images(p.images, engine.settings.max_image_bytes, f"persons[{i}].images")
@@ -517,7 +532,7 @@ async def batch_enroll(
     summary="List a gallery's persons",
 )
 async def list_persons(
-    gallery_id: str,
+    gallery_id: GalleryId,
     state: Galleries,
     _: ApiKey,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
@@ -538,7 +553,7 @@ async def list_persons(
     responses=ERRORS,
     summary="One person with its samples",
 )
-async def get_person(gallery_id: str, person_id: str, state: Galleries, _: ApiKey) -> PersonDetail:
+async def get_person(gallery_id: GalleryId, person_id: PersonId, state: Galleries, _: ApiKey) -> PersonDetail:
     manager = await _manager(state)
     gallery_id, person_id = _id(gallery_id, "gallery"), _id(person_id, "person")
     person = await _call(manager.store.get_person, gallery_id, person_id)
@@ -556,7 +571,7 @@ async def get_person(gallery_id: str, person_id: str, state: Galleries, _: ApiKe
     summary="Rename a person or replace its metadata",
 )
 async def update_person(
-    gallery_id: str, person_id: str, body: PersonUpdate, state: Galleries, _: ApiKey
+    gallery_id: GalleryId, person_id: PersonId, body: PersonUpdate, state: Galleries, _: ApiKey
 ) -> PersonOut:
     check_person_metadata(body.metadata, metadata_limits(state.settings))
     manager = await _manager(state)
@@ -576,7 +591,7 @@ async def update_person(
     responses=ERRORS,
     summary="Delete a person and all its samples",
 )
-async def delete_person(gallery_id: str, person_id: str, state: Galleries, _: ApiKey) -> Response:
+async def delete_person(gallery_id: GalleryId, person_id: PersonId, state: Galleries, _: ApiKey) -> Response:
     manager = await _manager(state)
     await _call(manager.store.delete_person, _id(gallery_id, "gallery"), _id(person_id, "person"))
     log.info("gallery %s: person %s deleted", gallery_id, person_id)
@@ -590,7 +605,7 @@ async def delete_person(gallery_id: str, person_id: str, state: Galleries, _: Ap
     summary="Delete one sample of a person",
 )
 async def delete_sample(
-    gallery_id: str, person_id: str, sample_id: str, state: Galleries, _: ApiKey
+    gallery_id: GalleryId, person_id: PersonId, sample_id: SampleId, state: Galleries, _: ApiKey
 ) -> Response:
     manager = await _manager(state)
     await _call(
@@ -617,7 +632,7 @@ async def delete_sample(
     "`fpir`), else `unknown`.",
 )
 async def search(
-    gallery_id: str, request: Request, engine: EngineDep, state: Galleries, _: ApiKey
+    gallery_id: GalleryId, request: Request, engine: EngineDep, state: Galleries, _: ApiKey
 ) -> SearchResponse:
     gallery_id = _id(gallery_id, "gallery")
     manager = await _manager(state)
@@ -632,8 +647,8 @@ async def search(
         finally:
             await form.close()
         try:
-            body = SearchJSON.model_validate(
-                {"image": "", **{k: v for k, v in raw.items() if v not in (None, "")}}
+            body = SearchJSON.model_validate(  # form fields are text: converted, not strict
+                {"image": "x", **{k: v for k, v in raw.items() if v not in (None, "")}}, strict=False
             )
         except ValidationError as exc:
             raise ApiError(

@@ -7,14 +7,16 @@ API); ``*_DOC`` documents both encodings in the OpenAPI schema.
 from __future__ import annotations
 
 import json
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from fastapi import Request
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, create_model
 from pydantic_core import PydanticSerializationError
 from starlette.datastructures import UploadFile
 
 from facerec.gallery import EnrollmentPolicy, MetadataError, MetadataLimits, Reason, check_metadata
+from facerec.gallery.metadata import DEFAULT_LIMITS
+from facerec.gallery.store import ID_PATTERN, MAX_NAME, NAME_PATTERN, check_name
 from service.errors import ApiError, _validation_details
 from service.inputs import _b64, image_too_large, parse_json
 from service.schemas import ImageReport
@@ -25,11 +27,50 @@ _B64 = "image file (JPEG, PNG, WebP, ...), base64 encoded; a data: URI prefix is
 
 # ============================================================================ schemas
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # Unknown fields are an error, and types are strict: a JSON `true` is not the number 1, "0.5"
+    # is not a number (the schema says so; multipart text is converted with strict=False).
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+Name = Annotated[
+    str,
+    Field(min_length=1, max_length=MAX_NAME, json_schema_extra={"pattern": NAME_PATTERN},
+          description="no control characters or line separators; surrounding spaces are dropped"),
+]
+Id = Annotated[str, Field(pattern=ID_PATTERN, description="32 hexadecimal digits")]
+_LIMITS = DEFAULT_LIMITS
+Metadata = Annotated[
+    dict[str, Any],
+    Field(
+        description="a JSON object the client owns, returned as given. Limits (the defaults; the "
+        "FACEREC_METADATA_MAX_* settings change them): "
+        f"{_LIMITS.max_bytes} bytes as compact UTF-8 JSON, {_LIMITS.max_keys} keys at all levels "
+        f"together, {_LIMITS.max_depth} levels of nesting (the object itself is level 1), "
+        f"{_LIMITS.max_string} characters per key or string, no NaN or Infinity; beyond them 422 "
+        "`invalid_metadata`",
+        json_schema_extra={"maxProperties": _LIMITS.max_keys,
+                           "propertyNames": {"maxLength": _LIMITS.max_string}},
+    ),
+]
+B64Image = Annotated[str, Field(description=_B64, json_schema_extra={"minLength": 1})]
+Images = Annotated[list[B64Image], Field(min_length=1, max_length=MAX_IMAGES_PER_REQUEST)]
+
+
+def _patch_of(model: type[BaseModel]) -> type[BaseModel]:
+    """``model`` with every field optional (absent: unchanged), same types and bounds."""
+    fields = {
+        name: (Annotated[(f.annotation, *f.metadata)] if f.metadata else f.annotation,
+               Field(None, description=f.description))
+        for name, f in model.model_fields.items()
+    }
+    return create_model(f"{model.__name__}Patch", __base__=_Strict, **fields)
+
+
+EnrollmentPolicyPatch = _patch_of(EnrollmentPolicy)
 
 
 class GalleryCreate(_Strict):
-    name: str = Field(..., min_length=1, max_length=200)
+    name: Name
     policy: EnrollmentPolicy | None = Field(
         None, description="enrollment gate (default: the standard policy)"
     )
@@ -40,8 +81,8 @@ class GalleryCreate(_Strict):
 
 
 class GalleryUpdate(_Strict):
-    name: str | None = Field(None, min_length=1, max_length=200)
-    policy: dict[str, Any] | None = Field(None, description="policy fields to change")
+    name: Name | None = None
+    policy: EnrollmentPolicyPatch | None = Field(None, description="policy fields to change")
     target_fpir: float | None = Field(None, gt=0, lt=1)
     match_threshold: float | None = Field(None, ge=-1, le=1, description="null: use the calibrated one")
 
@@ -108,8 +149,8 @@ class PersonList(BaseModel):
 
 
 class PersonUpdate(_Strict):
-    name: str | None = Field(None, min_length=1, max_length=200)
-    metadata: dict[str, Any] | None = None
+    name: Name | None = None
+    metadata: Metadata | None = Field(None, description="replaces the stored metadata")
 
 
 class ReasonOut(BaseModel):
@@ -136,21 +177,31 @@ class EnrollResponse(BaseModel):
 
 
 class PersonEnrollJSON(_Strict):
-    name: str | None = Field(None, min_length=1, max_length=200)
-    metadata: dict[str, Any] | None = None
-    images: list[str] = Field(..., min_length=1, description=_B64)
+    name: Name
+    metadata: Metadata | None = None
+    images: Images
 
 
 class SamplesJSON(_Strict):
-    images: list[str] = Field(..., min_length=1, description=_B64)
+    images: Images
 
 
-class BatchPerson(PersonEnrollJSON):
-    person_id: str | None = Field(None, description="add to this person instead of creating one")
+class BatchPerson(_Strict):
+    # Exactly one of name (a new person) and person_id (an existing one): said in the schema too.
+    model_config = ConfigDict(json_schema_extra={"oneOf": [
+        {"required": ["name"], "properties": {"name": {"type": "string"}, "person_id": {"type": "null"}}},
+        {"required": ["person_id"], "properties": {"person_id": {"type": "string"}, "name": {"type": "null"}}},
+    ]})
+    name: Name | None = Field(None, description="a new person")
+    person_id: Id | None = Field(None, description="add to this person instead of creating one")
+    metadata: Metadata | None = None
+    images: Images
 
 
 class BatchEnrollJSON(_Strict):
-    persons: list[BatchPerson] = Field(..., min_length=1)
+    persons: list[BatchPerson] = Field(
+        ..., min_length=1, max_length=MAX_IMAGES_PER_REQUEST,
+        description=f"at most {MAX_IMAGES_PER_REQUEST} images in all persons together")
 
 
 class BatchEnrollResponse(BaseModel):
@@ -158,7 +209,7 @@ class BatchEnrollResponse(BaseModel):
 
 
 class SearchJSON(_Strict):
-    image: str = Field(..., description=_B64)
+    image: B64Image
     top_k: int = Field(5, ge=1, le=50)
     threshold: float | None = Field(None, ge=-1, le=1, description="cosine threshold for this request")
     fpir: float | None = Field(None, gt=0, lt=1, description="calibrated FPIR to use for this request")
@@ -268,6 +319,16 @@ def decode_images(images: list[str], max_bytes: int, prefix: str = "images") -> 
     return [_b64(f"{prefix}[{i}]", text, max_bytes) for i, text in enumerate(images)]
 
 
+def checked_name(name: str | None, field: str) -> str:
+    """The person's name as the store will keep it, or 422 before any image work."""
+    if name is None or not name.strip():
+        raise ApiError(422, "validation_error", f"{field}: a new person needs a name", {"field": field})
+    try:
+        return check_name(name, field)
+    except ValueError as exc:
+        raise ApiError(422, "validation_error", str(exc), {"field": field}) from None
+
+
 def metadata_limits(settings) -> MetadataLimits:
     return MetadataLimits(
         max_bytes=settings.metadata_max_bytes,
@@ -321,29 +382,51 @@ async def enroll_input(
         name, metadata = getattr(body, "name", None), getattr(body, "metadata", None)
         images = decode_images(body.images, max_bytes)
     metadata = check_person_metadata(metadata, limits)
-    if named and not (name or "").strip():
-        raise ApiError(422, "validation_error", "a new person needs a `name`", {"field": "name"})
+    if named:
+        name = checked_name(name, "name")
     return images, name, metadata
 
 
-def body_doc(json_model: type[BaseModel], props: dict, required: list[str]) -> dict:
-    """``openapi_extra`` documenting both encodings of a route that reads its body itself."""
-    return {
-        "requestBody": {
-            "required": True,
-            "content": {
-                "multipart/form-data": {
-                    "schema": {"type": "object", "properties": props, "required": required}
-                },
-                "application/json": {"schema": json_model.model_json_schema()},
+def inline_refs(schema: dict) -> dict:
+    """A pydantic JSON schema with its ``$defs`` inlined: refs like ``#/$defs/X`` would resolve
+    against the root of the OpenAPI document, where there is no ``$defs`` (the models here are not
+    recursive, so inlining ends)."""
+    defs = schema.pop("$defs", {})
+
+    def walk(node):
+        if isinstance(node, dict):
+            ref = node.get("$ref", "")
+            if ref.startswith("#/$defs/"):
+                return walk({**defs[ref.rsplit("/", 1)[1]], **{k: v for k, v in node.items() if k != "$ref"}})
+            return {k: walk(v) for k, v in node.items()}
+        if isinstance(node, list):
+            return [walk(v) for v in node]
+        return node
+
+    return walk(schema)
+
+
+def body_doc(json_model: type[BaseModel], props: dict | None = None, required: list[str] | None = None) -> dict:
+    """``openapi_extra`` documenting both encodings of a route that reads its body itself (JSON only
+    when no multipart ``props`` are given)."""
+    content = {"application/json": {"schema": inline_refs(json_model.model_json_schema())}}
+    if props is not None:
+        content = {
+            "multipart/form-data": {
+                "schema": {"type": "object", "properties": props, "required": required or [],
+                           "additionalProperties": False}
             },
+            **content,
         }
-    }
+    return {"requestBody": {"required": True, "content": content}}
 
 
 _FILE = {"type": "string", "format": "binary"}
 _IMAGES = {"type": "array", "items": _FILE, "minItems": 1, "maxItems": MAX_IMAGES_PER_REQUEST}
-_METADATA = {"type": "string", "description": "a JSON object, as text"}
+# Multipart text fields are parts of at most 64 KiB (read_form's max_part_size).
+_METADATA = {"type": "string", "contentMediaType": "application/json", "maxLength": 64 * 1024,
+             "description": "a JSON object, as text; the limits of `metadata` in the JSON form apply"}
+_NAME = {"type": "string", "minLength": 1, "maxLength": MAX_NAME, "pattern": NAME_PATTERN}
 SEARCH_DOC = body_doc(
     SearchJSON,
     {
@@ -354,9 +437,7 @@ SEARCH_DOC = body_doc(
     },
     ["image"],
 )
-PERSON_DOC = body_doc(
-    PersonEnrollJSON,
-    {"name": {"type": "string", "minLength": 1, "maxLength": 200}, "metadata": _METADATA, "images": _IMAGES},
-    ["name", "images"],
-)
+PERSON_DOC = body_doc(PersonEnrollJSON, {"name": _NAME, "metadata": _METADATA, "images": _IMAGES},
+                      ["name", "images"])
 SAMPLES_DOC = body_doc(SamplesJSON, {"images": _IMAGES}, ["images"])
+BATCH_DOC = body_doc(BatchEnrollJSON)
