@@ -19,6 +19,10 @@ from starlette.datastructures import UploadFile
 
 from service.errors import ApiError, _validation_details, json_error
 
+# Canonical base64 (padded), optionally after a data: URI prefix: what the schema states. The
+# server also drops whitespace (line-wrapped base64) before it decodes strictly.
+B64_PATTERN = (r"^(data:[\w.+/-]*(;[\w=.+-]+)*;base64,)?(?:[A-Za-z0-9+/]{4})*"
+               r"(?:[A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=)?$")
 _DATA_URI = re.compile(r"^data:[\w.+/-]*(;[\w=.+-]+)*;base64,", re.IGNORECASE)
 _WHITESPACE = re.compile(r"\s+")
 

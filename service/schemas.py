@@ -6,6 +6,8 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from service.inputs import B64_PATTERN
+
 # ----------------------------------------------------------------------------- requests (JSON form)
 _B64 = "the image file (JPEG, PNG, GIF, BMP, WebP, TIFF), base64 encoded; a data: URI prefix is accepted"
 
@@ -17,7 +19,7 @@ class _Strict(BaseModel):
 
 
 # minLength in the schema only: an empty string gets the same `empty_image` answer as an empty file.
-B64Image = Annotated[str, Field(description=_B64, json_schema_extra={"minLength": 1})]
+B64Image = Annotated[str, Field(description=_B64, json_schema_extra={"minLength": 1, "pattern": B64_PATTERN})]
 
 
 class VerifyJSON(_Strict):

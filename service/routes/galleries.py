@@ -80,6 +80,7 @@ from service.routes.gallery_io import (
     form_text,
     json_body,
     metadata_limits,
+    openapi_for,
     read_files,
     read_form,
     returnable,
@@ -132,9 +133,25 @@ class GalleryState:
                 self._manager = None
 
 
+def _state_the_limits_in_openapi(app, state: GalleryState) -> None:
+    """The schema at /openapi.json states this service's metadata limits and its model's calibrated
+    FPIRs (FastAPI's documented way to extend the schema: replace ``app.openapi``)."""
+    build = app.openapi
+    fpirs = state.calibration.fpirs if state.calibration is not None else None
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            app.openapi_schema = openapi_for(build(), metadata_limits(state.settings), fpirs)
+        return app.openapi_schema
+
+    app.openapi_schema = None
+    app.openapi = openapi
+
+
 @contextlib.asynccontextmanager
 async def lifespan(app):
     state = app.state.galleries = GalleryState(app)
+    _state_the_limits_in_openapi(app, state)
     metrics = getattr(app.state, "metrics", None)
     if metrics is not None and not hasattr(metrics, "gallery_searches"):
         from prometheus_client import Counter

@@ -18,11 +18,17 @@ from facerec.gallery import EnrollmentPolicy, MetadataError, MetadataLimits, Rea
 from facerec.gallery.metadata import DEFAULT_LIMITS
 from facerec.gallery.store import ID_PATTERN, MAX_NAME, NAME_PATTERN, check_name
 from service.errors import ApiError, _validation_details
-from service.inputs import _b64, image_too_large, parse_json
+from service.inputs import B64_PATTERN, _b64, image_too_large, parse_json
 from service.schemas import ImageReport
 
 MAX_IMAGES_PER_REQUEST = 32
 _B64 = "image file (JPEG, PNG, WebP, ...), base64 encoded; a data: URI prefix is accepted"
+
+
+# Vendor extensions marking the schema parts that depend on the running service; ``openapi_for``
+# replaces the defaults there with the settings and the model's calibration.
+FPIR_MARK = {"x-facerec": "fpir"}
+METADATA_MARK = {"x-facerec": "metadata"}
 
 
 # ============================================================================ schemas
@@ -39,28 +45,38 @@ Name = Annotated[
 ]
 Id = Annotated[str, Field(pattern=ID_PATTERN, description="32 hexadecimal digits")]
 _LIMITS = DEFAULT_LIMITS
+def metadata_text(limits: MetadataLimits) -> str:
+    return (
+        "a JSON object the client owns, returned as given. Limits (FACEREC_METADATA_MAX_*): "
+        f"{limits.max_bytes} bytes as compact UTF-8 JSON, {limits.max_keys} keys at all levels "
+        f"together, {limits.max_depth} levels of nesting (the object itself is level 1), "
+        f"{limits.max_string} characters per key or string, no NaN or Infinity; beyond them 422 "
+        "`invalid_metadata`"
+    )
+
+
 Metadata = Annotated[
     dict[str, Any],
     Field(
-        description="a JSON object the client owns, returned as given. Limits (the defaults; the "
-        "FACEREC_METADATA_MAX_* settings change them): "
-        f"{_LIMITS.max_bytes} bytes as compact UTF-8 JSON, {_LIMITS.max_keys} keys at all levels "
-        f"together, {_LIMITS.max_depth} levels of nesting (the object itself is level 1), "
-        f"{_LIMITS.max_string} characters per key or string, no NaN or Infinity; beyond them 422 "
-        "`invalid_metadata`",
+        description=metadata_text(_LIMITS),
         json_schema_extra={"maxProperties": _LIMITS.max_keys,
-                           "propertyNames": {"maxLength": _LIMITS.max_string}},
+                           "propertyNames": {"maxLength": _LIMITS.max_string}, **METADATA_MARK},
     ),
 ]
-B64Image = Annotated[str, Field(description=_B64, json_schema_extra={"minLength": 1})]
+B64Image = Annotated[str, Field(description=_B64, json_schema_extra={"minLength": 1, "pattern": B64_PATTERN})]
 Images = Annotated[list[B64Image], Field(min_length=1, max_length=MAX_IMAGES_PER_REQUEST)]
+
+
+def _no_default(schema: dict) -> None:
+    # Absent means unchanged; the None default is no value a client may send for a non-nullable field.
+    schema.pop("default", None)
 
 
 def _patch_of(model: type[BaseModel]) -> type[BaseModel]:
     """``model`` with every field optional (absent: unchanged), same types and bounds."""
     fields = {
         name: (Annotated[(f.annotation, *f.metadata)] if f.metadata else f.annotation,
-               Field(None, description=f.description))
+               Field(None, description=f.description, json_schema_extra=_no_default))
         for name, f in model.model_fields.items()
     }
     return create_model(f"{model.__name__}Patch", __base__=_Strict, **fields)
@@ -75,7 +91,8 @@ class GalleryCreate(_Strict):
         None, description="enrollment gate (default: the standard policy)"
     )
     target_fpir: float | None = Field(
-        None, gt=0, lt=1, description="FPIR of the match threshold (default: the calibration's, 0.01)"
+        None, gt=0, lt=1, description="FPIR of the match threshold (default: the calibration's, 0.01)",
+        json_schema_extra=FPIR_MARK,
     )
     match_threshold: float | None = Field(None, ge=-1, le=1, description="fixed threshold instead")
 
@@ -83,7 +100,7 @@ class GalleryCreate(_Strict):
 class GalleryUpdate(_Strict):
     name: Name | None = None
     policy: EnrollmentPolicyPatch | None = Field(None, description="policy fields to change")
-    target_fpir: float | None = Field(None, gt=0, lt=1)
+    target_fpir: float | None = Field(None, gt=0, lt=1, json_schema_extra=FPIR_MARK)
     match_threshold: float | None = Field(None, ge=-1, le=1, description="null: use the calibrated one")
 
 
@@ -212,7 +229,8 @@ class SearchJSON(_Strict):
     image: B64Image
     top_k: int = Field(5, ge=1, le=50)
     threshold: float | None = Field(None, ge=-1, le=1, description="cosine threshold for this request")
-    fpir: float | None = Field(None, gt=0, lt=1, description="calibrated FPIR to use for this request")
+    fpir: float | None = Field(None, gt=0, lt=1, description="calibrated FPIR to use for this request",
+                               json_schema_extra=FPIR_MARK)
 
 
 class CandidateOut(BaseModel):
@@ -433,7 +451,7 @@ SEARCH_DOC = body_doc(
         "image": _FILE,
         "top_k": {"type": "integer", "minimum": 1, "maximum": 50},
         "threshold": {"type": "number", "minimum": -1, "maximum": 1},
-        "fpir": {"type": "number", "exclusiveMinimum": 0, "exclusiveMaximum": 1},
+        "fpir": {"type": "number", "exclusiveMinimum": 0, "exclusiveMaximum": 1, **FPIR_MARK},
     },
     ["image"],
 )
@@ -441,3 +459,27 @@ PERSON_DOC = body_doc(PersonEnrollJSON, {"name": _NAME, "metadata": _METADATA, "
                       ["name", "images"])
 SAMPLES_DOC = body_doc(SamplesJSON, {"images": _IMAGES}, ["images"])
 BATCH_DOC = body_doc(BatchEnrollJSON)
+
+
+def openapi_for(schema: dict, limits: MetadataLimits, fpirs: list[float] | None) -> dict:
+    """The OpenAPI document with what this service enforces at run time: the metadata limits of its
+    settings, and the FPIRs its model is calibrated for (the only ones a request may name)."""
+
+    def walk(node):
+        if isinstance(node, dict):
+            mark = node.get("x-facerec")
+            if mark == "metadata":
+                node["maxProperties"] = limits.max_keys
+                node["propertyNames"] = {"maxLength": limits.max_string}
+                node["description"] = metadata_text(limits)
+            elif mark == "fpir" and fpirs:
+                nullable = any(alt.get("type") == "null" for alt in node.get("anyOf", []))
+                node["enum"] = list(fpirs) + ([None] if nullable else [])
+            for value in node.values():
+                walk(value)
+        elif isinstance(node, list):
+            for value in node:
+                walk(value)
+
+    walk(schema)
+    return schema
