@@ -16,6 +16,7 @@ from starlette.datastructures import UploadFile
 
 from facerec.gallery import EnrollmentPolicy, MetadataError, MetadataLimits, Reason, check_metadata
 from facerec.gallery.metadata import DEFAULT_LIMITS
+from facerec.gallery.policy import JsonInt
 from facerec.gallery.store import ID_PATTERN, MAX_NAME, NAME_PATTERN, check_name
 from service.errors import ApiError, _validation_details
 from service.inputs import B64_PATTERN, _b64, image_too_large, parse_json
@@ -28,6 +29,9 @@ _B64 = "image file (JPEG, PNG, WebP, ...), base64 encoded; a data: URI prefix is
 # Vendor extensions marking the schema parts that depend on the running service; ``openapi_for``
 # replaces the defaults there with the settings and the model's calibration.
 FPIR_MARK = {"x-facerec": "fpir"}
+# A search names a threshold or an FPIR, not both (null counts as absent).
+BOTH_THRESHOLD_AND_FPIR = {"required": ["threshold", "fpir"],
+                           "properties": {"threshold": {"type": "number"}, "fpir": {"type": "number"}}}
 METADATA_MARK = {"x-facerec": "metadata"}
 
 
@@ -227,7 +231,9 @@ class BatchEnrollResponse(BaseModel):
 
 class SearchJSON(_Strict):
     image: B64Image
-    top_k: int = Field(5, ge=1, le=50)
+    model_config = ConfigDict(json_schema_extra={"not": BOTH_THRESHOLD_AND_FPIR})
+
+    top_k: JsonInt = Field(5, ge=1, le=50)
     threshold: float | None = Field(None, ge=-1, le=1, description="cosine threshold for this request")
     fpir: float | None = Field(None, gt=0, lt=1, description="calibrated FPIR to use for this request",
                                json_schema_extra=FPIR_MARK)
@@ -455,6 +461,7 @@ SEARCH_DOC = body_doc(
     },
     ["image"],
 )
+SEARCH_DOC["requestBody"]["content"]["multipart/form-data"]["schema"]["not"] = {"required": ["threshold", "fpir"]}
 PERSON_DOC = body_doc(PersonEnrollJSON, {"name": _NAME, "metadata": _METADATA, "images": _IMAGES},
                       ["name", "images"])
 SAMPLES_DOC = body_doc(SamplesJSON, {"images": _IMAGES}, ["images"])
