@@ -69,6 +69,8 @@ def _check_string(text: str, path: str, limits: MetadataLimits, what: str) -> No
     if _has_surrogate(text):
         raise MetadataError(f"{what} holds a lone UTF-16 surrogate (not encodable as UTF-8)", path,
                             "utf8")
+    if "\x00" in text:  # PostgreSQL's jsonb cannot hold U+0000: refused on every backend alike
+        raise MetadataError(f"{what} holds the character U+0000", path, "nul")
 
 
 def encode(value) -> bytes:
@@ -112,6 +114,11 @@ def check_metadata(value, limits: MetadataLimits = DEFAULT_LIMITS, field: str = 
         raise MetadataError(f"{size} bytes as JSON, more than the limit of {limits.max_bytes} bytes",
                             field, "max_bytes", limits.max_bytes)
     return value
+
+
+def stored_json(value) -> str:
+    """The JSON text a store writes for a person's metadata (None: ``{}``), checked against the caps."""
+    return json.dumps(check_metadata({} if value is None else value, STORE_LIMITS))
 
 
 def read_metadata(value) -> tuple[dict, str | None]:

@@ -281,7 +281,7 @@ class SQLGalleryStore(GalleryStore):
     # ------------------------------------------------------------------ persons
     def create_person(self, gallery_id, name, metadata, samples):
         name = check_name(name, "person name")
-        metadata = check_metadata(dict(metadata or {}), STORE_LIMITS)
+        metadata = dict(check_metadata({} if metadata is None else metadata, STORE_LIMITS))
         if not samples:
             raise ValueError("a person is created with at least one sample")
         person = PersonRecord(new_id(), gallery_id, name, metadata, now())
