@@ -401,3 +401,30 @@ def test_numbers_are_strict_as_the_schema_says(client, gallery):
     assert err["details"][0]["loc"] == ["threshold"]
     err = envelope(client.get(f"/v1/galleries/{gallery[:-1]}x/persons", headers=H), 422, "validation_error")
     assert err["details"][0]["loc"] == ["path", "gallery_id"]
+
+
+def test_the_metadata_schema_agrees_with_the_server(client, gallery, person):
+    jsonschema = pytest.importorskip("jsonschema")  # schemathesis's dependency (dev extra)
+    doc = client.get("/openapi.json").json()
+    validator = jsonschema.Draft202012Validator(
+        {"$ref": "#/components/schemas/PersonUpdate", "components": doc["components"]})
+    deep_ok: dict = {"v": 1}
+    for _ in range(6):
+        deep_ok = {"d": deep_ok}  # 8 levels with the metadata object
+    values = [
+        {"a": 1, "b": [True, None, 2.5, "x" * 1024], "c": {"d": []}},
+        {"d": deep_ok},  # level 8: accepted
+        {"d": {"d": deep_ok}},  # level 9: refused
+        {"a": [[[[[[[1]]]]]]]},  # an array at level 9
+        {"s": "x" * 1025},
+        {"k" * 1025: 1},
+        {"a": "nul\x00"},
+        {"nul\x00": 1},
+        {f"k{i}": i for i in range(65)},
+    ]
+    url = f"/v1/galleries/{gallery}/persons/{person}"
+    for metadata in values:
+        schema_ok = validator.is_valid({"metadata": metadata})
+        r = client.patch(url, json={"metadata": metadata}, headers=H)
+        assert (r.status_code == 200) == schema_ok, (metadata, r.text)
+    client.patch(url, json={"metadata": {"badge": 7}}, headers=H)

@@ -461,7 +461,10 @@ SEARCH_DOC = body_doc(
     },
     ["image"],
 )
-SEARCH_DOC["requestBody"]["content"]["multipart/form-data"]["schema"]["not"] = {"required": ["threshold", "fpir"]}
+# (The multipart schema cannot say "not both" as the JSON one does: schemathesis's generator fails on
+# `not` next to binary parts. The description says it.)
+SEARCH_DOC["requestBody"]["content"]["multipart/form-data"]["schema"]["description"] = (
+    "give `threshold` or `fpir`, not both")
 PERSON_DOC = body_doc(PersonEnrollJSON, {"name": _NAME, "metadata": _METADATA, "images": _IMAGES},
                       ["name", "images"])
 SAMPLES_DOC = body_doc(SamplesJSON, {"images": _IMAGES}, ["images"])
@@ -471,14 +474,16 @@ BATCH_DOC = body_doc(BatchEnrollJSON)
 def openapi_for(schema: dict, limits: MetadataLimits, fpirs: list[float] | None) -> dict:
     """The OpenAPI document with what this service enforces at run time: the metadata limits of its
     settings, and the FPIRs its model is calibrated for (the only ones a request may name)."""
+    marked = False
 
     def walk(node):
+        nonlocal marked
         if isinstance(node, dict):
             mark = node.get("x-facerec")
             if mark == "metadata":
-                node["maxProperties"] = limits.max_keys
-                node["propertyNames"] = {"maxLength": limits.max_string}
+                node.update(_metadata_object(limits, 1))
                 node["description"] = metadata_text(limits)
+                marked = True
             elif mark == "fpir" and fpirs:
                 nullable = any(alt.get("type") == "null" for alt in node.get("anyOf", []))
                 node["enum"] = list(fpirs) + ([None] if nullable else [])
@@ -489,4 +494,41 @@ def openapi_for(schema: dict, limits: MetadataLimits, fpirs: list[float] | None)
                 walk(value)
 
     walk(schema)
+    if marked:
+        schema.setdefault("components", {}).setdefault("schemas", {}).update(_metadata_levels(limits))
     return schema
+
+
+# The metadata's values, one component per nesting level (level 1 is the metadata object): a value
+# at level k may be an array or object only while k <= max_depth, so the depth limit is in the
+# schema without recursion. The total size and key count cannot be said in JSON Schema: the
+# description says them.
+def _level_ref(k: int) -> dict:
+    return {"$ref": f"#/components/schemas/PersonMetadataLevel{k}"}
+
+
+def _metadata_object(limits: MetadataLimits, level: int) -> dict:
+    return {
+        "type": "object",
+        "maxProperties": limits.max_keys,
+        "propertyNames": {"maxLength": limits.max_string, "pattern": _NO_NUL},
+        "additionalProperties": _level_ref(level + 1),
+    }
+
+
+_NO_NUL = "^[^\\x00]*$"
+
+
+def _metadata_levels(limits: MetadataLimits) -> dict:
+    levels = {}
+    for k in range(2, limits.max_depth + 2):
+        options = [
+            {"type": "string", "maxLength": limits.max_string, "pattern": _NO_NUL},
+            {"type": "number"},
+            {"type": "boolean"},
+            {"type": "null"},
+        ]
+        if k <= limits.max_depth:
+            options += [{"type": "array", "items": _level_ref(k + 1)}, _metadata_object(limits, k)]
+        levels[f"PersonMetadataLevel{k}"] = {"anyOf": options}
+    return levels
