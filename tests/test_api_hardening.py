@@ -259,7 +259,8 @@ def test_metadata_limits_are_settings_bounded_by_the_stores_caps():
                      metadata_max_string=16)
     limits = metadata_limits(small)
     assert check_person_metadata({"a": {"b": 1}}, limits) == {"a": {"b": 1}}
-    for bad in ({"a": 1, "b": 2, "c": 3}, {"a": {"b": [1]}}, {"a": "x" * 17}, {"a": [1] * 200}):
+    for bad in ({"a": 1, "b": 2, "c": 3}, {"a": {"b": 1, "c": 2, "d": 3}}, {"a": {"b": [1]}},
+                {"a": "x" * 17}, {"a": [1] * 200}):
         with pytest.raises(Exception) as info:
             check_person_metadata(bad, limits)
         assert info.value.status == 422 and info.value.code == "invalid_metadata"

@@ -23,7 +23,9 @@ from dataclasses import dataclass
 @dataclass(frozen=True)
 class MetadataLimits:
     max_bytes: int = 16 * 1024  # the object serialised as compact UTF-8 JSON
-    max_keys: int = 64  # keys of all objects together, nested ones included
+    # keys of one object (per object, so that the API schema can state it as maxProperties; the
+    # total is bounded by max_bytes)
+    max_keys: int = 64
     max_depth: int = 8  # nesting levels of objects and arrays; the metadata object itself is level 1
     max_string: int = 1024  # characters of one string (keys and values)
 
@@ -82,7 +84,6 @@ def check_metadata(value, limits: MetadataLimits = DEFAULT_LIMITS, field: str = 
     """``value`` if it is a JSON object within ``limits``, else :class:`MetadataError`."""
     if not isinstance(value, dict):
         raise MetadataError(f"must be a JSON object, not {_kind(value)}", field, "type")
-    keys = 0
     stack = [(value, field, 1)]
     while stack:
         item, path, depth = stack.pop()
@@ -90,10 +91,9 @@ def check_metadata(value, limits: MetadataLimits = DEFAULT_LIMITS, field: str = 
             raise MetadataError(f"nested deeper than the limit of {limits.max_depth} levels", path,
                                 "max_depth", limits.max_depth)
         if isinstance(item, dict):
-            keys += len(item)
-            if keys > limits.max_keys:
-                raise MetadataError(f"more than the limit of {limits.max_keys} keys (all levels "
-                                    "together)", field, "max_keys", limits.max_keys)
+            if len(item) > limits.max_keys:
+                raise MetadataError(f"{len(item)} keys, more than the limit of {limits.max_keys} in "
+                                    "one object", path, "max_keys", limits.max_keys)
             for k, v in item.items():
                 if not isinstance(k, str):
                     raise MetadataError("object keys must be strings", path, "type")

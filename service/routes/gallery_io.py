@@ -52,8 +52,8 @@ _LIMITS = DEFAULT_LIMITS
 def metadata_text(limits: MetadataLimits) -> str:
     return (
         "a JSON object the client owns, returned as given. Limits (FACEREC_METADATA_MAX_*): "
-        f"{limits.max_bytes} bytes as compact UTF-8 JSON, {limits.max_keys} keys at all levels "
-        f"together, {limits.max_depth} levels of nesting (the object itself is level 1), "
+        f"{limits.max_bytes} bytes as compact UTF-8 JSON, {limits.max_keys} keys per object, "
+        f"{limits.max_depth} levels of nesting (the object itself is level 1), "
         f"{limits.max_string} characters per key or string, no NaN or Infinity; beyond them 422 "
         "`invalid_metadata`"
     )
