@@ -84,6 +84,14 @@ def check_metadata(value, limits: MetadataLimits = DEFAULT_LIMITS, field: str = 
     """``value`` if it is a JSON object within ``limits``, else :class:`MetadataError`."""
     if not isinstance(value, dict):
         raise MetadataError(f"must be a JSON object, not {_kind(value)}", field, "type")
+    # The size first, in C: a value of megabytes is refused before the walk below visits its items.
+    # (What cannot be encoded is left to the walk, which says where and why.)
+    try:
+        size = len(encode(value))
+    except (ValueError, RecursionError):
+        size = None
+    if size is not None and size > limits.max_bytes:
+        raise _too_large(size, limits, field)
     stack = [(value, field, 1)]
     while stack:
         item, path, depth = stack.pop()
@@ -109,11 +117,12 @@ def check_metadata(value, limits: MetadataLimits = DEFAULT_LIMITS, field: str = 
                                     "finite")
         elif not (item is None or isinstance(item, (bool, int))):
             raise MetadataError(f"{_kind(item)} is not a JSON value", path, "type")
-    size = len(encode(value))
-    if size > limits.max_bytes:
-        raise MetadataError(f"{size} bytes as JSON, more than the limit of {limits.max_bytes} bytes",
-                            field, "max_bytes", limits.max_bytes)
     return value
+
+
+def _too_large(size: int, limits: MetadataLimits, field: str) -> MetadataError:
+    return MetadataError(f"{size} bytes as JSON, more than the limit of {limits.max_bytes} bytes", field,
+                         "max_bytes", limits.max_bytes)
 
 
 def stored_json(value) -> str:
