@@ -29,6 +29,7 @@ from pydantic import ValidationError
 from facerec.gallery import MetadataError, NewSample, open_store
 from facerec.gallery.metadata import STORE_LIMITS, check_metadata
 from facerec.gallery.sql_base import MAX_OFFSET
+from facerec.gallery.testing import PgUnavailable, fresh_database, pg_required, pg_server
 from service.app import create_app
 from service.routes.gallery_io import check_person_metadata, metadata_limits
 from service.settings import DEFAULT_MODEL_DIR, Settings
@@ -138,25 +139,41 @@ def test_unreturnable_metadata_is_refused_before_it_is_stored(client, gallery, p
     assert r.status_code == 200 and r.json()["person"]["id"] == person, r.text
 
 
-def test_the_store_refuses_what_it_could_not_return(tmp_path):
-    store = open_store("sqlite", path=tmp_path / "g.sqlite3")
-    try:
-        g = store.create_gallery("g", "c0ffee", 4, "m", {})
-        sample = NewSample(embedding=[1.0, 0.0, 0.0, 0.0], info={})
-        deep: list = [1]
-        for _ in range(STORE_LIMITS.max_depth):
-            deep = [deep]
-        for bad in ({"x": "\ud800"}, {"x": float("nan")}, {"a": deep}, ["not", "an object"]):
-            with pytest.raises(MetadataError):
-                store.create_person(g.id, "p", bad, [sample])
-        p, _ = store.create_person(g.id, "p", {"ok": 1}, [sample])
+@pytest.fixture(params=["sqlite", "pgvector"])
+def store(request, tmp_path):
+    if request.param == "sqlite":
+        s = open_store("sqlite", path=tmp_path / "g.sqlite3")
+    else:
+        try:
+            server = pg_server()
+        except PgUnavailable as exc:
+            if pg_required():
+                raise
+            pytest.skip(f"no PostgreSQL + pgvector server on this platform: {exc}")
+        s = open_store("pgvector", dsn=fresh_database(server), purge="none")
+    yield s
+    s.close()
+
+
+def test_the_store_refuses_what_it_could_not_return(store):
+    """Both backends refuse, at every write, what the service could not return."""
+    g = store.create_gallery("g", "c0ffee", 4, "m", {})
+    sample = NewSample(embedding=[1.0, 0.0, 0.0, 0.0], info={})
+    deep: list = [1]
+    for _ in range(STORE_LIMITS.max_depth):
+        deep = [deep]
+    for bad in ({"x": "\ud800"}, {"x": float("nan")}, {"x": "a\x00b"}, {"a": deep}, ["not", "an object"]):
         with pytest.raises(MetadataError):
-            store.update_person(g.id, p.id, metadata={"x": float("inf")})
-        assert store.get_person(g.id, p.id).metadata == {"ok": 1}
-        with pytest.raises(ValueError, match="offset"):
-            store.list_persons(g.id, 10, 2**63)
-    finally:
-        store.close()
+            store.create_person(g.id, "p", bad, [sample])
+    unicode = {"name": "Zoë 王 👨\u200d👩\u200d👧", "n": [1, 2.5, None, True], "d": {"e": {}}}
+    p, _ = store.create_person(g.id, "p", unicode, [sample])
+    assert store.get_person(g.id, p.id).metadata == unicode
+    store.update_person(g.id, p.id, metadata={"ok": 1})
+    with pytest.raises(MetadataError):
+        store.update_person(g.id, p.id, metadata={"x": float("inf")})
+    assert store.get_person(g.id, p.id).metadata == {"ok": 1}
+    with pytest.raises(ValueError, match="offset"):
+        store.list_persons(g.id, 10, 2**63)
 
 
 # What an older version could have written: the column holds text the responses cannot encode.
