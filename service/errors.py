@@ -113,6 +113,52 @@ def _validation_details(errors) -> list[dict]:
     return [{"loc": list(e.get("loc", ())), "msg": e.get("msg", ""), "type": e.get("type", "")} for e in errors]
 
 
+def json_error(exc: BaseException, what: str = "the body") -> ApiError:
+    """422 ``invalid_json`` for a parse failure of ``json.loads`` (any of the exceptions it raises)."""
+    if isinstance(exc, RecursionError):
+        reason = "nested too deeply"
+    elif isinstance(exc, UnicodeDecodeError):
+        reason = "not UTF-8 encoded"
+    else:
+        reason = str(exc)[:200]
+    field = None if what == "the body" else {"field": what}
+    return ApiError(422, "invalid_json", f"{what} is not valid JSON ({reason})", field)
+
+
+def _body_error(exc: StarletteHTTPException) -> ApiError | None:
+    """FastAPI answers 400 "There was an error parsing the body" for any exception its JSON parse
+    raises besides a syntax error: a body over the size limit (our ApiError from the middleware's
+    receive), bytes that are not UTF-8, nesting beyond the decoder's recursion limit. Each has its
+    own documented answer."""
+    cause = exc.__cause__
+    if exc.status_code != 400 or cause is None:
+        return None
+    if isinstance(cause, ApiError):
+        return cause
+    if isinstance(cause, (ValueError, RecursionError)):  # UnicodeDecodeError is a ValueError
+        return json_error(cause)
+    return None
+
+
+# The methods probed for an Allow header, in the order it lists them.
+_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
+
+
+def allowed_methods(request: Request) -> list[str]:
+    """Every method some route of this path answers. Starlette's own 405 lists only the methods of
+    the first route whose path matched, but one path (``/v1/galleries/{id}``) has several routes.
+    Each method is probed through the routes' public ``matches``, so included routers count too."""
+    from starlette.routing import Match
+
+    routes = request.app.router.routes
+    allowed = []
+    for method in _METHODS:
+        scope = {**request.scope, "method": method}
+        if any(route.matches(scope)[0] == Match.FULL for route in routes):
+            allowed.append(method)
+    return allowed
+
+
 def install_handlers(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
@@ -120,17 +166,32 @@ def install_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        code = _HTTP_CODES.get(exc.status_code, f"http_{exc.status_code}")
-        message = exc.detail if isinstance(exc.detail, str) else code.replace("_", " ")
-        if exc.status_code == 404 and message == "Not Found":
-            message = f"no route {request.url.path}"
-        err = ApiError(exc.status_code, code, message, headers=dict(exc.headers or {}))
+        err = _body_error(exc)
+        if err is None:
+            code = _HTTP_CODES.get(exc.status_code, f"http_{exc.status_code}")
+            message = exc.detail if isinstance(exc.detail, str) else code.replace("_", " ")
+            if exc.status_code == 404 and message == "Not Found":
+                message = f"no route {request.url.path}"
+            headers = dict(exc.headers or {})
+            if exc.status_code == 405:
+                allowed = allowed_methods(request)
+                headers["Allow"] = ", ".join(allowed)
+                message = f"{request.method} is not allowed on {request.url.path}; allowed: {', '.join(allowed)}"
+            err = ApiError(exc.status_code, code, message, headers=headers)
         return error_response(err, request_id_of(request), request)
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-        err = ApiError(422, "validation_error", "the request does not match the API schema",
-                       _validation_details(exc.errors()))
+        errors = exc.errors()
+        if any(e.get("type") == "json_invalid" for e in errors):  # same code as the routes that parse
+            err = ApiError(422, "invalid_json", "the body is not valid JSON", _validation_details(errors))
+        else:
+            details = _validation_details(errors)
+            first = details[0] if details else {}
+            where = ".".join(str(part) for part in first.get("loc", []))
+            summary = f": {where}: {first.get('msg')}" if first else ""
+            err = ApiError(422, "validation_error", f"the request does not match the API schema{summary}",
+                           details)
         return error_response(err, request_id_of(request), request)
 
     async def _engine_error(request: Request, exc: Exception) -> JSONResponse:

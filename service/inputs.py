@@ -17,8 +17,12 @@ from fastapi import Request
 from pydantic import BaseModel, ValidationError
 from starlette.datastructures import UploadFile
 
-from service.errors import ApiError, _validation_details
+from service.errors import ApiError, _validation_details, json_error
 
+# Canonical base64 (padded), optionally after a data: URI prefix: what the schema states. The
+# server also drops whitespace (line-wrapped base64) before it decodes strictly.
+B64_PATTERN = (r"^(data:[\w.+/-]*(;[\w=.+-]+)*;base64,)?(?:[A-Za-z0-9+/]{4})*"
+               r"(?:[A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=)?$")
 _DATA_URI = re.compile(r"^data:[\w.+/-]*(;[\w=.+-]+)*;base64,", re.IGNORECASE)
 _WHITESPACE = re.compile(r"\s+")
 
@@ -40,6 +44,16 @@ def _b64(field: str, text: str, max_bytes: int) -> bytes:
     if not data:
         raise ApiError(422, "empty_image", f"{field}: empty image", {"field": field})
     return data
+
+
+def parse_json(data: bytes | str, what: str = "the body"):
+    """``json.loads``, every failure a 422 ``invalid_json``: syntax, bytes that are not UTF-8, an
+    integer of more digits than Python converts, nesting beyond the decoder's recursion limit (the
+    C decoder raises RecursionError cleanly, without exhausting the stack)."""
+    try:
+        return json.loads(data)
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError and UnicodeDecodeError included
+        raise json_error(exc, what) from None
 
 
 def image_too_large(field: str, limit: int) -> ApiError:
@@ -78,10 +92,7 @@ async def _json(request, fields, model, max_image_bytes) -> ParsedImages:
     body = await request.body()
     if not body.strip():
         raise ApiError(422, "validation_error", f"empty body: expected a JSON object with {', '.join(fields)}")
-    try:
-        payload = json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ApiError(422, "invalid_json", f"the body is not valid JSON ({exc})") from None
+    payload = parse_json(body)
     try:
         parsed = model.model_validate(payload)
     except ValidationError as exc:

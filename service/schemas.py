@@ -2,28 +2,35 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
+
+from service.inputs import B64_PATTERN
 
 # ----------------------------------------------------------------------------- requests (JSON form)
 _B64 = "the image file (JPEG, PNG, GIF, BMP, WebP, TIFF), base64 encoded; a data: URI prefix is accepted"
 
 
 class _Strict(BaseModel):
-    # Unknown fields are an error: a misspelt field name must not be silently ignored.
-    model_config = ConfigDict(extra="forbid")
+    # Unknown fields are an error: a misspelt field name must not be silently ignored. Types are
+    # strict: JSON `true` is not a threshold, "0.5" is not a number (the schema says number).
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+# minLength in the schema only: an empty string gets the same `empty_image` answer as an empty file.
+B64Image = Annotated[str, Field(description=_B64, json_schema_extra={"minLength": 1, "pattern": B64_PATTERN})]
 
 
 class VerifyJSON(_Strict):
-    image_a: str = Field(..., description=_B64)
-    image_b: str = Field(..., description=_B64)
+    image_a: B64Image
+    image_b: B64Image
     threshold: float | None = Field(None, ge=-1.0, le=1.0,
                                     description="cosine threshold for this request (default: the model's)")
 
 
 class ImageJSON(_Strict):
-    image: str = Field(..., description=_B64)
+    image: B64Image
 
 
 # ----------------------------------------------------------------------------- responses

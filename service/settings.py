@@ -86,6 +86,13 @@ class Settings(BaseSettings):
     gallery_dsn: str | None = Field(None, repr=False, description="PostgreSQL DSN (pgvector backend)")
     gallery_pg_purge: Literal["none", "vacuum", "full"] = "vacuum"  # after deletions (pgvector)
 
+    # ---- person metadata (docs/gallery.md): refused with 422 invalid_metadata above these limits.
+    # The upper bounds are the stores' own hard caps (facerec.gallery.metadata.STORE_LIMITS).
+    metadata_max_bytes: int = Field(16 * 1024, ge=256, le=1 * MB)  # serialised as compact UTF-8 JSON
+    metadata_max_keys: int = Field(64, ge=1, le=10_000)  # keys of one object (each nested one too)
+    metadata_max_depth: int = Field(8, ge=1, le=32)  # nesting levels; the metadata object is level 1
+    metadata_max_string: int = Field(1024, ge=16, le=64 * 1024)  # characters of one key or string
+
     @field_validator("api_keys", mode="before")
     @classmethod
     def _split_keys(cls, value):

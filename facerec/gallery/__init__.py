@@ -18,6 +18,7 @@ from facerec.gallery.manager import (
     SearchResult,
     ThresholdRequired,
 )
+from facerec.gallery.metadata import MetadataError, MetadataLimits, check_metadata
 from facerec.gallery.openset import (
     OPENSET_FILE,
     OpenSetCalibration,
@@ -78,6 +79,8 @@ __all__ = [
     "GalleryManager",
     "GalleryRecord",
     "GalleryStore",
+    "MetadataError",
+    "MetadataLimits",
     "NewSample",
     "NotFound",
     "Offered",
@@ -92,6 +95,7 @@ __all__ = [
     "ThresholdRequired",
     "assess",
     "calibrate",
+    "check_metadata",
     "fpir_threshold",
     "identification_metrics",
     "open_store",

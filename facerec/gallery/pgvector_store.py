@@ -29,6 +29,7 @@ from contextlib import contextmanager
 import numpy as np
 
 from facerec.gallery.index import Candidate
+from facerec.gallery.metadata import stored_json
 from facerec.gallery.sql_base import SampleRow, SQLGalleryStore
 from facerec.gallery.store import (
     MAX_SAMPLES_PER_PERSON,
@@ -231,7 +232,7 @@ class PgVectorStore(SQLGalleryStore):
                                 pid,
                                 gallery_id,
                                 check_name(name, "person name"),
-                                json.dumps(metadata or {}),
+                                stored_json(metadata),
                                 stamp,
                             )
                         )

@@ -20,7 +20,9 @@ from dataclasses import dataclass, field
 from enum import Enum
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+from typing import Annotated
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 from facerec.data.pose import estimate_pose
 
@@ -37,10 +39,22 @@ class Reason(str, Enum):
     DUPLICATE_OF_OTHER_PERSON = "duplicate_of_other_person"
 
 
+def _integral(value):
+    # JSON Schema counts 19.0 as an integer; strict mode would not. Booleans and strings stay refused.
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+#: An integer as JSON Schema defines it (19 or 19.0), in a strict model.
+JsonInt = Annotated[int, BeforeValidator(_integral)]
+
+
 class EnrollmentPolicy(BaseModel):
     """Per-gallery thresholds of the enrollment gate; ``None`` switches a check off."""
 
-    model_config = ConfigDict(extra="forbid")
+    # strict: a JSON `true` is not a threshold of 1.0 (the API schema says number)
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     min_quality: float | None = Field(
         10.0,
@@ -54,7 +68,7 @@ class EnrollmentPolicy(BaseModel):
     )
     max_yaw: float | None = Field(45.0, ge=0.0, le=90.0, description="largest |yaw|, degrees")
     max_pitch: float | None = Field(40.0, ge=0.0, le=90.0, description="largest |pitch|, degrees")
-    max_faces: int = Field(
+    max_faces: JsonInt = Field(
         1,
         ge=1,
         le=100,

@@ -30,10 +30,12 @@ from __future__ import annotations
 import abc
 import functools
 import json
+import logging
 from typing import TYPE_CHECKING
 
 import numpy as np
 
+from facerec.gallery.metadata import STORE_LIMITS, check_metadata, read_metadata
 from facerec.gallery.store import (
     MAX_SAMPLES_PER_PERSON,
     AlreadyExists,
@@ -50,6 +52,12 @@ from facerec.gallery.store import (
 
 if TYPE_CHECKING:
     from facerec.gallery.store import NewSample
+
+log = logging.getLogger(__name__)
+
+#: Largest OFFSET of a listing: both databases take a signed 64-bit integer; a larger one is a
+#: caller's error (ValueError), not a driver overflow.
+MAX_OFFSET = 2**63 - 1
 
 #: One sample row as inserted: (id, person_id, gallery_id, unit embedding, info as JSON text, created_at).
 SampleRow = tuple[str, str, str, np.ndarray, str, str]
@@ -207,7 +215,15 @@ class SQLGalleryStore(GalleryStore):
             ),
             args,
         ).fetchall()
-        return [PersonRecord(r[0], r[1], r[2], self._json_in(r[3]), r[4], int(r[5])) for r in rows]
+        out = []
+        for r in rows:
+            # A row written before metadata was checked may not be returnable: it is shown as {}
+            # with the reason, so one bad row cannot break every listing and search.
+            metadata, error = read_metadata(r[3])
+            if error is not None:
+                log.warning("gallery %s: person %s has unreadable metadata: %s", r[1], r[0], error)
+            out.append(PersonRecord(r[0], r[1], r[2], metadata, r[4], int(r[5]), error))
+        return out
 
     # ------------------------------------------------------------------ galleries
     def create_gallery(self, name, contract_id, embedding_size, model_name, config) -> GalleryRecord:
@@ -265,9 +281,10 @@ class SQLGalleryStore(GalleryStore):
     # ------------------------------------------------------------------ persons
     def create_person(self, gallery_id, name, metadata, samples):
         name = check_name(name, "person name")
+        metadata = dict(check_metadata({} if metadata is None else metadata, STORE_LIMITS))
         if not samples:
             raise ValueError("a person is created with at least one sample")
-        person = PersonRecord(new_id(), gallery_id, name, dict(metadata or {}), now())
+        person = PersonRecord(new_id(), gallery_id, name, metadata, now())
         with self._write() as con:
             size = self._size(con, gallery_id)
             con.execute(
@@ -292,6 +309,8 @@ class SQLGalleryStore(GalleryStore):
         return [r for r, _ in added]
 
     def list_persons(self, gallery_id, limit=100, offset=0):
+        if not (1 <= int(limit) <= MAX_OFFSET and 0 <= int(offset) <= MAX_OFFSET):
+            raise ValueError(f"limit must be 1..{MAX_OFFSET} and offset 0..{MAX_OFFSET}")
         with self._read() as con:
             self._size(con, gallery_id)
             return self._person_rows(
@@ -322,6 +341,8 @@ class SQLGalleryStore(GalleryStore):
         return [SampleRecord(r[0], r[1], self._json_in(r[2]), r[3]) for r in rows]
 
     def update_person(self, gallery_id, person_id, name=None, metadata=None):
+        if metadata is not None:
+            check_metadata(metadata, STORE_LIMITS)
         with self._write() as con:
             self._size(con, gallery_id)
             self._person_in(con, gallery_id, person_id, lock=True)

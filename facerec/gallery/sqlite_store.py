@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from facerec.gallery.index import Candidate, ExactIndex
+from facerec.gallery.metadata import stored_json
 from facerec.gallery.sql_base import SampleRow, SQLGalleryStore
 from facerec.gallery.store import (
     MAX_SAMPLES_PER_PERSON,
@@ -240,7 +241,7 @@ class SQLiteStore(SQLGalleryStore):
                 pid = new_id()
                 ids.append(pid)
                 rows_p.append(
-                    (pid, gallery_id, check_name(name, "person name"), json.dumps(metadata or {}), stamp)
+                    (pid, gallery_id, check_name(name, "person name"), stored_json(metadata), stamp)
                 )
                 for s in samples:
                     vec = check_embedding(s.embedding, size)

@@ -31,7 +31,15 @@ from facerec.gallery.index import Candidate
 MAX_NAME = 200
 #: Samples one person may hold: bounds the candidates an exact top-k search must look at.
 MAX_SAMPLES_PER_PERSON = 64
-_ID = re.compile(r"^[0-9a-f]{32}$")
+#: Ids of galleries, persons and samples (also the API's path-parameter pattern).
+ID_PATTERN = r"^[0-9a-f]{32}$"
+_ID = re.compile(ID_PATTERN)
+# What a name may hold: anything but C0/C1 control characters and the line/paragraph separators
+# (they would break log lines and one-line displays), with at least one non-space. Written so that
+# Python's re and ECMA regexes (the OpenAPI schema's dialect) read it alike.
+_FORBIDDEN = r"\x00-\x1f\x7f-\x9f\u2028\u2029"
+NAME_PATTERN = rf"^[^{_FORBIDDEN}]*[^\s{_FORBIDDEN}][^{_FORBIDDEN}]*$"
+_NAME = re.compile(NAME_PATTERN)
 
 
 class GalleryError(Exception):
@@ -93,6 +101,9 @@ class PersonRecord:
     metadata: dict
     created_at: str
     samples: int = 0
+    #: Why ``metadata`` is ``{}`` although the row holds something: the stored value cannot be
+    #: returned (written before writes were checked, see ``facerec.gallery.metadata``).
+    metadata_error: str | None = None
 
 
 @dataclass
@@ -184,13 +195,19 @@ class GalleryStore(abc.ABC):
 
 
 def check_name(name: str, what: str = "name") -> str:
-    name = (name or "").strip()
-    if not name:
-        raise ValueError(f"{what} must not be empty")
+    """``name`` stripped, if it matches :data:`NAME_PATTERN` (the rule the API schema publishes) and
+    is encodable as UTF-8; else ValueError."""
+    if not isinstance(name, str) or not _NAME.fullmatch(name):
+        if not (name or "").strip():
+            raise ValueError(f"{what} must not be empty")
+        raise ValueError(f"{what} must not contain control characters or line separators")
+    name = name.strip()
     if len(name) > MAX_NAME:
         raise ValueError(f"{what} is longer than {MAX_NAME} characters")
-    if any(not c.isprintable() for c in name):
-        raise ValueError(f"{what} must not contain control characters")
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError(f"{what} holds a lone UTF-16 surrogate (not encodable as UTF-8)") from None
     return name
 
 

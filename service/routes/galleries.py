@@ -13,33 +13,23 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
-import threading
-from pathlib import Path
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Query, Request, Response
+from fastapi import APIRouter, Query, Request, Response
 from pydantic import ValidationError
-from starlette.concurrency import run_in_threadpool
 
-from facerec.contract import ContractMismatchError
 from facerec.gallery import (
-    AlreadyExists,
     EnrollmentPolicy,
     GalleryConfig,
     GalleryManager,
     NotFound,
     Offered,
-    OpenSetCalibration,
     Reason,
     Refusal,
-    StoreUnavailable,
     ThresholdRequired,
-    open_store,
 )
 from facerec.gallery.measure import evidence_of
-from facerec.gallery.openset import OPENSET_FILE
-from facerec.gallery.store import valid_id
+from facerec.gallery.sql_base import MAX_OFFSET
 from facerec.runtime import DecodeError, NoFaceError, TooManyFacesError
 from service.auth import ApiKey
 from service.errors import ApiError, _validation_details, from_exception
@@ -47,9 +37,6 @@ from service.inputs import _b64
 from service.routes.common import ERROR_RESPONSES, EngineDep, image_report
 from service.routes.gallery_io import (
     MAX_IMAGES_PER_REQUEST,
-    PERSON_DOC,
-    SAMPLES_DOC,
-    SEARCH_DOC,
     BatchEnrollJSON,
     BatchEnrollResponse,
     CandidateOut,
@@ -70,148 +57,33 @@ from service.routes.gallery_io import (
     SearchResponse,
     body_kind,
     check_fields,
+    check_person_metadata,
+    checked_name,
     decode_images,
     enroll_input,
     form_text,
     json_body,
+    metadata_limits,
     read_files,
     read_form,
+    returnable,
+)
+from service.routes.gallery_openapi import BATCH_DOC, PERSON_DOC, SAMPLES_DOC, SEARCH_DOC
+from service.routes.gallery_state import (
+    Galleries,
+    GalleryId,
+    PersonId,
+    SampleId,
+    checked_id,
+    lifespan,
+    manager_of,
+    store_call,
 )
 
 log = logging.getLogger("service")
 
 
-# ============================================================================ state and errors
-class GalleryState:
-    """The app's galleries: settings, the open-set calibration (loaded at start), the store (lazy)."""
-
-    def __init__(self, app) -> None:
-        self.settings = app.state.settings
-        self.engine = app.state.engine
-        self._manager: GalleryManager | None = None
-        self._lock = threading.Lock()
-        folder = self.engine.model_path if self.engine.model_path.is_dir() else self.engine.model_path.parent
-        path = folder / OPENSET_FILE
-        self.calibration = OpenSetCalibration.load(path) if path.exists() else None
-        contract = self.engine.backend.contract
-        if self.calibration is not None and self.calibration.contract_id != contract.contract_id:
-            raise ContractMismatchError(
-                f"{path} was calibrated for contract {self.calibration.contract_id}, the "
-                f"model has {contract.contract_id}: run `facerec calibrate-openset`"
-            )
-
-    def sqlite_path(self) -> Path:
-        if self.settings.gallery_path is not None:
-            return Path(self.settings.gallery_path)
-        base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
-        return Path(base) / "facerec" / "galleries.sqlite3"
-
-    def manager(self) -> GalleryManager:
-        with self._lock:
-            if self._manager is None:
-                s = self.settings
-                if s.gallery_backend == "pgvector":
-                    store = open_store("pgvector", dsn=s.gallery_dsn, purge=s.gallery_pg_purge)
-                else:
-                    store = open_store("sqlite", path=self.sqlite_path())
-                self._manager = GalleryManager(store, self.engine.backend.contract, self.calibration)
-                log.info("gallery store: %s", store.backend)
-            return self._manager
-
-    def close(self) -> None:
-        with self._lock:
-            if self._manager is not None:
-                self._manager.store.close()
-                self._manager = None
-
-
-@contextlib.asynccontextmanager
-async def lifespan(app):
-    state = app.state.galleries = GalleryState(app)
-    metrics = getattr(app.state, "metrics", None)
-    if metrics is not None and not hasattr(metrics, "gallery_searches"):
-        from prometheus_client import Counter
-
-        metrics.gallery_searches = Counter(
-            "facerec_gallery_searches",
-            "gallery searches by decision",
-            ["decision"],
-            registry=metrics.registry,
-        )
-        metrics.gallery_samples = Counter(
-            "facerec_gallery_samples",
-            "photos offered for enrollment, by outcome",
-            ["outcome"],
-            registry=metrics.registry,
-        )
-        metrics.gallery_refusals = Counter(
-            "facerec_gallery_refusals",
-            "enrollment refusals by reason code",
-            ["reason"],
-            registry=metrics.registry,
-        )
-    if state.settings.gallery_backend == "pgvector":
-        await run_in_threadpool(state.manager)  # an unreachable database stops the start
-    try:
-        yield
-    finally:
-        state.close()
-
-
 router = APIRouter(prefix="/v1", tags=["galleries"], lifespan=lifespan)
-
-
-def _map_error(exc: BaseException) -> ApiError | None:
-    if isinstance(exc, ApiError):
-        return exc
-    if isinstance(exc, NotFound):
-        return ApiError(404, exc.code, str(exc))
-    if isinstance(exc, AlreadyExists):
-        return ApiError(409, exc.code, str(exc))
-    if isinstance(exc, ContractMismatchError):
-        return ApiError(409, "contract_mismatch", str(exc))
-    if isinstance(exc, ThresholdRequired):
-        return ApiError(422, "threshold_required", str(exc))
-    if isinstance(exc, StoreUnavailable):
-        return ApiError(503, exc.code, str(exc), headers={"Retry-After": "5"})
-    if isinstance(exc, ValidationError):
-        return ApiError(
-            422,
-            "validation_error",
-            "invalid gallery settings",
-            _validation_details(exc.errors(include_input=False)),
-        )
-    if isinstance(exc, ValueError):
-        return ApiError(422, "validation_error", str(exc))
-    return None
-
-
-async def _call(fn, *args, **kw):
-    """A blocking gallery call in the thread pool, its errors as API errors."""
-    try:
-        return await run_in_threadpool(fn, *args, **kw)
-    except Exception as exc:  # noqa: BLE001 - mapped to an API error, or re-raised as is
-        raise (_map_error(exc) or exc) from None
-
-
-def get_galleries(request: Request) -> GalleryState:
-    return request.app.state.galleries
-
-
-Galleries = Annotated[GalleryState, Depends(get_galleries)]
-
-
-async def _manager(state: GalleryState) -> GalleryManager:
-    return await _call(state.manager)
-
-
-def _id(value: str, what: str) -> str:
-    """A well-formed id (32 hex digits) or 422; an unknown well-formed id is the store's 404."""
-    if not valid_id(value):
-        raise ApiError(
-            422, "validation_error", f"{what}_id must be 32 hexadecimal digits", {"field": f"{what}_id"}
-        )
-    return value
 
 
 # ============================================================================ helpers
@@ -242,7 +114,12 @@ def _gallery_out(manager: GalleryManager, record) -> GalleryOut:
 
 
 def _person_out(p) -> PersonOut:
-    return PersonOut(id=p.id, name=p.name, metadata=p.metadata, created_at=p.created_at, samples=p.samples)
+    metadata, error = p.metadata, getattr(p, "metadata_error", None)
+    if error is None and not returnable(metadata):  # the store checked it; this is the last guard
+        log.warning("gallery %s: person %s has metadata the response encoder refuses", p.gallery_id, p.id)
+        metadata, error = {}, "metadata: stored value cannot be returned as JSON"
+    return PersonOut(id=p.id, name=p.name, metadata=metadata, created_at=p.created_at, samples=p.samples,
+                     metadata_error=error)
 
 
 async def _offer(engine, images: list[bytes]) -> list[Offered]:
@@ -332,28 +209,28 @@ ERRORS.update(
     summary="Create a gallery (pinned to the model in use)",
 )
 async def create_gallery(body: GalleryCreate, state: Galleries, _: ApiKey) -> GalleryOut:
-    manager = await _manager(state)
+    manager = await manager_of(state)
     config = GalleryConfig(
         policy=body.policy or EnrollmentPolicy(),
         target_fpir=body.target_fpir or (state.calibration.default_fpir if state.calibration else 0.01),
         match_threshold=body.match_threshold,
     )
-    record = await _call(manager.create, body.name, config)
+    record = await store_call(manager.create, body.name, config)
     log.info("gallery %s created", record.id)
     return _gallery_out(manager, record)
 
 
 @router.get("/galleries", response_model=GalleryList, responses=ERRORS, summary="List galleries")
 async def list_galleries(state: Galleries, _: ApiKey) -> GalleryList:
-    manager = await _manager(state)
-    records = await _call(manager.store.list_galleries)
+    manager = await manager_of(state)
+    records = await store_call(manager.store.list_galleries)
     return GalleryList(galleries=[_gallery_out(manager, r) for r in records])
 
 
 @router.get("/galleries/{gallery_id}", response_model=GalleryOut, responses=ERRORS, summary="One gallery")
-async def get_gallery(gallery_id: str, state: Galleries, _: ApiKey) -> GalleryOut:
-    manager = await _manager(state)
-    return _gallery_out(manager, await _call(manager.store.get_gallery, _id(gallery_id, "gallery")))
+async def get_gallery(gallery_id: GalleryId, state: Galleries, _: ApiKey) -> GalleryOut:
+    manager = await manager_of(state)
+    return _gallery_out(manager, await store_call(manager.store.get_gallery, checked_id(gallery_id, "gallery")))
 
 
 @router.patch(
@@ -362,9 +239,9 @@ async def get_gallery(gallery_id: str, state: Galleries, _: ApiKey) -> GalleryOu
     responses=ERRORS,
     summary="Rename a gallery or change its policy / threshold",
 )
-async def update_gallery(gallery_id: str, body: GalleryUpdate, state: Galleries, _: ApiKey) -> GalleryOut:
-    manager = await _manager(state)
-    record = await _call(manager.store.get_gallery, _id(gallery_id, "gallery"))
+async def update_gallery(gallery_id: GalleryId, body: GalleryUpdate, state: Galleries, _: ApiKey) -> GalleryOut:
+    manager = await manager_of(state)
+    record = await store_call(manager.store.get_gallery, checked_id(gallery_id, "gallery"))
     config = None
     changes = body.model_dump(exclude_unset=True)
     if set(changes) - {"name"}:
@@ -375,8 +252,8 @@ async def update_gallery(gallery_id: str, body: GalleryUpdate, state: Galleries,
             current["target_fpir"] = changes["target_fpir"]
         if "match_threshold" in changes:  # null: back to the calibrated threshold
             current["match_threshold"] = changes["match_threshold"]
-        config = await _call(GalleryConfig.model_validate, current)
-    record = await _call(manager.update, gallery_id, changes.get("name"), config)
+        config = await store_call(GalleryConfig.model_validate, current)
+    record = await store_call(manager.update, gallery_id, changes.get("name"), config)
     return _gallery_out(manager, record)
 
 
@@ -386,9 +263,9 @@ async def update_gallery(gallery_id: str, body: GalleryUpdate, state: Galleries,
     responses=ERRORS,
     summary="Delete a gallery with all its persons and samples",
 )
-async def delete_gallery(gallery_id: str, state: Galleries, _: ApiKey) -> Response:
-    manager = await _manager(state)
-    await _call(manager.store.delete_gallery, _id(gallery_id, "gallery"))
+async def delete_gallery(gallery_id: GalleryId, state: Galleries, _: ApiKey) -> Response:
+    manager = await manager_of(state)
+    await store_call(manager.store.delete_gallery, checked_id(gallery_id, "gallery"))
     log.info("gallery %s deleted", gallery_id)
     return Response(status_code=204)
 
@@ -407,15 +284,17 @@ async def delete_gallery(gallery_id: str, state: Galleries, _: ApiKey) -> Respon
     "created when at least one photo is accepted, else 422 `enrollment_refused`.",
 )
 async def create_person(
-    gallery_id: str, request: Request, engine: EngineDep, state: Galleries, _: ApiKey
+    gallery_id: GalleryId, request: Request, engine: EngineDep, state: Galleries, _: ApiKey
 ) -> EnrollResponse:
-    gallery_id = _id(gallery_id, "gallery")
-    manager = await _manager(state)
-    record = await _call(manager.store.get_gallery, gallery_id)
-    await _call(manager.require_contract, record)  # before any image work
-    images, name, metadata = await enroll_input(request, engine.settings.max_image_bytes, named=True)
+    gallery_id = checked_id(gallery_id, "gallery")
+    manager = await manager_of(state)
+    record = await store_call(manager.store.get_gallery, gallery_id)
+    await store_call(manager.require_contract, record)  # before any image work
+    images, name, metadata = await enroll_input(
+        request, engine.settings.max_image_bytes, named=True, limits=metadata_limits(state.settings)
+    )
     offered = await _offer(engine, images)
-    enrollment = await _call(manager.enroll, gallery_id, offered, None, name, metadata or {})
+    enrollment = await store_call(manager.enroll, gallery_id, offered, None, name, metadata or {})
     response = _enroll_response(request, enrollment)
     if enrollment.person is None:
         raise _refused_error(response)
@@ -438,16 +317,18 @@ async def create_person(
     "as enrollment; 422 `enrollment_refused` when none is accepted.",
 )
 async def add_samples(
-    gallery_id: str, person_id: str, request: Request, engine: EngineDep, state: Galleries, _: ApiKey
+    gallery_id: GalleryId, person_id: PersonId, request: Request, engine: EngineDep, state: Galleries, _: ApiKey
 ) -> EnrollResponse:
-    gallery_id, person_id = _id(gallery_id, "gallery"), _id(person_id, "person")
-    manager = await _manager(state)
-    record = await _call(manager.store.get_gallery, gallery_id)
-    await _call(manager.require_contract, record)
-    await _call(manager.store.get_person, gallery_id, person_id)
-    images, _name, _meta = await enroll_input(request, engine.settings.max_image_bytes, named=False)
+    gallery_id, person_id = checked_id(gallery_id, "gallery"), checked_id(person_id, "person")
+    manager = await manager_of(state)
+    record = await store_call(manager.store.get_gallery, gallery_id)
+    await store_call(manager.require_contract, record)
+    await store_call(manager.store.get_person, gallery_id, person_id)
+    images, _name, _meta = await enroll_input(
+        request, engine.settings.max_image_bytes, named=False, limits=metadata_limits(state.settings)
+    )
     offered = await _offer(engine, images)
-    enrollment = await _call(manager.enroll, gallery_id, offered, person_id)
+    enrollment = await store_call(manager.enroll, gallery_id, offered, person_id)
     response = _enroll_response(request, enrollment)
     if enrollment.enrolled == 0:
         raise _refused_error(response)
@@ -458,18 +339,19 @@ async def add_samples(
     "/galleries/{gallery_id}/enroll",
     response_model=BatchEnrollResponse,
     responses=ERRORS,
+    openapi_extra=BATCH_DOC,
     summary="Batch enrollment: several persons, several photos each",
     description="JSON `{persons: [{name | person_id, metadata?, images: [base64, ...]}, ...]}` (at "
     f"most {MAX_IMAGES_PER_REQUEST} images in all). Persons are enrolled in order; each gets its "
     "own report (a person none of whose photos passes is not created).",
 )
 async def batch_enroll(
-    gallery_id: str, request: Request, engine: EngineDep, state: Galleries, _: ApiKey
+    gallery_id: GalleryId, request: Request, engine: EngineDep, state: Galleries, _: ApiKey
 ) -> BatchEnrollResponse:
-    gallery_id = _id(gallery_id, "gallery")
-    manager = await _manager(state)
-    record = await _call(manager.store.get_gallery, gallery_id)
-    await _call(manager.require_contract, record)
+    gallery_id = checked_id(gallery_id, "gallery")
+    manager = await manager_of(state)
+    record = await store_call(manager.store.get_gallery, gallery_id)
+    await store_call(manager.require_contract, record)
     body = await json_body(request, BatchEnrollJSON)
     if sum(len(p.images) for p in body.persons) > MAX_IMAGES_PER_REQUEST:
         raise ApiError(422, "validation_error", f"at most {MAX_IMAGES_PER_REQUEST} images per request")
@@ -482,7 +364,10 @@ async def batch_enroll(
                 {"index": i},
             )
         if p.person_id is not None:
-            _id(p.person_id, "person")
+            checked_id(p.person_id, "person")
+        else:
+            checked_name(p.name, f"persons[{i}].name")
+        check_person_metadata(p.metadata, metadata_limits(state.settings), f"persons[{i}].metadata")
     decoded = [
         decode_images(p.images, engine.settings.max_image_bytes, f"persons[{i}].images")
         for i, p in enumerate(body.persons)
@@ -491,7 +376,7 @@ async def batch_enroll(
     out, start = [], 0
     for p, images in zip(body.persons, decoded):
         mine, start = offered[start : start + len(images)], start + len(images)
-        enrollment = await _call(manager.enroll, gallery_id, mine, p.person_id, p.name, p.metadata or {})
+        enrollment = await store_call(manager.enroll, gallery_id, mine, p.person_id, p.name, p.metadata or {})
         out.append(_enroll_response(request, enrollment))
     return BatchEnrollResponse(persons=out)
 
@@ -503,16 +388,16 @@ async def batch_enroll(
     summary="List a gallery's persons",
 )
 async def list_persons(
-    gallery_id: str,
+    gallery_id: GalleryId,
     state: Galleries,
     _: ApiKey,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Annotated[int, Query(ge=0, le=MAX_OFFSET)] = 0,
 ) -> PersonList:
-    manager = await _manager(state)
-    gallery_id = _id(gallery_id, "gallery")
-    record = await _call(manager.store.get_gallery, gallery_id)
-    persons = await _call(manager.store.list_persons, gallery_id, limit, offset)
+    manager = await manager_of(state)
+    gallery_id = checked_id(gallery_id, "gallery")
+    record = await store_call(manager.store.get_gallery, gallery_id)
+    persons = await store_call(manager.store.list_persons, gallery_id, limit, offset)
     return PersonList(
         persons=[_person_out(p) for p in persons], total=record.persons, limit=limit, offset=offset
     )
@@ -524,11 +409,11 @@ async def list_persons(
     responses=ERRORS,
     summary="One person with its samples",
 )
-async def get_person(gallery_id: str, person_id: str, state: Galleries, _: ApiKey) -> PersonDetail:
-    manager = await _manager(state)
-    gallery_id, person_id = _id(gallery_id, "gallery"), _id(person_id, "person")
-    person = await _call(manager.store.get_person, gallery_id, person_id)
-    samples = await _call(manager.store.list_samples, gallery_id, person_id)
+async def get_person(gallery_id: GalleryId, person_id: PersonId, state: Galleries, _: ApiKey) -> PersonDetail:
+    manager = await manager_of(state)
+    gallery_id, person_id = checked_id(gallery_id, "gallery"), checked_id(person_id, "person")
+    person = await store_call(manager.store.get_person, gallery_id, person_id)
+    samples = await store_call(manager.store.list_samples, gallery_id, person_id)
     return PersonDetail(
         **_person_out(person).model_dump(),
         sample_list=[SampleOut(id=s.id, created_at=s.created_at, info=s.info) for s in samples],
@@ -542,13 +427,14 @@ async def get_person(gallery_id: str, person_id: str, state: Galleries, _: ApiKe
     summary="Rename a person or replace its metadata",
 )
 async def update_person(
-    gallery_id: str, person_id: str, body: PersonUpdate, state: Galleries, _: ApiKey
+    gallery_id: GalleryId, person_id: PersonId, body: PersonUpdate, state: Galleries, _: ApiKey
 ) -> PersonOut:
-    manager = await _manager(state)
-    person = await _call(
+    check_person_metadata(body.metadata, metadata_limits(state.settings))
+    manager = await manager_of(state)
+    person = await store_call(
         manager.store.update_person,
-        _id(gallery_id, "gallery"),
-        _id(person_id, "person"),
+        checked_id(gallery_id, "gallery"),
+        checked_id(person_id, "person"),
         body.name,
         body.metadata,
     )
@@ -561,9 +447,9 @@ async def update_person(
     responses=ERRORS,
     summary="Delete a person and all its samples",
 )
-async def delete_person(gallery_id: str, person_id: str, state: Galleries, _: ApiKey) -> Response:
-    manager = await _manager(state)
-    await _call(manager.store.delete_person, _id(gallery_id, "gallery"), _id(person_id, "person"))
+async def delete_person(gallery_id: GalleryId, person_id: PersonId, state: Galleries, _: ApiKey) -> Response:
+    manager = await manager_of(state)
+    await store_call(manager.store.delete_person, checked_id(gallery_id, "gallery"), checked_id(person_id, "person"))
     log.info("gallery %s: person %s deleted", gallery_id, person_id)
     return Response(status_code=204)
 
@@ -575,14 +461,14 @@ async def delete_person(gallery_id: str, person_id: str, state: Galleries, _: Ap
     summary="Delete one sample of a person",
 )
 async def delete_sample(
-    gallery_id: str, person_id: str, sample_id: str, state: Galleries, _: ApiKey
+    gallery_id: GalleryId, person_id: PersonId, sample_id: SampleId, state: Galleries, _: ApiKey
 ) -> Response:
-    manager = await _manager(state)
-    await _call(
+    manager = await manager_of(state)
+    await store_call(
         manager.store.delete_sample,
-        _id(gallery_id, "gallery"),
-        _id(person_id, "person"),
-        _id(sample_id, "sample"),
+        checked_id(gallery_id, "gallery"),
+        checked_id(person_id, "person"),
+        checked_id(sample_id, "sample"),
     )
     return Response(status_code=204)
 
@@ -602,12 +488,12 @@ async def delete_sample(
     "`fpir`), else `unknown`.",
 )
 async def search(
-    gallery_id: str, request: Request, engine: EngineDep, state: Galleries, _: ApiKey
+    gallery_id: GalleryId, request: Request, engine: EngineDep, state: Galleries, _: ApiKey
 ) -> SearchResponse:
-    gallery_id = _id(gallery_id, "gallery")
-    manager = await _manager(state)
-    record = await _call(manager.store.get_gallery, gallery_id)
-    await _call(manager.require_contract, record)
+    gallery_id = checked_id(gallery_id, "gallery")
+    manager = await manager_of(state)
+    record = await store_call(manager.store.get_gallery, gallery_id)
+    await store_call(manager.require_contract, record)
     if body_kind(request) == "multipart":
         form = await read_form(request, 1)
         try:
@@ -617,8 +503,8 @@ async def search(
         finally:
             await form.close()
         try:
-            body = SearchJSON.model_validate(
-                {"image": "", **{k: v for k, v in raw.items() if v not in (None, "")}}
+            body = SearchJSON.model_validate(  # form fields are text: converted, not strict
+                {"image": "x", **{k: v for k, v in raw.items() if v not in (None, "")}}, strict=False
             )
         except ValidationError as exc:
             raise ApiError(
@@ -637,13 +523,13 @@ async def search(
             result = await engine.process(image)
         except Exception as exc:  # noqa: BLE001 - mapped to an API error, or re-raised
             raise from_exception(exc, "image") or exc
-    found = await _call(
+    found = await store_call(
         manager.search, gallery_id, result.faces[0].embedding, body.top_k, body.fpir, body.threshold
     )
     names = {}
     for c in found.candidates:
         with contextlib.suppress(NotFound):  # deleted between search and lookup: dropped below
-            names[c.person_id] = await _call(manager.store.get_person, gallery_id, c.person_id)
+            names[c.person_id] = await store_call(manager.store.get_person, gallery_id, c.person_id)
     candidates = [
         CandidateOut(
             person_id=c.person_id,

@@ -1,47 +1,110 @@
 """Request and response bodies of the gallery routes, and reading them from a request.
 
 The image routes read their bodies themselves (multipart files or base64 JSON, as the rest of the
-API); ``*_DOC`` documents both encodings in the OpenAPI schema.
+API); ``service.routes.gallery_openapi`` documents both encodings in the OpenAPI schema.
 """
 
 from __future__ import annotations
 
 import json
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from fastapi import Request
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, create_model
+from pydantic_core import PydanticSerializationError
 from starlette.datastructures import UploadFile
 
-from facerec.gallery import EnrollmentPolicy, Reason
+from facerec.gallery import EnrollmentPolicy, MetadataError, MetadataLimits, Reason, check_metadata
+from facerec.gallery.metadata import DEFAULT_LIMITS
+from facerec.gallery.policy import JsonInt
+from facerec.gallery.store import ID_PATTERN, MAX_NAME, NAME_PATTERN, check_name
 from service.errors import ApiError, _validation_details
-from service.inputs import _b64, image_too_large
+from service.inputs import B64_PATTERN, _b64, image_too_large, parse_json
 from service.schemas import ImageReport
 
 MAX_IMAGES_PER_REQUEST = 32
 _B64 = "image file (JPEG, PNG, WebP, ...), base64 encoded; a data: URI prefix is accepted"
 
 
+# Vendor extensions marking the schema parts that depend on the running service; ``openapi_for``
+# replaces the defaults there with the settings and the model's calibration.
+FPIR_MARK = {"x-facerec": "fpir"}
+# A search names a threshold or an FPIR, not both (null counts as absent).
+BOTH_THRESHOLD_AND_FPIR = {"required": ["threshold", "fpir"],
+                           "properties": {"threshold": {"type": "number"}, "fpir": {"type": "number"}}}
+METADATA_MARK = {"x-facerec": "metadata"}
+
+
 # ============================================================================ schemas
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # Unknown fields are an error, and types are strict: a JSON `true` is not the number 1, "0.5"
+    # is not a number (the schema says so; multipart text is converted with strict=False).
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+Name = Annotated[
+    str,
+    Field(min_length=1, max_length=MAX_NAME, json_schema_extra={"pattern": NAME_PATTERN},
+          description="no control characters or line separators; surrounding spaces are dropped"),
+]
+Id = Annotated[str, Field(pattern=ID_PATTERN, description="32 hexadecimal digits")]
+_LIMITS = DEFAULT_LIMITS
+def metadata_text(limits: MetadataLimits) -> str:
+    return (
+        "a JSON object the client owns, returned as given. Limits (FACEREC_METADATA_MAX_*): "
+        f"{limits.max_bytes} bytes as compact UTF-8 JSON, {limits.max_keys} keys per object, "
+        f"{limits.max_depth} levels of nesting (the object itself is level 1), "
+        f"{limits.max_string} characters per key or string, no NaN or Infinity; beyond them 422 "
+        "`invalid_metadata`"
+    )
+
+
+Metadata = Annotated[
+    dict[str, Any],
+    Field(
+        description=metadata_text(_LIMITS),
+        json_schema_extra={"maxProperties": _LIMITS.max_keys,
+                           "propertyNames": {"maxLength": _LIMITS.max_string}, **METADATA_MARK},
+    ),
+]
+B64Image = Annotated[str, Field(description=_B64, json_schema_extra={"minLength": 1, "pattern": B64_PATTERN})]
+Images = Annotated[list[B64Image], Field(min_length=1, max_length=MAX_IMAGES_PER_REQUEST)]
+
+
+def _no_default(schema: dict) -> None:
+    # Absent means unchanged; the None default is no value a client may send for a non-nullable field.
+    schema.pop("default", None)
+
+
+def _patch_of(model: type[BaseModel]) -> type[BaseModel]:
+    """``model`` with every field optional (absent: unchanged), same types and bounds."""
+    fields = {
+        name: (Annotated[(f.annotation, *f.metadata)] if f.metadata else f.annotation,
+               Field(None, description=f.description, json_schema_extra=_no_default))
+        for name, f in model.model_fields.items()
+    }
+    return create_model(f"{model.__name__}Patch", __base__=_Strict, **fields)
+
+
+EnrollmentPolicyPatch = _patch_of(EnrollmentPolicy)
 
 
 class GalleryCreate(_Strict):
-    name: str = Field(..., min_length=1, max_length=200)
+    name: Name
     policy: EnrollmentPolicy | None = Field(
         None, description="enrollment gate (default: the standard policy)"
     )
     target_fpir: float | None = Field(
-        None, gt=0, lt=1, description="FPIR of the match threshold (default: the calibration's, 0.01)"
+        None, gt=0, lt=1, description="FPIR of the match threshold (default: the calibration's, 0.01)",
+        json_schema_extra=FPIR_MARK,
     )
     match_threshold: float | None = Field(None, ge=-1, le=1, description="fixed threshold instead")
 
 
 class GalleryUpdate(_Strict):
-    name: str | None = Field(None, min_length=1, max_length=200)
-    policy: dict[str, Any] | None = Field(None, description="policy fields to change")
-    target_fpir: float | None = Field(None, gt=0, lt=1)
+    name: Name | None = None
+    policy: EnrollmentPolicyPatch | None = Field(None, description="policy fields to change")
+    target_fpir: float | None = Field(None, gt=0, lt=1, json_schema_extra=FPIR_MARK)
     match_threshold: float | None = Field(None, ge=-1, le=1, description="null: use the calibrated one")
 
 
@@ -90,6 +153,9 @@ class PersonOut(BaseModel):
     metadata: dict
     created_at: str
     samples: int
+    metadata_error: str | None = Field(
+        None, description="why `metadata` is {}: the stored value cannot be returned (written by an "
+        "older version without the metadata limits); replace it with PATCH")
 
 
 class PersonDetail(PersonOut):
@@ -104,8 +170,8 @@ class PersonList(BaseModel):
 
 
 class PersonUpdate(_Strict):
-    name: str | None = Field(None, min_length=1, max_length=200)
-    metadata: dict[str, Any] | None = None
+    name: Name | None = None
+    metadata: Metadata | None = Field(None, description="replaces the stored metadata")
 
 
 class ReasonOut(BaseModel):
@@ -132,21 +198,31 @@ class EnrollResponse(BaseModel):
 
 
 class PersonEnrollJSON(_Strict):
-    name: str | None = Field(None, min_length=1, max_length=200)
-    metadata: dict[str, Any] | None = None
-    images: list[str] = Field(..., min_length=1, description=_B64)
+    name: Name
+    metadata: Metadata | None = None
+    images: Images
 
 
 class SamplesJSON(_Strict):
-    images: list[str] = Field(..., min_length=1, description=_B64)
+    images: Images
 
 
-class BatchPerson(PersonEnrollJSON):
-    person_id: str | None = Field(None, description="add to this person instead of creating one")
+class BatchPerson(_Strict):
+    # Exactly one of name (a new person) and person_id (an existing one): said in the schema too.
+    model_config = ConfigDict(json_schema_extra={"oneOf": [
+        {"required": ["name"], "properties": {"name": {"type": "string"}, "person_id": {"type": "null"}}},
+        {"required": ["person_id"], "properties": {"person_id": {"type": "string"}, "name": {"type": "null"}}},
+    ]})
+    name: Name | None = Field(None, description="a new person")
+    person_id: Id | None = Field(None, description="add to this person instead of creating one")
+    metadata: Metadata | None = None
+    images: Images
 
 
 class BatchEnrollJSON(_Strict):
-    persons: list[BatchPerson] = Field(..., min_length=1)
+    persons: list[BatchPerson] = Field(
+        ..., min_length=1, max_length=MAX_IMAGES_PER_REQUEST,
+        description=f"at most {MAX_IMAGES_PER_REQUEST} images in all persons together")
 
 
 class BatchEnrollResponse(BaseModel):
@@ -154,10 +230,13 @@ class BatchEnrollResponse(BaseModel):
 
 
 class SearchJSON(_Strict):
-    image: str = Field(..., description=_B64)
-    top_k: int = Field(5, ge=1, le=50)
+    image: B64Image
+    model_config = ConfigDict(json_schema_extra={"not": BOTH_THRESHOLD_AND_FPIR})
+
+    top_k: JsonInt = Field(5, ge=1, le=50)
     threshold: float | None = Field(None, ge=-1, le=1, description="cosine threshold for this request")
-    fpir: float | None = Field(None, gt=0, lt=1, description="calibrated FPIR to use for this request")
+    fpir: float | None = Field(None, gt=0, lt=1, description="calibrated FPIR to use for this request",
+                               json_schema_extra=FPIR_MARK)
 
 
 class CandidateOut(BaseModel):
@@ -182,16 +261,15 @@ class SearchResponse(BaseModel):
 async def read_form(request: Request, max_files: int):
     try:
         return await request.form(max_files=max_files, max_fields=8, max_part_size=64 * 1024)
+    except ApiError:  # the body passed the size limit while it was read (chunked upload): 413
+        raise
     except Exception as exc:  # noqa: BLE001 - parse errors are the client's
         raise ApiError(422, "invalid_multipart", f"malformed multipart body ({exc})") from None
 
 
 async def json_body(request: Request, model: type[BaseModel]):
     body = await request.body()
-    try:
-        payload = json.loads(body) if body.strip() else None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ApiError(422, "invalid_json", f"the body is not valid JSON ({exc})") from None
+    payload = parse_json(body) if body.strip() else None
     try:
         return model.model_validate(payload)
     except ValidationError as exc:
@@ -256,10 +334,7 @@ def form_text(form, field: str) -> str | None:
 def json_field(value: str | None, field: str):
     if value is None or value == "":
         return None
-    try:
-        return json.loads(value)
-    except json.JSONDecodeError:
-        raise ApiError(422, "validation_error", f"{field} must be JSON", {"field": field}) from None
+    return parse_json(value, field)
 
 
 def decode_images(images: list[str], max_bytes: int, prefix: str = "images") -> list[bytes]:
@@ -268,7 +343,55 @@ def decode_images(images: list[str], max_bytes: int, prefix: str = "images") -> 
     return [_b64(f"{prefix}[{i}]", text, max_bytes) for i, text in enumerate(images)]
 
 
-async def enroll_input(request: Request, max_bytes: int, named: bool) -> tuple[list[bytes], str | None, Any]:
+def checked_name(name: str | None, field: str) -> str:
+    """The person's name as the store will keep it, or 422 before any image work."""
+    if name is None or not name.strip():
+        raise ApiError(422, "validation_error", f"{field}: a new person needs a name", {"field": field})
+    try:
+        return check_name(name, field)
+    except ValueError as exc:
+        raise ApiError(422, "validation_error", str(exc), {"field": field}) from None
+
+
+def metadata_limits(settings) -> MetadataLimits:
+    return MetadataLimits(
+        max_bytes=settings.metadata_max_bytes,
+        max_keys=settings.metadata_max_keys,
+        max_depth=settings.metadata_max_depth,
+        max_string=settings.metadata_max_string,
+    )
+
+
+# The encoder of the responses (FastAPI serialises response models through pydantic's JSON mode).
+_ENCODER = TypeAdapter(dict[str, Any])
+
+
+def returnable(metadata: dict) -> bool:
+    """Whether ``metadata`` comes back unchanged through the response encoder."""
+    try:
+        return json.loads(_ENCODER.dump_json(metadata)) == metadata
+    except (PydanticSerializationError, ValueError, RecursionError):
+        return False
+
+
+def check_person_metadata(value, limits: MetadataLimits, field: str = "metadata") -> dict | None:
+    """``value`` (None: not given) when it is within ``limits`` and returnable, else 422
+    ``invalid_metadata`` naming the offending path and the limit. Runs before anything is stored:
+    what is stored is returned by every later listing and search."""
+    if value is None:
+        return None
+    try:
+        check_metadata(value, limits, field)
+    except MetadataError as exc:
+        raise ApiError(422, exc.code, str(exc), exc.details()) from None
+    if not returnable(value):
+        raise ApiError(422, "invalid_metadata", f"{field}: cannot be returned as JSON", {"field": field})
+    return value
+
+
+async def enroll_input(
+    request: Request, max_bytes: int, named: bool, limits: MetadataLimits
+) -> tuple[list[bytes], str | None, dict | None]:
     if body_kind(request) == "multipart":
         form = await read_form(request, MAX_IMAGES_PER_REQUEST)
         try:
@@ -282,44 +405,7 @@ async def enroll_input(request: Request, max_bytes: int, named: bool) -> tuple[l
         body = await json_body(request, PersonEnrollJSON if named else SamplesJSON)
         name, metadata = getattr(body, "name", None), getattr(body, "metadata", None)
         images = decode_images(body.images, max_bytes)
-    if metadata is not None and not isinstance(metadata, dict):
-        raise ApiError(422, "validation_error", "metadata must be a JSON object", {"field": "metadata"})
-    if named and not (name or "").strip():
-        raise ApiError(422, "validation_error", "a new person needs a `name`", {"field": "name"})
+    metadata = check_person_metadata(metadata, limits)
+    if named:
+        name = checked_name(name, "name")
     return images, name, metadata
-
-
-def body_doc(json_model: type[BaseModel], props: dict, required: list[str]) -> dict:
-    """``openapi_extra`` documenting both encodings of a route that reads its body itself."""
-    return {
-        "requestBody": {
-            "required": True,
-            "content": {
-                "multipart/form-data": {
-                    "schema": {"type": "object", "properties": props, "required": required}
-                },
-                "application/json": {"schema": json_model.model_json_schema()},
-            },
-        }
-    }
-
-
-_FILE = {"type": "string", "format": "binary"}
-_IMAGES = {"type": "array", "items": _FILE, "minItems": 1, "maxItems": MAX_IMAGES_PER_REQUEST}
-_METADATA = {"type": "string", "description": "a JSON object, as text"}
-SEARCH_DOC = body_doc(
-    SearchJSON,
-    {
-        "image": _FILE,
-        "top_k": {"type": "integer", "minimum": 1, "maximum": 50},
-        "threshold": {"type": "number", "minimum": -1, "maximum": 1},
-        "fpir": {"type": "number", "exclusiveMinimum": 0, "exclusiveMaximum": 1},
-    },
-    ["image"],
-)
-PERSON_DOC = body_doc(
-    PersonEnrollJSON,
-    {"name": {"type": "string", "minLength": 1, "maxLength": 200}, "metadata": _METADATA, "images": _IMAGES},
-    ["name", "images"],
-)
-SAMPLES_DOC = body_doc(SamplesJSON, {"images": _IMAGES}, ["images"])
