@@ -119,6 +119,11 @@ def model_files(settings: Settings, cuda: bool) -> tuple[Path, str, Path | None]
     return _single(graphs, "fp32 ONNX graph", folder), backend, fp32_graph
 
 
+# How long a shutdown waits for a warm-up still running (a GPU warm-up with torch.compile can take
+# a minute; a CPU one takes seconds).
+WARMUP_JOIN_S = 120.0
+
+
 class Engine:
     def __init__(self, settings: Settings, metrics=None) -> None:
         self.settings = settings
@@ -197,17 +202,26 @@ class Engine:
             self.ready = True
         except Exception as exc:  # reported by readiness; the service stays not-ready
             log.exception("warm-up failed")
-            self.warmup_error = f"{type(exc).__name__}: {exc}"
+            # Readiness is unauthenticated: it says what failed, the log says why (the exception
+            # text can name server paths).
+            self.warmup_error = f"warm-up failed ({type(exc).__name__}); the server log has the details"
 
     async def start(self) -> None:
         if self.settings.warmup:
             # In a thread: liveness answers while a GPU / torch.compile warm-up takes its time.
-            threading.Thread(target=self.warm_up, name="facerec-warmup", daemon=True).start()
+            self._warmup_thread = threading.Thread(target=self.warm_up, name="facerec-warmup", daemon=True)
+            self._warmup_thread.start()
         else:
             self.ready = True
 
     async def close(self) -> None:
         self.ready = False
+        warmup = getattr(self, "_warmup_thread", None)
+        if warmup is not None and warmup.is_alive():
+            # A shutdown during warm-up waits for it (bounded): a daemon thread still inside
+            # onnxruntime when the interpreter exits aborts the process ("terminate called
+            # without an active exception", exit 134) instead of a clean stop.
+            await asyncio.to_thread(warmup.join, WARMUP_JOIN_S)
         if self._loaded:
             await self.batcher.close(drain=True)
             self.executor.shutdown(wait=False)

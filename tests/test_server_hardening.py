@@ -282,6 +282,57 @@ def test_failed_warmup_message_holds_no_server_detail(model_dir, tmp_path):
         assert "warm-up failed" in r.json()["error"]["message"]
 
 
+def test_real_warmup_failure_is_reported_without_server_paths(model_dir, tmp_path):
+    """The engine's own warm-up failing with a path in its exception: readiness (unauthenticated)
+    and the 503 say that warm-up failed and of what kind, never the exception's text."""
+    settings = Settings(model=model_dir, api_keys=[KEY], device="cpu", gallery_path=tmp_path / "g.sqlite3",
+                        warmup=False)
+    app = create_app(settings, announce_key=False)
+    engine = app.state.engine
+    secret_path = f"{model_dir}/secret/x.onnx"
+
+    def broken_warmup(sizes):
+        raise RuntimeError(f"cannot open {secret_path}")
+
+    engine.backend.warmup = broken_warmup
+    engine.warm_up()
+    assert not engine.ready and "RuntimeError" in engine.warmup_error and "secret" not in engine.warmup_error
+    with TestClient(app) as client:
+        engine.ready = False  # warmup=False marks it ready at start: back to the failed state
+        r = client.get("/v1/health/ready")
+        assert r.status_code == 503 and "secret" not in r.text and str(model_dir) not in r.text
+        assert "warm-up failed (RuntimeError)" in r.json()["detail"]
+
+
+def test_shutdown_waits_for_a_running_warmup(model_dir, tmp_path):
+    """Closing the engine while warm-up runs joins the warm-up thread first: a daemon thread left
+    inside onnxruntime at interpreter exit aborts the process (exit 134)."""
+    settings = Settings(model=model_dir, api_keys=[KEY], device="cpu", gallery_path=tmp_path / "g.sqlite3")
+    app = create_app(settings, announce_key=False)
+    engine = app.state.engine
+    entered, gate = threading.Event(), threading.Event()
+
+    def held_warmup():
+        entered.set()
+        gate.wait(30)
+        engine.ready = True
+
+    engine.warm_up = held_warmup
+
+    async def scenario():
+        await engine.start()
+        assert entered.wait(10)
+        closing = asyncio.ensure_future(engine.close())
+        for _ in range(20):  # let close() run as far as it can without the gate
+            await asyncio.sleep(0)
+        assert not closing.done() and engine._warmup_thread.is_alive()
+        gate.set()
+        await asyncio.wait_for(closing, 30)
+        assert not engine._warmup_thread.is_alive()
+
+    asyncio.run(scenario())
+
+
 # ------------------------------------------------------------------------------ item 10: access log
 def test_redact_query_hides_credential_parameters():
     assert redact_query("/v1/models") == "/v1/models"
