@@ -35,6 +35,7 @@ import numpy as np
 from facerec.data import degrade as D
 from facerec.data import protocol
 from facerec.data.image_io import load_image
+from facerec.eval.embedder import onnx_graph
 from facerec.runtime import FacePipeline, NoFaceError, load_backend
 
 # One kind of damage at a time, at a strength a person would call clearly damaged.
@@ -46,15 +47,6 @@ SINGLE = {
     "low_light": lambda x, rng: D.low_light(x, 0.25, 1.5),
     "occlusion_30": lambda x, rng: D.occlude(x, 0.3, rng),
 }
-
-
-def model_graph(path: Path) -> Path:
-    if path.is_file():
-        return path
-    graphs = [p for p in sorted(path.glob("*.onnx")) if not p.name.endswith(".fp16.onnx")]
-    if len(graphs) != 1:
-        raise SystemExit(f"{path}: expected one fp32 .onnx graph, found {[g.name for g in graphs]}")
-    return graphs[0]
 
 
 def summarise(clean: np.ndarray, damaged: np.ndarray) -> dict:
@@ -86,7 +78,7 @@ def main(argv=None) -> int:
     t0 = time.time()
     command = "python benchmarks/quality_damage.py " + " ".join(
         shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
-    backend = load_backend(model_graph(Path(args.model)), device="cpu", threads=args.threads or None)
+    backend = load_backend(onnx_graph(Path(args.model)), device="cpu", threads=args.threads or None)
     if "quality" not in backend.output_names:
         raise SystemExit(f"{args.model}: the model has no quality output")
     pipeline = FacePipeline(backend, keep_crops=True)

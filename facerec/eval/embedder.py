@@ -42,7 +42,8 @@ def _file_hash(path: Path) -> str:
     return h.hexdigest()[:16]
 
 
-def _onnx_graph(path: Path) -> Path:
+def onnx_graph(path: Path) -> Path:
+    """An export folder's one fp32 graph (or the .onnx file itself)."""
     if path.is_file():
         return path
     graphs = [p for p in sorted(path.glob("*.onnx")) if not p.name.endswith(".fp16.onnx")]
@@ -101,7 +102,7 @@ def load_embedder(path: str | os.PathLike, threads: int = 0) -> Embedder:
     if not path.exists():
         raise FileNotFoundError(f"model {path} does not exist")
     if path.suffix == ".onnx" or (path.is_dir() and any(path.glob("*.onnx"))):
-        return onnx_embedder(_onnx_graph(path), threads)
+        return onnx_embedder(onnx_graph(path), threads)
     import torch
 
     with torch.no_grad():

@@ -139,3 +139,25 @@ def scatter_rows(rows: np.ndarray, found: np.ndarray, dim: int) -> np.ndarray:
     out = np.full((len(found), dim), np.nan, dtype=np.float32)
     out[found] = rows
     return out
+
+
+class CropTeacher(Teacher):
+    """A teacher that embeds template-aligned crops in batches: subclasses set ``aligner``
+    (:class:`AlignedInput`), ``batch_size`` and ``embedding_size`` and implement ``_run``."""
+
+    aligner: AlignedInput
+    batch_size: int = 32
+
+    @abstractmethod
+    def _run(self, crops: np.ndarray) -> np.ndarray:
+        """One batch of aligned uint8 RGB crops (n, S, S, 3) -> raw (n, embedding_size) rows."""
+
+    def embed_crops(self, crops: np.ndarray) -> np.ndarray:
+        """Aligned uint8 RGB crops (N, S, S, 3) -> unit rows, without any detection."""
+        parts = [self._run(crops[i : i + self.batch_size]) for i in range(0, len(crops), self.batch_size)]
+        raw = np.concatenate(parts) if parts else np.zeros((0, self.embedding_size), np.float32)
+        return l2_normalise(raw)
+
+    def embed(self, images: Sequence[np.ndarray]) -> np.ndarray:
+        crops, found = self.aligner.crops(images)
+        return scatter_rows(self.embed_crops(crops), found, self.embedding_size)

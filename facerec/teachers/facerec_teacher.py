@@ -15,19 +15,11 @@ The input follows the model's embedding contract (112 x 112 RGB ArcFace-aligned 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
-from facerec.teachers.base import (
-    AlignedInput,
-    Teacher,
-    hash_files_and_options,
-    l2_normalise,
-    register_teacher,
-    scatter_rows,
-)
+from facerec.teachers.base import AlignedInput, CropTeacher, hash_files_and_options, register_teacher
 
 
 def import_model_plugins(config_yaml: Path) -> list[str]:
@@ -47,7 +39,7 @@ def import_model_plugins(config_yaml: Path) -> list[str]:
     return modules
 
 
-class FacerecTeacher(Teacher):
+class FacerecTeacher(CropTeacher):
     name = "facerec"
     input_kind = "aligned"
 
@@ -91,15 +83,8 @@ class FacerecTeacher(Teacher):
             return find_graph(source, "fp32")
         return None
 
-    def embed_crops(self, crops: np.ndarray) -> np.ndarray:
-        parts = [self.backend.run(crops[i : i + self.batch_size])["embedding"]
-                 for i in range(0, len(crops), self.batch_size)]
-        raw = np.concatenate(parts) if parts else np.zeros((0, self.embedding_size), np.float32)
-        return l2_normalise(raw)
-
-    def embed(self, images: Sequence[np.ndarray]) -> np.ndarray:
-        crops, found = self.aligner.crops(images)
-        return scatter_rows(self.embed_crops(crops), found, self.embedding_size)
+    def _run(self, crops: np.ndarray) -> np.ndarray:
+        return np.asarray(self.backend.run(crops)["embedding"], dtype=np.float32)
 
     def describe(self) -> dict:
         return {**super().describe(), "source": str(self.source), "contract_id": self.contract.contract_id}

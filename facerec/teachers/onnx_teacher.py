@@ -15,14 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from facerec.teachers.base import (
-    AlignedInput,
-    Teacher,
-    hash_files_and_options,
-    l2_normalise,
-    register_teacher,
-    scatter_rows,
-)
+from facerec.teachers.base import AlignedInput, CropTeacher, hash_files_and_options, register_teacher
 
 
 def _triple(value, what: str) -> tuple[float, float, float]:
@@ -32,7 +25,7 @@ def _triple(value, what: str) -> tuple[float, float, float]:
     return tuple(values)
 
 
-class OnnxTeacher(Teacher):
+class OnnxTeacher(CropTeacher):
     name = "onnx"
     input_kind = "aligned"
 
@@ -84,16 +77,6 @@ class OnnxTeacher(Teacher):
         x = np.ascontiguousarray((x - self.mean) / self.std, dtype=np.float32)
         out = self.session.run([self.output], {self.input_name: x})[0]
         return np.asarray(out, dtype=np.float32).reshape(len(crops), -1)
-
-    def embed_crops(self, crops: np.ndarray) -> np.ndarray:
-        """Aligned uint8 RGB crops (N, S, S, 3) -> unit rows, without any detection."""
-        parts = [self._run(crops[i : i + self.batch_size]) for i in range(0, len(crops), self.batch_size)]
-        raw = np.concatenate(parts) if parts else np.zeros((0, self.embedding_size), np.float32)
-        return l2_normalise(raw)
-
-    def embed(self, images: Sequence[np.ndarray]) -> np.ndarray:
-        crops, found = self.aligner.crops(images)
-        return scatter_rows(self.embed_crops(crops), found, self.embedding_size)
 
     def describe(self) -> dict:
         return {**super().describe(), "path": str(self.path), "bgr": self.bgr,
