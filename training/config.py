@@ -109,6 +109,10 @@ class DataConfig(_Strict):
     pins: str | None = None  # 'pool' with "pins" in pool_sources: the Pins folder (or $FACEREC_PINS)
     identity_range: tuple[int, int] | None = None  # [start, end) of sorted identities to train on
     min_images_per_identity: int = 1
+    # A text file of images to leave out (one per line, as the dataset names them: relative to a
+    # folder dataset's root; blank lines and '#' comments ignored), e.g. `facerec clean`'s
+    # exclude.txt of wrong-person images. Applied before the identity selection.
+    exclude: str | None = None
     batch_size: int = 128  # per process
     workers: int = 4
     prefetch_factor: int = 2
@@ -200,6 +204,8 @@ class Config(_Strict):
         if distill is not None and distill.images_without_identity and self.data.kind == "rec":
             raise ValueError("loss.distill.images_without_identity applies to data.kind folder or pool (identities "
                              "below data.min_images_per_identity); a .rec keeps all its identities")
+        if self.data.exclude and self.data.kind not in ("folder", "pool"):
+            raise ValueError(f"data.exclude applies to data.kind folder or pool (image files), not {self.data.kind!r}")
         return self
 
     def to_yaml(self) -> str:

@@ -162,6 +162,20 @@ def pool_samples(root: str | None, sources, pins: str | None = None) -> list[Sam
     return [Sample(str(path), 0, ident) for path, ident in items]
 
 
+def exclude_samples(samples: list[Sample], exclude_file: str) -> list[Sample]:
+    """The samples without those listed in ``exclude_file`` (see DataConfig.exclude). A listed
+    image the dataset does not have is an error: the list was made for another dataset."""
+    path = Path(exclude_file)
+    if not path.is_file():
+        raise FileNotFoundError(f"data.exclude: {path} does not exist")
+    listed = {line.strip() for line in path.read_text().splitlines() if line.strip() and not line.startswith("#")}
+    unknown = listed - {s.path for s in samples}
+    if unknown:
+        raise ValueError(f"data.exclude: {len(unknown)} listed images are not in the dataset (made for "
+                         f"another dataset?), e.g. {sorted(unknown)[0]!r}")
+    return [s for s in samples if s.path not in listed]
+
+
 PROTOCOL_CHECK = ("the protocol identity check (no LFW validation, LFW-H2 test or reserved Pins person "
                   "among the training identities) did not run")
 _PREFIXES = ("lfw", "pins", "yaleb", "orl", "yale", "celeba")
@@ -224,6 +238,8 @@ def build_dataset(cfg, seed: int, keep_small_identities: bool = False) -> Datase
     else:  # pool: absolute paths from the protocol, so the root is '/'
         samples = pool_samples(cfg.path, cfg.pool_sources, cfg.pins)
         root = Path(samples[0].path).anchor if samples else "/"
+    if cfg.exclude:
+        samples = exclude_samples(samples, cfg.exclude)
     samples = select_identities(samples, cfg.identity_range, cfg.min_images_per_identity, keep_small_identities)
     if not any(s.label >= 0 for s in samples):
         raise ValueError("no training images left after identity selection")
