@@ -150,24 +150,29 @@ async def _empty_receive():
 
 
 # ------------------------------------------------------------------------------ access log
-# A query parameter whose name says it holds a credential. The service never reads credentials from
-# the query string, but clients put keys there anyway (?api_key=...), and uvicorn logs the full
-# target of every request.
-_SECRET_NAME = re.compile(r"key|token|secret|passw|pwd|auth|session|signature|sig$|credential|bearer", re.I)
+# The service never reads credentials from the query string, but clients put keys there anyway
+# (?api_key=..., ?jwt=..., ;token=...), and uvicorn logs the full target of every request. Guessing
+# which names hold secrets misses some, so every value is redacted except those of the parameters
+# the API defines (paging), which are harmless and useful in a log.
+LOGGED_QUERY_PARAMETERS = frozenset({"offset", "limit"})
 REDACTED = "[redacted]"
+_SEPARATORS = re.compile(r"([&;])")
 
 
 def redact_query(target: str) -> str:
-    """``path?query`` with the value of every credential-like parameter replaced."""
+    """``path?query`` with the value of every parameter but the API's own paging ones replaced
+    (``&`` and ``;`` both separate parameters, as many servers accept)."""
     path, sep, query = target.partition("?")
     if not sep:
         return target
-    parts = []
-    for item in query.split("&"):
-        name, eq, _ = item.partition("=")
-        decoded = urllib.parse.unquote_plus(name)
-        parts.append(f"{name}={REDACTED}" if _SECRET_NAME.search(decoded) else item)
-    return f"{path}?{'&'.join(parts)}"
+    parts = _SEPARATORS.split(query)
+    for i in range(0, len(parts), 2):  # even items are parameters, odd ones the separators
+        name, eq, value = parts[i].partition("=")
+        if value and urllib.parse.unquote_plus(name).lower() not in LOGGED_QUERY_PARAMETERS:
+            parts[i] = f"{name}={REDACTED}"
+        elif not eq and name and not name.isdigit():  # a bare ?SECRET without a name
+            parts[i] = REDACTED
+    return f"{path}?{''.join(parts)}"
 
 
 class RedactAccessLog(logging.Filter):
