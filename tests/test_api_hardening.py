@@ -446,3 +446,21 @@ def test_the_metadata_schema_agrees_with_the_server(client, gallery, person):
         r = client.patch(url, json={"metadata": metadata}, headers=H)
         assert (r.status_code == 200) == schema_ok, (metadata, r.text)
     client.patch(url, json={"metadata": {"badge": 7}}, headers=H)
+
+
+def test_metadata_for_an_existing_person_is_refused_not_dropped(client, gallery, person):
+    """metadata is set when a person is created; sent with samples for an existing person it was
+    validated, answered 200 and silently lost. Now: 422, and the stored metadata is unchanged."""
+    before = client.get(f"/v1/galleries/{gallery}/persons/{person}", headers=H).json()["metadata"]
+    r = client.post(f"/v1/galleries/{gallery}/enroll", headers=JSON, json={"persons": [
+        {"person_id": person, "metadata": {"note": "lost"}, "images": [b64(face("Al_Sharpton", 2))]}]})
+    assert envelope(r, 422, "validation_error")["details"]["field"] == "persons[0].metadata"
+    assert "PATCH" in r.json()["error"]["message"]
+    r = client.post(f"/v1/galleries/{gallery}/persons/{person}/samples", headers=H,
+                    files={"images": ("a.jpg", face("Al_Sharpton", 2), "image/jpeg")},
+                    data={"metadata": '{"note": "lost"}'})
+    assert envelope(r, 422, "validation_error")["details"]["unknown"] == ["metadata"]
+    assert client.get(f"/v1/galleries/{gallery}/persons/{person}", headers=H).json()["metadata"] == before
+    schema = client.get("/openapi.json").json()
+    batch = json.dumps(schema["paths"]["/v1/galleries/{gallery_id}/enroll"]["post"]["requestBody"])
+    assert '"metadata": {"type": "null"}' in batch  # the person_id branch says so too

@@ -365,6 +365,13 @@ async def batch_enroll(
             )
         if p.person_id is not None:
             checked_id(p.person_id, "person")
+            if p.metadata is not None:  # it would be dropped: metadata is set when a person is created
+                raise ApiError(
+                    422, "validation_error",
+                    f"persons[{i}].metadata: metadata goes with `name` (a new person); change an existing "
+                    f"person's metadata with PATCH /v1/galleries/{{gallery_id}}/persons/{{person_id}}",
+                    {"index": i, "field": f"persons[{i}].metadata"},
+                )
         else:
             checked_name(p.name, f"persons[{i}].name")
         check_person_metadata(p.metadata, metadata_limits(state.settings), f"persons[{i}].metadata")

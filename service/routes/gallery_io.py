@@ -211,11 +211,13 @@ class BatchPerson(_Strict):
     # Exactly one of name (a new person) and person_id (an existing one): said in the schema too.
     model_config = ConfigDict(json_schema_extra={"oneOf": [
         {"required": ["name"], "properties": {"name": {"type": "string"}, "person_id": {"type": "null"}}},
-        {"required": ["person_id"], "properties": {"person_id": {"type": "string"}, "name": {"type": "null"}}},
+        {"required": ["person_id"], "properties": {"person_id": {"type": "string"}, "name": {"type": "null"},
+                                                   "metadata": {"type": "null"}}},
     ]})
     name: Name | None = Field(None, description="a new person")
     person_id: Id | None = Field(None, description="add to this person instead of creating one")
-    metadata: Metadata | None = None
+    metadata: Metadata | None = Field(None, description="a new person's metadata (with `name` only: "
+                                      "PATCH an existing person to change its metadata)")
     images: Images
 
 
@@ -395,9 +397,11 @@ async def enroll_input(
     if body_kind(request) == "multipart":
         form = await read_form(request, MAX_IMAGES_PER_REQUEST)
         try:
-            check_fields(form, {"images", "metadata"} | ({"name"} if named else set()))
+            # metadata belongs to a new person: adding samples to an existing one takes none (it was
+            # accepted and silently dropped; PATCH the person to change it)
+            check_fields(form, {"images"} | ({"name", "metadata"} if named else set()))
             name = form_text(form, "name") if named else None
-            metadata = json_field(form_text(form, "metadata"), "metadata")
+            metadata = json_field(form_text(form, "metadata"), "metadata") if named else None
             images = await read_files(form, "images", MAX_IMAGES_PER_REQUEST, max_bytes)
         finally:
             await form.close()
