@@ -464,3 +464,33 @@ def test_metadata_for_an_existing_person_is_refused_not_dropped(client, gallery,
     schema = client.get("/openapi.json").json()
     batch = json.dumps(schema["paths"]["/v1/galleries/{gallery_id}/enroll"]["post"]["requestBody"])
     assert '"metadata": {"type": "null"}' in batch  # the person_id branch says so too
+
+
+def test_without_open_set_calibration_the_schema_asks_for_a_threshold(tmp_path_factory, tmp_path):
+    """A model with no openset.json takes no FPIR: the schema says so (target_fpir null only, a new
+    gallery requires match_threshold), and the server answers accordingly (schemathesis found the
+    schema accepting FPIRs the server then refused)."""
+    from service.testing import shared_model_dir
+
+    model = shared_model_dir(tmp_path_factory)
+    assert not (model / "openset.json").exists()
+    settings = Settings(model=model, api_keys=[KEY], device="cpu", gallery_path=tmp_path / "g.sqlite3",
+                        warmup=False)
+    with TestClient(create_app(settings, announce_key=False)) as c:
+        schemas = c.get("/openapi.json").json()["components"]["schemas"]
+        create = schemas["GalleryCreate"]
+        assert "match_threshold" in create["required"]
+        assert create["properties"]["target_fpir"]["type"] == "null"
+        assert schemas["GalleryUpdate"]["properties"]["match_threshold"]["type"] == "number"
+        envelope(c.post("/v1/galleries", json={"name": "g", "target_fpir": 0.01}, headers=H), 422,
+                 "threshold_required")
+        envelope(c.post("/v1/galleries", json={"name": "g"}, headers=H), 422, "threshold_required")
+        r = c.post("/v1/galleries", json={"name": "g", "match_threshold": 0.3}, headers=H)
+        assert r.status_code == 201, r.text
+    # the shipped model is calibrated: FPIRs are an enum, the threshold optional
+    shipped = Settings(model=DEFAULT_MODEL_DIR, api_keys=[KEY], device="cpu", gallery_path=tmp_path / "s.sqlite3",
+                       warmup=False)
+    with TestClient(create_app(shipped, announce_key=False)) as c:
+        create = c.get("/openapi.json").json()["components"]["schemas"]["GalleryCreate"]
+        assert "match_threshold" not in create.get("required", [])
+        assert 0.01 in create["properties"]["target_fpir"]["enum"]

@@ -81,7 +81,9 @@ BATCH_DOC = body_doc(BatchEnrollJSON)
 
 def openapi_for(schema: dict, limits: MetadataLimits, fpirs: list[float] | None) -> dict:
     """The OpenAPI document with what this service enforces at run time: the metadata limits of its
-    settings, and the FPIRs its model is calibrated for (the only ones a request may name)."""
+    settings, and the FPIRs its model is calibrated for (the only ones a request may name). A model
+    without open-set calibration takes no FPIR at all, and a new gallery then needs its own
+    ``match_threshold``."""
     marked = False
 
     def walk(node):
@@ -92,9 +94,15 @@ def openapi_for(schema: dict, limits: MetadataLimits, fpirs: list[float] | None)
                 node.update(_metadata_object(limits, 1))
                 node["description"] = metadata_text(limits)
                 marked = True
-            elif mark == "fpir" and fpirs:
+            elif mark == "fpir":
                 nullable = any(alt.get("type") == "null" for alt in node.get("anyOf", []))
-                node["enum"] = list(fpirs) + ([None] if nullable else [])
+                if fpirs:
+                    node["enum"] = list(fpirs) + ([None] if nullable else [])
+                elif nullable:  # nothing to name: only "not given"
+                    node.pop("anyOf", None)
+                    node["type"] = "null"
+                    node["description"] = ("this model has no open-set calibration (openset.json): no FPIR "
+                                           "can be named; give the gallery a `match_threshold`")
             for value in node.values():
                 walk(value)
         elif isinstance(node, list):
@@ -102,6 +110,16 @@ def openapi_for(schema: dict, limits: MetadataLimits, fpirs: list[float] | None)
                 walk(value)
 
     walk(schema)
+    if not fpirs:  # no calibrated threshold to fall back on: a gallery's threshold is a number
+        components = schema.get("components", {}).get("schemas", {})
+        for name in ("GalleryCreate", "GalleryUpdate"):
+            if name in components:
+                prop = components[name]["properties"]["match_threshold"]
+                prop.pop("anyOf", None)
+                prop.update(type="number", minimum=-1, maximum=1)
+        if "GalleryCreate" in components:
+            create = components["GalleryCreate"]
+            create["required"] = sorted(set(create.get("required", [])) | {"match_threshold"})
     if marked:
         schema.setdefault("components", {}).setdefault("schemas", {}).update(_metadata_levels(limits))
     return schema
