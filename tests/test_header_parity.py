@@ -186,3 +186,12 @@ def test_every_pathological_header_is_sized_or_refused_quickly(data):
     start = time.perf_counter()
     pixel_count(data)  # what the service runs on its event loop for every image
     assert time.perf_counter() - start < 0.5  # ~20 ms measured; the old walks 1-2 s
+
+
+def test_a_jpeg_frame_header_beyond_the_first_16_mb_is_refused():
+    ok, buf = cv2.imencode(".jpg", np.zeros((8, 8, 3), np.uint8))
+    jpeg = buf.tobytes()
+    app = b"\xff\xe1\xff\xff" + b"\x00" * 65533  # one 64 KB APP1 segment
+    assert read_header(jpeg[:2] + app * 10 + jpeg[2:]).width == 8
+    with pytest.raises(HeaderError, match="first 16777216 bytes"):
+        read_header(jpeg[:2] + app * 260 + jpeg[2:])  # 17 MB of metadata before the frame

@@ -56,21 +56,24 @@ def _u16le(b: bytes, i: int) -> int:
 
 
 _MAX_JPEG_SEGMENTS = 10_000  # markers walked before the frame header: real files have < 100
+_JPEG_HEADER_BYTES = 16 * 1024 * 1024  # the frame header must start within this (photos: < 1 MB)
 _FILL = re.compile(rb"\xff+")
 
 
 def _jpeg_segments(data: bytes):
     """(marker, offset) of each marker segment up to the first scan, walked the way libjpeg's
-    next_marker does (stray bytes and 0xFF fill skipped), at C speed per run of junk and at most
-    ``_MAX_JPEG_SEGMENTS`` steps: 10 MB of junk or of lone RST markers is refused in milliseconds."""
+    next_marker does (stray bytes and 0xFF fill skipped) at C speed per run of junk, for at most
+    ``_MAX_JPEG_SEGMENTS`` steps within the first ``_JPEG_HEADER_BYTES``: 100 MB of junk or of
+    lone RST markers is refused in milliseconds."""
     i = 2
-    n = len(data)
+    n = min(len(data), _JPEG_HEADER_BYTES)
     for _ in range(_MAX_JPEG_SEGMENTS):
-        i = data.find(b"\xff", i)  # libjpeg skips stray bytes before a marker; so do we
+        i = data.find(b"\xff", i, n)  # libjpeg skips stray bytes before a marker; so do we
+        if i >= 0:
+            i = _FILL.match(data, i, n).end() - 1  # the last 0xFF of a fill run precedes the marker
         if i < 0 or i + 4 > n:
-            return
-        i = _FILL.match(data, i).end() - 1  # the last 0xFF of a fill run precedes the marker
-        if i + 4 > n:
+            if n < len(data):
+                raise HeaderError(f"JPEG without a frame header in its first {_JPEG_HEADER_BYTES} bytes")
             return
         marker = data[i + 1]
         if marker in (0xD8, 0x01, 0x00) or 0xD0 <= marker <= 0xD7:  # markers without a length
