@@ -260,3 +260,14 @@ def test_full_size_after_a_reduced_decode_follows_the_shape_when_it_is_unambiguo
         decoded = _decode(jpeg, None, None, max_side=50)  # at 1/4: ceil(150 / 4) = 38
         assert decoded.image.shape[:2] == reduced
         assert decoded.shape == expected == decoded.full().shape[:2]
+
+
+def test_decode_reads_the_header_once(monkeypatch):
+    from facerec.runtime.pipeline import _decode
+
+    calls = []
+    real = image_io.read_header
+    monkeypatch.setattr(image_io, "read_header", lambda data: calls.append(1) or real(data))
+    decoded = _decode(_encode(np.zeros((400, 300, 3), np.uint8)), None, None, max_side=100)
+    assert decoded.image.shape[:2] == (100, 75) and decoded.full().shape[:2] == (400, 300)
+    assert len(calls) == 1  # not again in load_image, for the reduced nor the full decode

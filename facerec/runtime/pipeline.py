@@ -197,7 +197,7 @@ def _decode(data, max_pixels: int | None, max_bytes: int | None, max_side: int |
         reduce = 1
         while max_side and header.format == "JPEG" and reduce < 8 and side / (2 * reduce) >= max_side:
             reduce *= 2
-        image = load_image(data, reduce=reduce, **limits)
+        image = load_image(data, reduce=reduce, header=header, **limits)  # read once
     except ImageDecodeError as err:
         raise DecodeError(str(err)) from err
     if reduce == 1:
@@ -216,7 +216,7 @@ def _decode(data, max_pixels: int | None, max_bytes: int | None, max_side: int |
 
     def full() -> np.ndarray:
         try:
-            return load_image(data, **limits)
+            return load_image(data, header=header, **limits)
         except ImageDecodeError as err:
             raise DecodeError(str(err)) from err
 
