@@ -5,6 +5,7 @@ resolution that holds the face, and large images run in their own admission lane
 from __future__ import annotations
 
 import asyncio
+import struct
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -220,3 +221,53 @@ def test_the_engine_sends_each_image_through_its_lane():
     finally:
         engine.images.shutdown()
         small_pool.shutdown()
+
+
+def _exif_orientation_app1(orientation: int) -> bytes:
+    """An APP1 segment holding a big-endian EXIF IFD0 with one Orientation (0x0112) entry."""
+    tiff = b"MM\x00\x2a" + struct.pack(">I", 8) + struct.pack(">H", 1)
+    tiff += struct.pack(">HHIHH", 0x0112, 3, 1, orientation, 0) + struct.pack(">I", 0)
+    body = b"Exif\x00\x00" + tiff
+    return b"\xff\xe1" + struct.pack(">H", len(body) + 2) + body
+
+
+@pytest.mark.parametrize("orientation", [None, 1, 6, 8])
+def test_full_size_after_a_reduced_decode_of_a_near_square_jpeg(orientation):
+    """199 wide x 200 high at 1/2: ceil gives 100x100 either way, so the shape cannot say whether
+    EXIF turned it; the EXIF tag must (a guess from the shape swapped a plain 199x200)."""
+    from facerec.data.image_headers import jpeg_orientation
+    from facerec.runtime.pipeline import _decode
+
+    rng = np.random.default_rng(0)
+    data = _encode(rng.integers(0, 255, (200, 199, 3), dtype=np.uint8))
+    if orientation is not None:
+        data = data[:2] + _exif_orientation_app1(orientation) + data[2:]
+        assert jpeg_orientation(data) == orientation
+    decoded = _decode(data, None, None, max_side=100)
+    assert decoded.image.shape[:2] == (100, 100)  # it was decoded reduced
+    full = decoded.full().shape[:2]  # what OpenCV itself makes of the orientation
+    turned = orientation in (6, 8)
+    assert full == ((199, 200) if turned else (200, 199))
+    assert decoded.shape == full
+
+
+def test_full_size_after_a_reduced_decode_follows_the_shape_when_it_is_unambiguous():
+    from facerec.runtime.pipeline import _decode
+
+    data = _encode(np.zeros((200, 150, 3), np.uint8))
+    for orientation, reduced, expected in [(None, (50, 38), (200, 150)), (6, (38, 50), (150, 200))]:
+        jpeg = data if orientation is None else data[:2] + _exif_orientation_app1(orientation) + data[2:]
+        decoded = _decode(jpeg, None, None, max_side=50)  # at 1/4: ceil(150 / 4) = 38
+        assert decoded.image.shape[:2] == reduced
+        assert decoded.shape == expected == decoded.full().shape[:2]
+
+
+def test_decode_reads_the_header_once(monkeypatch):
+    from facerec.runtime.pipeline import _decode
+
+    calls = []
+    real = image_io.read_header
+    monkeypatch.setattr(image_io, "read_header", lambda data: calls.append(1) or real(data))
+    decoded = _decode(_encode(np.zeros((400, 300, 3), np.uint8)), None, None, max_side=100)
+    assert decoded.image.shape[:2] == (100, 75) and decoded.full().shape[:2] == (400, 300)
+    assert len(calls) == 1  # not again in load_image, for the reduced nor the full decode

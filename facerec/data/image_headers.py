@@ -9,16 +9,18 @@ sizes the image by:
 =========  ===========================================================================
 JPEG       the first SOF segment (the frame libjpeg decodes)
 PNG        IHDR
-GIF        the logical screen and every image descriptor (a frame can reach past the screen)
-TIFF       width / length, samples and bits per sample of every IFD in the chain (also BigTIFF)
+GIF        the logical screen (OpenCV refuses a frame reaching past it)
+TIFF       width / length, samples and bits per sample of the first IFD (also BigTIFF)
 BMP        BITMAPCOREHEADER or BITMAPINFOHEADER and its successors (negative height = top-down)
 WebP       the VP8 frame header, the VP8L header or the VP8X canvas
-PNM        P1-P6 (PBM / PGM / PPM: the ASCII width and height)
+PNM        P1-P6 (PBM / PGM / PPM: the ASCII width and height, read as OpenCV reads them)
 =========  ===========================================================================
 
 Everything else OpenCV could decode (AVIF, JPEG 2000, HDR, Sun raster, PFM, PAM, OpenEXR, ...) is
 refused: no face photo needs it, and a format that is never decoded cannot be a bomb. A
 recognised format whose header cannot be read is refused too, rather than decoded "to see".
+Every parser reads a bounded part of the file (microseconds to a millisecond whatever the
+input), so sizing an image can run on the service's event loop.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from dataclasses import dataclass
 
 SUPPORTED_FORMATS = ("JPEG", "PNG", "GIF", "TIFF", "BMP", "WebP", "PNM")
 
-_MAX_TIFF_IFDS = 64  # a photo has one or two; a longer chain (or a loop) is not a photo
+_MAX_TIFF_ENTRIES = 1000  # fields in one TIFF directory: a photo's has a few dozen
 
 
 class HeaderError(ValueError):
@@ -53,66 +55,89 @@ def _u16le(b: bytes, i: int) -> int:
     return struct.unpack_from("<H", b, i)[0]
 
 
-def _jpeg(data: bytes) -> tuple[int, int]:
+_MAX_JPEG_SEGMENTS = 10_000  # markers walked before the frame header: real files have < 100
+_JPEG_HEADER_BYTES = 16 * 1024 * 1024  # the frame header must start within this (photos: < 1 MB)
+_FILL = re.compile(rb"\xff+")
+
+
+def _jpeg_segments(data: bytes):
+    """(marker, offset) of each marker segment up to the first scan, walked the way libjpeg's
+    next_marker does (stray bytes and 0xFF fill skipped) at C speed per run of junk, for at most
+    ``_MAX_JPEG_SEGMENTS`` steps within the first ``_JPEG_HEADER_BYTES``: 100 MB of junk or of
+    lone RST markers is refused in milliseconds."""
     i = 2
-    n = len(data)
-    while i + 4 <= n:
-        if data[i] != 0xFF:  # libjpeg skips stray bytes before a marker; so do we
-            i += 1
-            continue
+    n = min(len(data), _JPEG_HEADER_BYTES)
+    for _ in range(_MAX_JPEG_SEGMENTS):
+        i = data.find(b"\xff", i, n)  # libjpeg skips stray bytes before a marker; so do we
+        if i >= 0:
+            i = _FILL.match(data, i, n).end() - 1  # the last 0xFF of a fill run precedes the marker
+        if i < 0 or i + 4 > n:
+            if n < len(data):
+                raise HeaderError(f"JPEG without a frame header in its first {_JPEG_HEADER_BYTES} bytes")
+            return
         marker = data[i + 1]
-        if marker == 0xFF:  # fill byte
-            i += 1
-            continue
         if marker in (0xD8, 0x01, 0x00) or 0xD0 <= marker <= 0xD7:  # markers without a length
             i += 2
             continue
-        if marker in (0xD9, 0xDA):  # end of image, or scan data before any frame header
-            break
-        (length,) = struct.unpack_from(">H", data, i + 2)
+        if marker in (0xD9, 0xDA):  # end of image, or scan data: no header segment follows
+            return
+        yield marker, i
+        i += 2 + struct.unpack_from(">H", data, i + 2)[0]
+    raise HeaderError(f"JPEG with more than {_MAX_JPEG_SEGMENTS} markers before its frame header")
+
+
+def _jpeg(data: bytes) -> tuple[int, int]:
+    for marker, i in _jpeg_segments(data):
         # SOF0..SOF15 carry the frame size; C4 (DHT), C8 (JPG), CC (DAC) are not frames.
         if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
-            if i + 9 > n:
+            if i + 9 > len(data):
                 break
             h, w = struct.unpack_from(">HH", data, i + 5)
             return w, h
-        i += 2 + length
     raise HeaderError("JPEG without a readable frame header (SOF)")
 
 
+def jpeg_orientation(data: bytes) -> int:
+    """The EXIF Orientation (1-8) of a JPEG, 1 when it has none or it cannot be read. 5-8 mean the
+    decoder (which applies it) turns the image by 90 degrees. Reads the first EXIF APP1 segment
+    before the scan (the one libjpeg hands OpenCV), IFD0 only: microseconds."""
+    try:
+        for marker, i in _jpeg_segments(data):
+            (length,) = struct.unpack_from(">H", data, i + 2)
+            if marker != 0xE1 or data[i + 4 : i + 10] != b"Exif\x00\x00":
+                continue
+            tiff = data[i + 10 : i + 2 + length]
+            order = "<" if tiff[:2] == b"II" else ">"
+            (ifd,) = struct.unpack_from(order + "I", tiff, 4)
+            (entries,) = struct.unpack_from(order + "H", tiff, ifd)
+            for k in range(min(entries, _MAX_TIFF_ENTRIES)):
+                tag, typ, _count, value = struct.unpack_from(order + "HHIH", tiff, ifd + 2 + 12 * k)
+                if tag == 0x0112 and typ == 3:
+                    return value if 1 <= value <= 8 else 1
+            return 1
+    except (HeaderError, struct.error):
+        pass
+    return 1
+
+
 def _gif(data: bytes) -> tuple[int, int]:
+    # The logical screen is what OpenCV allocates and returns: its decoder refuses any frame that
+    # reaches past the screen (grfmt_gif.cpp asserts left + width <= screen width, checked with
+    # OpenCV 5.0 in tests/test_image_bombs.py), so no frame needs to be looked at.
     if len(data) < 13:
         raise HeaderError("GIF header truncated")
-    width, height = struct.unpack_from("<HH", data, 6)
-    flags = data[10]
-    i = 13 + (3 << ((flags & 7) + 1) if flags & 0x80 else 0)
-    frames = 0
-    n = len(data)
-    # Walk the blocks: every frame's extent counts. A truncated tail ends the walk (the decoder
-    # cannot reach frames beyond it either).
-    while i < n:
-        kind = data[i]
-        if kind == 0x3B:  # trailer
-            break
-        if kind == 0x21:  # extension: label, then sub-blocks
-            i += 2
-        elif kind == 0x2C:  # image descriptor
-            if i + 10 > n:
-                break
-            left, top, w, h = struct.unpack_from("<HHHH", data, i + 1)
-            width, height = max(width, left + w), max(height, top + h)
-            frames += 1
-            local = data[i + 9]
-            i += 10 + (3 << ((local & 7) + 1) if local & 0x80 else 0) + 1  # + LZW code size
-        else:
-            break  # not a block: corrupt; the decoder will say so
-        while i < n and data[i] != 0:  # data sub-blocks up to the zero terminator
-            i += data[i] + 1
-        i += 1
-    return width, height
+    return struct.unpack_from("<HH", data, 6)
+
+
+# TIFF field types libtiff reads an ImageWidth / ImageLength / BitsPerSample from: BYTE, SHORT,
+# LONG, SBYTE, SSHORT, SLONG, LONG8, SLONG8.
+_TIFF_INTS = {1: "B", 3: "H", 4: "I", 6: "b", 8: "h", 9: "i", 16: "Q", 17: "q"}
 
 
 def _tiff(data: bytes) -> tuple[int, int, int, int]:
+    """Only the first IFD: it is the page imdecode decodes (later pages are never read), and the
+    fields are read as libtiff reads them: the FIRST entry of a tag wins (libtiff ignores later
+    duplicates), in any integer type."""
     order = "<" if data[:2] == b"II" else ">"
     (version,) = struct.unpack_from(order + "H", data, 2)
     if version == 42:
@@ -121,51 +146,39 @@ def _tiff(data: bytes) -> tuple[int, int, int, int]:
         off_fmt, count_fmt, entry, value_at, first = "Q", "Q", 20, 12, 8
     else:
         raise HeaderError("TIFF with an unknown version")
-    int_types = {3: "H", 4: "I", 16: "Q"}  # the integer field types a size can be stored in
     (offset,) = struct.unpack_from(order + off_fmt, data, first)
-    width = height = 0
-    bits = channels = 1
-    seen: set[int] = set()
-    count_size = struct.calcsize(count_fmt)
     off_size = struct.calcsize(off_fmt)
-    while offset and offset not in seen and len(seen) < _MAX_TIFF_IFDS:
-        seen.add(offset)
-        if offset + count_size > len(data):
-            break
-        (entries,) = struct.unpack_from(order + count_fmt, data, offset)
-        base = offset + count_size
-        if base + entries * entry + off_size > len(data):
-            raise HeaderError("TIFF directory truncated")
-        ifd_w = ifd_h = 0
-        for k in range(entries):
-            tag, typ = struct.unpack_from(order + "HH", data, base + k * entry)
-            if tag not in (256, 257, 258, 277) or typ not in int_types:
-                continue
-            fmt = int_types[typ]
-            # BitsPerSample has one value per sample; when they do not fit they live elsewhere
-            # (same value each in every real file): the first is read from there.
-            (count,) = struct.unpack_from(order + ("I" if version == 42 else "Q"), data, base + k * entry + 4)
-            where = base + k * entry + value_at
-            if count * struct.calcsize(fmt) > off_size:
-                (where,) = struct.unpack_from(order + off_fmt, data, where)
-                if where + struct.calcsize(fmt) > len(data):
-                    raise HeaderError("TIFF field points past the end of the file")
-            (value,) = struct.unpack_from(order + fmt, data, where)
-            if tag == 256:
-                ifd_w = value
-            elif tag == 257:
-                ifd_h = value
-            elif tag == 258:
-                bits = max(bits, value)
-            else:
-                channels = max(channels, value)
-        if len(seen) == 1 and (ifd_w == 0 or ifd_h == 0):  # the first IFD is the image decoded
-            raise HeaderError("TIFF without image width and length")
-        width, height = max(width, ifd_w), max(height, ifd_h)
-        (offset,) = struct.unpack_from(order + off_fmt, data, base + entries * entry)
-    if not seen:
+    if not offset or offset + struct.calcsize(count_fmt) > len(data):
         raise HeaderError("TIFF directory offset outside the file")
-    return width, height, bits, channels
+    (entries,) = struct.unpack_from(order + count_fmt, data, offset)
+    if entries > _MAX_TIFF_ENTRIES:  # bounds the work; a photo's directory has a few dozen
+        raise HeaderError(f"TIFF directory with {entries} entries (at most {_MAX_TIFF_ENTRIES})")
+    base = offset + struct.calcsize(count_fmt)
+    if base + entries * entry > len(data):
+        raise HeaderError("TIFF directory truncated")
+    fields: dict[int, int] = {}
+    for k in range(entries):
+        tag, typ = struct.unpack_from(order + "HH", data, base + k * entry)
+        if tag not in (256, 257, 258, 277) or tag in fields:
+            continue  # a later duplicate of a tag is ignored, as libtiff does
+        if typ not in _TIFF_INTS:
+            raise HeaderError(f"TIFF tag {tag} stored as field type {typ}, not an integer")
+        fmt = _TIFF_INTS[typ]
+        # BitsPerSample has one value per sample; when they do not fit they live elsewhere
+        # (same value each in every real file): the first is read from there.
+        (count,) = struct.unpack_from(order + ("I" if version == 42 else "Q"), data, base + k * entry + 4)
+        where = base + k * entry + value_at
+        if count * struct.calcsize(fmt) > off_size:
+            (where,) = struct.unpack_from(order + off_fmt, data, where)
+            if where + struct.calcsize(fmt) > len(data):
+                raise HeaderError("TIFF field points past the end of the file")
+        (value,) = struct.unpack_from(order + fmt, data, where)
+        if value <= 0:
+            raise HeaderError(f"TIFF tag {tag} has the non-positive value {value}")
+        fields[tag] = value
+    if 256 not in fields or 257 not in fields:
+        raise HeaderError("TIFF without image width and length")
+    return fields[256], fields[257], fields.get(258, 1), fields.get(277, 1)
 
 
 def _bmp(data: bytes) -> tuple[int, int]:
@@ -196,18 +209,38 @@ def _webp(data: bytes) -> tuple[int, int]:
     raise HeaderError("WebP without a readable VP8 / VP8L / VP8X header")
 
 
-_PNM_TOKEN = re.compile(rb"(?:\s|#[^\n\r]*[\n\r])*(\d+)")
+_PNM_HEADER_BYTES = 4096  # width and height (with comments) must lie within this many bytes
 
 
 def _pnm(data: bytes) -> tuple[int, int]:
-    values = []
+    """Width and height as OpenCV's PxM ReadNumber reads them: whitespace and ``#`` comments (to
+    the end of the line) are skipped before a number, and the one byte after a number's digits is
+    consumed WHATEVER it is. So in ``P5 3000#3000`` the ``#`` ends the width and the "comment" is
+    the height: a parser that reads it as a comment would size 3000x1 an image OpenCV decodes
+    3000x3000."""
+    head = data[:_PNM_HEADER_BYTES]
+    n = len(head)
     i = 2
+    values = []
     for _ in range(2):
-        m = _PNM_TOKEN.match(data, i, min(len(data), i + 1024))
-        if m is None:
+        while i < n and not head[i : i + 1].isdigit():
+            c = head[i : i + 1]
+            if c == b"#":  # to the end of the line (\n or \r), which is skipped too
+                ends = [e for e in (head.find(b"\n", i), head.find(b"\r", i)) if e >= 0]
+                if not ends:
+                    break
+                i = min(ends) + 1
+            elif c.isspace():
+                i += 1
+            else:
+                raise HeaderError(f"PNM header with an unexpected byte {c!r} before a number")
+        j = i
+        while j < n and head[j : j + 1].isdigit():
+            j += 1
+        if j == i or j >= n:  # no number, or one running to the end of what is read
             raise HeaderError("PNM without a readable width and height")
-        values.append(int(m.group(1)))
-        i = m.end()
+        values.append(int(head[i:j]))
+        i = j + 1  # the byte that ended the number, whatever it is
     return values[0], values[1]
 
 

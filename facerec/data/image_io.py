@@ -115,9 +115,12 @@ def load_image(
     max_pixels: int = DEFAULT_MAX_PIXELS,
     max_bytes: int = DEFAULT_MAX_BYTES,
     reduce: int = 1,
+    header: ImageHeader | None = None,
 ) -> np.ndarray:
     """Decode an image file or its bytes to RGB uint8 (H, W, 3); ``ImageDecodeError`` on failure.
-    ``reduce`` in (1, 2, 4, 8): decode a JPEG at that fraction of its size (others: full size)."""
+    ``reduce`` in (1, 2, 4, 8): decode a JPEG at that fraction of its size (others: full size).
+    ``header``: what ``inspect_image(source, max_pixels)`` returned for these same bytes, when the
+    caller has it (the header is then not read again)."""
     if reduce not in (1, *_REDUCED):
         raise ValueError(f"reduce must be 1, 2, 4 or 8, not {reduce}")
     name = "image bytes"
@@ -140,7 +143,8 @@ def load_image(
 
     if len(data) > max_bytes:
         raise ImageDecodeError(f"{name}: {len(data)} bytes, more than the limit of {max_bytes}")
-    header = inspect_image(data, max_pixels, name)
+    if header is None:
+        header = inspect_image(data, max_pixels, name)
 
     buf = np.frombuffer(data, dtype=np.uint8)
     # IMREAD_COLOR applies EXIF orientation and turns grey into 3 channels; alpha and 16-bit

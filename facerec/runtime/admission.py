@@ -45,14 +45,15 @@ class LargeImagesOverloaded(Overloaded):
 
 def pixel_count(data) -> int | None:
     """Pixels of an RGB array, or of encoded bytes from their header; None when unknown (the
-    pipeline then refuses the input itself, in microseconds)."""
+    pipeline then refuses the input itself, in microseconds). Runs on the event loop: every header
+    parser reads a bounded part of the input (milliseconds at most, even for 100 MB of junk)."""
     if isinstance(data, np.ndarray):
         return int(data.shape[0] * data.shape[1]) if data.ndim >= 2 else None
     if isinstance(data, (bytes, bytearray, memoryview)):
         from facerec.data.image_headers import HeaderError, read_header
 
         try:
-            return read_header(bytes(data)).pixels
+            return read_header(data if isinstance(data, bytes) else bytes(data)).pixels
         except HeaderError:
             return None
     return None

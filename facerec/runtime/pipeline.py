@@ -176,6 +176,7 @@ def _decode(data, max_pixels: int | None, max_bytes: int | None, max_side: int |
         inspect_image,
         load_image,
     )
+    from facerec.data.image_headers import jpeg_orientation
 
     if isinstance(data, np.ndarray):
         if data.dtype != np.uint8 or data.ndim != 3 or data.shape[2] != 3:
@@ -196,18 +197,26 @@ def _decode(data, max_pixels: int | None, max_bytes: int | None, max_side: int |
         reduce = 1
         while max_side and header.format == "JPEG" and reduce < 8 and side / (2 * reduce) >= max_side:
             reduce *= 2
-        image = load_image(data, reduce=reduce, **limits)
+        image = load_image(data, reduce=reduce, header=header, **limits)  # read once
     except ImageDecodeError as err:
         raise DecodeError(str(err)) from err
     if reduce == 1:
         return _Decoded(image, image.shape[:2])
     h, w = header.height, header.width
-    if (image.shape[0] > image.shape[1]) != (h > w):  # EXIF orientation turned it by 90 degrees
+    # libjpeg's scaled decode gives ceil(side / reduce); OpenCV then applies the EXIF orientation,
+    # which may turn it by 90 degrees. Which happened is read from the shape when the two
+    # outcomes differ, else (a near-square image: ceil(w/r) == ceil(h/r)) from the EXIF tag.
+    upright = (-(-h // reduce), -(-w // reduce))
+    if upright[0] == upright[1]:
+        turned = jpeg_orientation(bytes(data)) >= 5
+    else:
+        turned = image.shape[:2] != upright
+    if turned:
         h, w = w, h
 
     def full() -> np.ndarray:
         try:
-            return load_image(data, **limits)
+            return load_image(data, header=header, **limits)
         except ImageDecodeError as err:
             raise DecodeError(str(err)) from err
 
