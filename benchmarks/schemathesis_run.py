@@ -222,6 +222,11 @@ def write_markdown(path: Path, meta: dict, summary: dict) -> None:
         "- `negative_data_rejection`: the server accepted a request the schema forbids (the schema is "
         "stricter than the server); `status_code_conformance`: an answer with an undocumented status; "
         "`allow_header_conformance`: a 405 whose `Allow` header does not list the documented methods.",
+        "- `Stateful tests`: schemathesis chains operations through links it infers from the schema. "
+        "Two of its inferences do not hold here: it reads a 404 `person_not_found` after a gallery was "
+        "created as \"the created gallery is missing\" (`ensure_resource_availability`), and it puts "
+        "the `sample_id` of a refused photo (null) into a path as the text `None` (a 422 it counts as "
+        "`positive_data_acceptance`).",
         "",
         "Rerun: `python benchmarks/schemathesis_run.py` (about six minutes on 2 CPUs); "
         "`--max-time`, `--max-examples`, `--seed`, `--phases` change the budget; `--artifacts DIR` keeps "
