@@ -114,6 +114,31 @@ def run_training(tmp: Path, config: Path, run_dir: Path, *args, env_extra=None, 
     return proc
 
 
+def run_one_and_two_processes(tmp: Path, sections: dict, global_batch: int = 8,
+                              timeout: int = 150) -> tuple[Path, Path]:
+    """The same float64 run as one process with the global batch and as torchrun with 2 gloo
+    processes of half the batch each; returns the two run folders (``one``, ``two``)."""
+    import socket
+
+    data = sections.get("data", {})
+    single = write_run_files(tmp, float64=True, **{**sections, "data": {**data, "batch_size": global_batch}})
+    run_training(tmp, single, tmp / "one")
+    ddp_dir = tmp / "ddp"
+    ddp_dir.mkdir()
+    double = write_run_files(ddp_dir, float64=True, **{**sections, "data": {**data, "batch_size": global_batch // 2}})
+    env = dict(os.environ, OMP_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join([str(ddp_dir), str(REPO), os.environ.get("PYTHONPATH", "")]))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+           "--master_addr", "127.0.0.1", "--master_port", str(port),
+           "-m", "training", "--config", str(double), "--run-dir", str(tmp / "two")]
+    proc = subprocess.run(cmd, cwd=ddp_dir, env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return tmp / "one", tmp / "two"
+
+
 def final_state(run_dir: Path, step: int) -> dict:
     path = run_dir / "checkpoints" / f"step_{step:08d}"
     model = torch.load(path / "model.pt", weights_only=True)["model"]

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import socket
-import subprocess
 import sys
 from pathlib import Path
 
@@ -18,14 +15,13 @@ pytestmark = pytest.mark.timeout(180)
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_checkpoint_resume import FLOAT64_TOLERANCE, run_training, write_run_files  # noqa: E402
+from test_checkpoint_resume import (  # noqa: E402
+    FLOAT64_TOLERANCE,
+    run_one_and_two_processes,
+    write_run_files,
+)
 from trainer_helpers import make_trainer, nan_embeddings  # noqa: E402
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # ---------------------------------------------------------------- config
@@ -128,18 +124,7 @@ def test_two_process_ddp_equals_one_process_on_the_concatenated_batch(tmp_path):
     some CPUs."""
     sections = dict(loss={"sample_rate": 1.0}, val={"kind": "none"},
                     train={"max_steps": 2, "deterministic": False, "checkpoint_every": 100})
-    single_config = write_run_files(tmp_path, float64=True, data={"batch_size": 8}, **sections)
-    run_training(tmp_path, single_config, tmp_path / "one")
-    ddp_dir = tmp_path / "ddp"
-    ddp_dir.mkdir()
-    double = write_run_files(ddp_dir, float64=True, data={"batch_size": 4}, **sections)
-    env = dict(os.environ, OMP_NUM_THREADS="1",
-               PYTHONPATH=os.pathsep.join([str(ddp_dir), str(REPO), os.environ.get("PYTHONPATH", "")]))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-           "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
-           "-m", "training", "--config", str(double), "--run-dir", str(tmp_path / "two")]
-    proc = subprocess.run(cmd, cwd=ddp_dir, env=env, capture_output=True, text=True, timeout=150)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    run_one_and_two_processes(tmp_path, sections)
 
     one = tmp_path / "one" / "checkpoints" / "step_00000002"
     two = tmp_path / "two" / "checkpoints" / "step_00000002"

@@ -9,10 +9,7 @@ the teacher's crop size are taken as aligned, so nothing is detected.
 
 from __future__ import annotations
 
-import os
 import signal
-import socket
-import subprocess
 import sys
 from pathlib import Path
 
@@ -23,9 +20,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from test_checkpoint_resume import (  # noqa: E402
     FLOAT64_TOLERANCE,
-    REPO,
     assert_identical,
     final_state,
+    run_one_and_two_processes,
     run_training,
     write_run_files,
 )
@@ -93,11 +90,6 @@ def distill_sections(data_dir: Path, cache_dir: Path, distill: dict | None = Non
         out[name] = {**out.get(name, {}), **values}
     return out
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def trainer_at(path: Path, resume=None, **sections):
@@ -289,18 +281,7 @@ def test_two_process_ddp_with_distillation_equals_one_process(tmp_path, faces):
     data, cache = faces
     sections = distill_sections(data, cache, loss={"sample_rate": 1.0},
                                 train={"max_steps": 2, "deterministic": False, "checkpoint_every": 100})
-    single = write_run_files(tmp_path, float64=True, **{**sections, "data": {**sections["data"], "batch_size": 8}})
-    run_training(tmp_path, single, tmp_path / "one")
-    ddp_dir = tmp_path / "ddp"
-    ddp_dir.mkdir()
-    double = write_run_files(ddp_dir, float64=True, **{**sections, "data": {**sections["data"], "batch_size": 4}})
-    env = dict(os.environ, OMP_NUM_THREADS="1",
-               PYTHONPATH=os.pathsep.join([str(ddp_dir), str(REPO), os.environ.get("PYTHONPATH", "")]))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-           "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
-           "-m", "training", "--config", str(double), "--run-dir", str(tmp_path / "two")]
-    proc = subprocess.run(cmd, cwd=ddp_dir, env=env, capture_output=True, text=True, timeout=200)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    run_one_and_two_processes(tmp_path, sections, timeout=200)
 
     one = tmp_path / "one" / "checkpoints" / "step_00000002"
     two = tmp_path / "two" / "checkpoints" / "step_00000002"
