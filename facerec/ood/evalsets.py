@@ -31,6 +31,7 @@ import cv2
 import numpy as np
 import torch
 
+from facerec.data.degrade import jpeg
 from facerec.data.detect import detector_name
 from facerec.ood import attacks
 
@@ -184,16 +185,10 @@ def controls(photos: np.ndarray, seed: int) -> dict[str, np.ndarray | list]:
     return {
         "ctl_grey": grey,
         "ctl_small": small,
-        "ctl_jpeg30": [jpeg_round_trip(p, 30) for p in photos],
+        "ctl_jpeg30": [jpeg(p, 30) for p in photos],
         "ctl_noise2": noisy,
-        "ctl_noise2_jpeg90": [jpeg_round_trip(p, 90) for p in noisy],
+        "ctl_noise2_jpeg90": [jpeg(p, 90) for p in noisy],
     }
-
-
-def jpeg_round_trip(rgb: np.ndarray, quality: int) -> np.ndarray:
-    """Encode as JPEG (OpenCV's default 4:2:0 chroma subsampling) and decode again."""
-    data = cv2.imencode(".jpg", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, quality])[1]
-    return cv2.cvtColor(cv2.imdecode(data, cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
 
 
 # ----------------------------------------------------------------------------- attacks
