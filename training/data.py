@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from facerec.data.datasets import FolderDataset, RecDataset, TrainTransform
-from facerec.data.folders import MANIFEST_NAME, Sample, build_samples, read_manifest
+from facerec.data.folders import Sample, folder_samples
 
 _SEED_STRIDE = 1 << 32
 
@@ -146,13 +146,6 @@ def select_identities(samples: list[Sample], identity_range=None, min_images: in
     if keep_small:
         labels.update({n: -1 for n in names if n not in labels})
     return [Sample(s.path, labels[s.identity], s.identity, s.sha1) for s in samples if s.identity in labels]
-
-
-def folder_samples(root: str, manifest: str | None = None) -> list[Sample]:
-    """Samples of an identity-folder tree: from its manifest when there is one, else a fresh scan
-    (never written into the data folder, which may be read-only or part of a checkout)."""
-    path = Path(manifest) if manifest else Path(root) / MANIFEST_NAME
-    return read_manifest(path) if path.exists() else build_samples(root)
 
 
 def pool_samples(root: str | None, sources, pins: str | None = None) -> list[Sample]:

@@ -38,7 +38,7 @@ def run(args: argparse.Namespace) -> int:
     import numpy as np
     from tqdm import tqdm
 
-    from facerec.data.folders import MANIFEST_NAME, read_manifest, scan_identity_folders
+    from facerec.data.folders import folder_samples
     from facerec.data.image_io import load_image
     from facerec.teachers.cache import TeacherCache, TeacherCacheError, file_hash
     from facerec.teachers.clean import CleaningRule, contact_sheet, find_wrong_person_images
@@ -51,10 +51,7 @@ def run(args: argparse.Namespace) -> int:
         cache = TeacherCache(args.cache)
     except (ValueError, TeacherCacheError) as err:
         raise SystemExit(f"facerec clean: {err}") from None
-    if (root / MANIFEST_NAME).is_file():
-        entries = [(s.path, s.identity) for s in read_manifest(root / MANIFEST_NAME)]
-    else:
-        entries = scan_identity_folders(root)
+    entries = [(s.path, s.identity) for s in folder_samples(root)]  # the paths data.exclude compares
     if not entries:
         raise SystemExit(f"facerec clean: no images under {root}")
     names = sorted({ident for _, ident in entries})

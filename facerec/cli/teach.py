@@ -68,13 +68,9 @@ def parse_options(pairs: list[str]) -> dict:
 
 
 def folder_items(root: Path) -> list:
-    from facerec.data.folders import MANIFEST_NAME, read_manifest, scan_identity_folders
+    from facerec.data.folders import folder_samples
 
-    if (root / MANIFEST_NAME).is_file():
-        rels = [s.path for s in read_manifest(root / MANIFEST_NAME)]
-    else:
-        rels = [rel for rel, _ in scan_identity_folders(root)]
-    return [(("file", str(root / rel)),) * 2 for rel in rels]
+    return [(("file", str(root / s.path)),) * 2 for s in folder_samples(root)]
 
 
 def rec_items(path: Path) -> list:

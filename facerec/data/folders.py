@@ -89,6 +89,14 @@ def read_manifest(path: str | os.PathLike) -> list[Sample]:
         ]
 
 
+def folder_samples(root: str | os.PathLike, manifest: str | os.PathLike | None = None) -> list[Sample]:
+    """Samples of an identity-folder tree: from its manifest when there is one, else a fresh scan
+    (never written into the data folder, which may be read-only or part of a checkout). The one
+    listing the trainer, ``facerec teach`` and ``facerec clean`` share, so their paths agree."""
+    path = Path(manifest) if manifest else Path(root) / MANIFEST_NAME
+    return read_manifest(path) if path.exists() else build_samples(root)
+
+
 def load_or_build_manifest(
     root: str | os.PathLike,
     manifest: str | os.PathLike | None = None,
