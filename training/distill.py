@@ -57,12 +57,23 @@ def sample_sources(dataset: Dataset) -> list[tuple]:
 
 
 def sample_hashes(dataset: Dataset, progress: bool = False) -> list[str]:
-    """The teacher-cache key of every training sample, in dataset order (reads every image once)."""
+    """The teacher-cache key of every training sample, in dataset order. The training data is read
+    once in all: under DDP each rank hashes every world-th image and the ranks exchange keys."""
     from tqdm import tqdm
 
     sources = sample_sources(dataset)
-    return [content_hash(read_bytes(s)) for s in tqdm(sources, desc="teacher keys", unit="img",
-                                                       disable=not progress)]
+    distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+    mine = [content_hash(read_bytes(s)) for s in tqdm(sources[rank::world], desc="teacher keys", unit="img",
+                                                      disable=not progress)]
+    if not distributed:
+        return mine
+    shares: list[list[str] | None] = [None] * world
+    dist.all_gather_object(shares, mine)
+    hashes = [""] * len(sources)
+    for r, share in enumerate(shares):
+        hashes[r::world] = share
+    return hashes
 
 
 def open_cache(path: str) -> TeacherCache:
