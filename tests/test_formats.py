@@ -218,7 +218,7 @@ def test_protocol_splits(data_root):
 def test_protocol_pool_sources(data_root):
     from facerec.data import protocol
 
-    expected = {"celeba": 299, "yaleb": 38, "orl": 40, "yale": 15}
+    expected = {"celeba": 299, "celeba10k": 5262, "yaleb": 38, "orl": 40, "yale": 15}
     for source, identities in expected.items():
         items = protocol.source_images(source, data_root)
         assert len({ident for _, ident in items}) == identities

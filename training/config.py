@@ -105,7 +105,7 @@ class DataConfig(_Strict):
     kind: Literal["synthetic", "folder", "rec", "pool"] = "synthetic"
     path: str | None = None  # folder/.rec path; data root for 'pool' (default FACEREC_DATA)
     manifest: str | None = None  # folder: manifest.csv to use (default <path>/manifest.csv if present)
-    pool_sources: list[str] = Field(default_factory=lambda: ["lfw", "celeba", "yaleb", "orl", "yale"])
+    pool_sources: list[str] = Field(default_factory=lambda: ["lfw", "celeba", "celeba10k", "yaleb", "orl", "yale"])
     pins: str | None = None  # 'pool' with "pins" in pool_sources: the Pins folder (or $FACEREC_PINS)
     identity_range: tuple[int, int] | None = None  # [start, end) of sorted identities to train on
     min_images_per_identity: int = 1

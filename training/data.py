@@ -171,7 +171,7 @@ def exclude_samples(samples: list[Sample], exclude_file: str) -> list[Sample]:
 
 PROTOCOL_CHECK = ("the protocol identity check (no LFW validation, LFW-H2 test or reserved Pins person "
                   "among the training identities) did not run")
-_PREFIXES = ("lfw", "pins", "yaleb", "orl", "yale", "celeba")
+_PREFIXES = ("lfw", "pins", "yaleb", "orl", "yale", "celeba", "celeba10k")
 
 
 def protocol_identity_check(samples: list[Sample]) -> str | None:

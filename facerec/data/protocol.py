@@ -1,13 +1,15 @@
 """The project's evaluation protocol on the shared data (``../shared/data/README.md``).
 
-- training pool: LFW people of View-2 folds 1-4 + celeba + yaleb + orl + yale;
+- training pool: LFW people of View-2 folds 1-4 + celeba + celeba10k + yaleb + orl + yale;
 - validation: LFW people of fold 5 and the 600 pairs of ``pairs.txt`` fold 5;
 - LFW-H2: the 3,000 pairs of folds 6-10 (final reports only);
 - optionally Pins (kept outside the repository, ``$FACEREC_PINS``) without the 35 people the data
   README reserves for evaluation, and without anyone who is an LFW validation or test person.
 
 Folds are 1-based here, as in the README. Identities are made unique across sources by a prefix
-(``lfw__Name``, ``celeba__7201``, ``yaleb__yaleB11``, ``orl__s1``, ``yale__subject01``).
+(``lfw__Name``, ``celeba__7201``, ``celeba10k__4012``, ``yaleb__yaleB11``, ``orl__s1``,
+``yale__subject01``). ``celeba10k`` is CelebA's aligned release at half resolution; the data README
+leaves out its people who are also in ``celeba``, so its identities are new people.
 """
 
 from __future__ import annotations
@@ -24,7 +26,9 @@ POOL_FOLDS = (1, 2, 3, 4)
 VALIDATION_FOLD = 5
 TEST_FOLDS = (6, 7, 8, 9, 10)
 LFW_IMAGES = "lfw/lfw-deepfunneled"
-OTHER_POOL_SOURCES = ("celeba", "yaleb", "orl", "yale")
+OTHER_POOL_SOURCES = ("celeba", "celeba10k", "yaleb", "orl", "yale")
+# sources whose identities are numbers, not names: they cannot be checked against LFW by name
+NUMERIC_SOURCES = ("celeba", "celeba10k")
 SEP = "__"
 PINS_ENV = "FACEREC_PINS"
 PINS_SPLITS = ("train", "val", "test")
@@ -42,6 +46,7 @@ PINS_RESERVED = (
 # source -> folder under the data root whose sub-folders are that source's identities
 _LAYOUTS = {
     "celeba": "celeba/images",  # celeba/images/<celeba_id>/NNNNNN.jpg
+    "celeba10k": "celeba10k/images",  # celeba10k/images/<celeba_id>/NNNNNN.jpg (89x109, aligned)
     "yaleb": "yaleb",  # yaleb/yaleBNN/*.jpg
     "orl": "orl",  # orl/sN/K.png
     "yale": "yale",  # yale/subjectNN/<condition>.png
@@ -214,7 +219,7 @@ def check_identities_absent(items: list[tuple[Path, str]], root=None) -> None:
     reserved = {person_key(n) for n in PINS_RESERVED}
     for path, identity in items:
         source, _, name = identity.partition(SEP)
-        if source == "celeba":  # numeric identities carry no name
+        if source in NUMERIC_SOURCES:  # numeric identities carry no name
             continue
         key = person_key(name)
         what = held_out.get(key)
