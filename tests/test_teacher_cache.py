@@ -249,6 +249,15 @@ def test_pool_preset_keys_the_aligned_file_and_feeds_the_original(tmp_path):
     assert pairs[str(extra)] == str(extra)
     items, from_photo = pool_items(args, photo_teacher=False)  # aligned teachers read the crops
     assert from_photo == 0 and all(k == s for k, s in items)
+    # --sources keeps only the aligned folders of those sources (here a yale__ folder is left out)
+    other = aligned / "yale__subject99" / "y.jpg"
+    other.parent.mkdir()
+    shutil.copy(jobs[0].src, other)
+    items, _ = pool_items(args, photo_teacher=False)
+    assert len(items) == 3 and str(other) not in {k[1] for k, _ in items}
+    args.sources = None
+    items, _ = pool_items(args, photo_teacher=False)
+    assert len(items) == 4 and str(other) in {k[1] for k, _ in items}
 
 
 KILLED_RUN = """

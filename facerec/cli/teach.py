@@ -38,7 +38,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", help="identity-folder tree or .rec to embed")
     parser.add_argument("--preset", choices=("pool",), help="the protocol's training pool (needs --aligned)")
     parser.add_argument("--aligned", help="--preset pool: the aligned pool (`facerec align --preset pool`)")
-    parser.add_argument("--sources", nargs="+", help="--preset pool: pool sources (default: the protocol's)")
+    parser.add_argument("--sources", nargs="+", help="--preset pool: embed only these pool sources' images "
+                        "(e.g. lfw celeba celeba10k; default: all the aligned pool holds)")
     parser.add_argument("--pins", help="--preset pool: the Pins folder, if the aligned pool has it")
     parser.add_argument("--data-root", help="shared data root (default $FACEREC_DATA or ../shared/data)")
     parser.add_argument("--out", help="the cache folder (one teacher per folder)")
@@ -97,6 +98,9 @@ def pool_items(args, photo_teacher: bool) -> tuple[list, int]:
             originals[str(AlignJob(str(path), ident).output(aligned))] = str(path)
     items, from_photo = [], 0
     for rel, _ in scan_identity_folders(aligned):
+        source = Path(rel).parts[0].partition(protocol.SEP)[0]
+        if args.sources and source not in args.sources:
+            continue  # --sources: embed only these sources' images (aligned folders <source>__<id>)
         key = str(aligned / rel)
         photo = originals.get(key)
         from_photo += photo is not None
