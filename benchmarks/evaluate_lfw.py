@@ -1,7 +1,7 @@
 """Evaluate a model on the project's protocol: validation (LFW fold 5) and LFW-H2 (folds 6-10).
 
     python benchmarks/evaluate_lfw.py MODEL --aligned-lfw DIR [--data ../shared/data] [--tag NAME]
-        [--meta LFW_META.npz] [--no-flip] [--cache-dir DIR]
+        [--meta LFW_META.npz] [--h2-meta NPZ] [--validation-only] [--no-flip] [--cache-dir DIR]
 
 MODEL is a `facerec export` folder or .onnx (onnxruntime, CPU), or a training checkpoint / torch
 artefact (torch, CPU). DIR is the aligned LFW tree made by ``facerec align --preset lfw``.
@@ -9,7 +9,10 @@ Reports, with flip-augmented embeddings unless --no-flip:
 - validation: 10-fold accuracy on the 600 fold-5 pairs (stratified folds of 30 genuine and 30
   impostor pairs, since fold 5 lists its 300 genuine pairs first); TAR at FAR on all cross-identity pairs of
   the fold-5 people's images; the verification threshold at FAR 1e-3 on those pairs (what a
-  deployment would ship, chosen on validation only) and the raw-quality percentiles;
+  deployment would ship, chosen on validation only) and the raw-quality percentiles; with --meta
+  holding the validation images, the same all-pairs numbers by head-pose bin (TAR of each bin's
+  genuine pairs at the one threshold of FAR 1e-3), in eval_lfw_<tag>_validation/;
+  ``--validation-only`` stops here (how candidates are compared before LFW-H2 is read);
 - LFW-H2 (final report only): for each of the 5 folds 6-10, the threshold chosen on the other 4,
   accuracy mean +- std; EER; TAR at FAR 1e-2..1e-4 on all cross-identity pairs of the LFW-H2
   people; and, with --meta (a detection cache of the original photos, ``python -m
@@ -52,7 +55,11 @@ def main(argv=None) -> int:
                         help="shared data root (default FACEREC_DATA or ../shared/data)")
     parser.add_argument("--tag", default="model")
     parser.add_argument("--out", default="benchmarks/results")
-    parser.add_argument("--meta", default=None, help="detection cache of the original LFW photos (pose bins)")
+    parser.add_argument("--meta", default=None, help="detection cache of the original LFW photos (pose bins); "
+                        "used for validation when it holds every validation image")
+    parser.add_argument("--h2-meta", default=None, help="detection cache for the LFW-H2 images (default: --meta)")
+    parser.add_argument("--validation-only", action="store_true",
+                        help="stop after validation (choosing between candidates: LFW-H2 is read once, after)")
     parser.add_argument("--no-flip", action="store_true", help="embed each image once (as the service does)")
     parser.add_argument("--cache-dir", default=None,
                         help="reuse / save embeddings here (val.npz, lfw_h2.npz)")
@@ -62,6 +69,7 @@ def main(argv=None) -> int:
     flip = not args.no_flip
     embedder = load_embedder(args.model, threads=args.threads)
     aligned = Path(args.aligned_lfw)
+    out_dir = Path(args.out)
     command = "python benchmarks/evaluate_lfw.py " + " ".join(
         shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
     report: dict = {"model": args.model, "model_name": embedder.name, "command": command, "flip": flip}
@@ -95,6 +103,11 @@ def main(argv=None) -> int:
     ga, gb = genuine_pairs(ids)
     genuine = np.sum(v_emb[ga] * v_emb[gb], axis=1)
     impostor = impostor_scores(v_emb, ids).scores.astype(np.float64)
+    v_yaw = None
+    if args.meta:
+        v_meta = FaceMeta.load(args.meta)
+        if all(k in v_meta.keys for k in v_keys):
+            v_yaw = image_yaw(v_meta.select(v_keys).landmarks)
     report["validation"] = {
         "pairs": len(scores), "folds": "stratified", "accuracy_mean": kf.mean, "accuracy_std": kf.std,
         "images": len(v_paths), "genuine": len(genuine), "impostors": len(impostor),
@@ -103,14 +116,33 @@ def main(argv=None) -> int:
         "threshold_best_accuracy_pairs": best_threshold(scores, v_pairs.same)[0],
         "quality_percentiles": (quality_percentiles(v_set.quality) if v_set.quality is not None else None),
     }
+    if v_yaw is not None:
+        # By head pose on validation: every genuine pair of the fold-5 images against the one
+        # threshold at FAR 1e-3 over all their impostor pairs (the 600 listed pairs are too few per bin).
+        v_pose = verify_report(
+            v_emb, out_dir / f"eval_lfw_{args.tag}_validation", names=v_names, yaw=v_yaw, fars=FARS,
+            title=f"{embedder.name} on validation (LFW fold 5)", command=command,
+            meta={"model": embedder.name, "pose_source": args.meta})
+        report["validation"]["pose_table"] = v_pose.get("pose_table")
+        report["validation"]["yaw_bins"] = v_pose.get("yaw_bins")
+    if args.validation_only:
+        report["seconds"] = round(time.time() - t0, 1)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / f"eval_lfw_{args.tag}.json").write_text(json.dumps(report, indent=1, default=float))
+        v = report["validation"]
+        print(json.dumps({"tag": args.tag, "accuracy": v["accuracy_mean"], "accuracy_std": v["accuracy_std"],
+                          "tar_at_far": {t["far"]: t["tar"] for t in v["tar_at_far"]},
+                          "pose": [{k: r.get(k) for k in ("bin", "images", "genuine_all", "tar_global_0.001")}
+                                   for r in (v.get("pose_table") or [])]}, indent=1, default=float))
+        return 0
     # --- LFW-H2: final report only ---
     t_paths, t_names, t_keys = images(protocol.test_people(args.data))
     t_set = embed_cached(embedder, t_paths, cache("lfw_h2"), flip=flip)
     yaw = None
-    if args.meta:
-        meta = FaceMeta.load(args.meta).select(t_keys)
+    if args.h2_meta or args.meta:
+        meta = FaceMeta.load(args.h2_meta or args.meta).select(t_keys)
         yaw = image_yaw(meta.landmarks)
-    out = Path(args.out)
+    out = out_dir
     folder = out / f"eval_lfw_{args.tag}_lfw_h2"
     h2 = verify_report(
         t_set.normalised(flip), folder, names=t_names,
