@@ -116,6 +116,19 @@ def test_training_learns_on_synthetic_faces(tmp_path):
     assert '"kind": "train"' in log and '"kind": "val"' in log
 
 
+def test_a_run_stopped_inside_an_epoch_is_validated_at_its_last_step(tmp_path):
+    """train.max_steps ending mid-epoch: the last step is validated too (it can be the best), once."""
+    import json
+
+    trainer = make_trainer(tmp_path, data={"num_classes": 4, "images_per_class": 16},
+                           train={"epochs": 3, "max_steps": 11, "log_every": 4})
+    summary = trainer.fit()
+    assert summary["step"] == 11
+    rows = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    val_steps = [r["step"] for r in rows if r.get("kind") == "val"]
+    assert val_steps == [8, 11]  # 8 steps per epoch: the epoch end, then the last step
+
+
 # ---------------------------------------------------------------- 2-process DDP on CPU
 def test_two_process_ddp_equals_one_process_on_the_concatenated_batch(tmp_path):
     """torchrun with 2 gloo processes (batch 4 each) == 1 process with batch 8, after 2 steps:

@@ -214,6 +214,7 @@ class Trainer:
         self._saved_at: tuple[int, int, int] | None = None  # (step, epoch, step_in_epoch) last saved
         self.validations_since_best = 0
         self.stop_reason: str | None = None
+        self.validated_step = -1  # the step of the last validation (run_validation)
         self._reset_meters()
         path = resume_from
         if path is not None:
@@ -495,6 +496,7 @@ class Trainer:
         """Validate on rank 0; returns the metrics (empty elsewhere). Updates best / early stopping."""
         metrics: dict = {}
         improved = stop = False
+        self.validated_step = self.step
         if self.info.is_main and self.pairs is not None:
             result = validate(self.raw_model, self.pairs, self.cfg.val, self.device, self.amp_dtype,
                               self.channels_last)
@@ -573,6 +575,10 @@ class Trainer:
                 save_after_validation = False
             if self.step != self._meter_start[1]:
                 self.flush_meters()
+            if epoch_validation and self.validated_step != self.step and not self.stop_reason:
+                # a run that ends inside an epoch (train.max_steps) is still judged at its last step,
+                # so its final weights can be the chosen checkpoint
+                self.run_validation()
             if not ckpt.step_dir(self.ckpt_dir, self.step).exists():
                 self.save()
             summary = {"step": self.step, "epoch": self.epoch, "best": self.best,
