@@ -43,7 +43,10 @@ from facerec.gallery import (
 from facerec.gallery.measure import evidence_of
 from facerec.gallery.openset import OPENSET_FILE
 from facerec.runtime import DecodeError, NoFaceError, TooManyFacesError
+from service.engine import Engine
 from service.errors import ApiError, from_exception, validation_error
+from service.metrics import Metrics
+from service.settings import Settings
 
 log = logging.getLogger("service")
 
@@ -63,7 +66,7 @@ class Galleries:
     """The app's galleries: settings, open-set calibration (loaded at start), the store (opened by
     ``open`` for pgvector, lazily for SQLite), closed by ``close``."""
 
-    def __init__(self, settings, engine, metrics=None) -> None:
+    def __init__(self, settings: Settings, engine: Engine, metrics: Metrics | None = None) -> None:
         self.settings = settings
         self.engine = engine
         self.metrics = metrics
