@@ -25,7 +25,7 @@ two images'), the threshold fixed once at 0% discard for the FMR over all impost
 un-normalised trapezoid area over discard 0-30% and 0-95%. 95% intervals: identity-level
 bootstrap (``facerec.eval.cluster_bootstrap``), the same resamples for every measure, and the
 paired interval of each measure's pAUC minus the reference's. Everything goes through
-``facerec.eval.reports.quality_report``, the code of ``facerec eval quality``. Writes
+``facerec.eval.quality_report.quality_report``, the code of ``facerec eval quality``. Writes
 benchmarks/results/quality_eval_<tag>/ (quality.json, summary.md, edc_fmr*.png).
 
 --balance (default both): besides the plain view (every pair counts once, so George W. Bush is 77%
@@ -46,7 +46,7 @@ from facerec.data import protocol
 from facerec.eval.crfiqa_head import QualityHead, fit_head_on_pool
 from facerec.eval.embedder import embed_cached, load_embedder
 from facerec.eval.face_meta import FaceMeta
-from facerec.eval.reports import quality_report, standard_quality_measures
+from facerec.eval.quality_report import quality_report, standard_quality_measures
 
 
 def main(argv=None) -> int:

@@ -2,7 +2,8 @@
 
 The model is loaded in the factory, not lazily: a missing model, a GPU the strict device policy
 cannot use or an OOD file of another model stops the start with its message, before a port is
-opened. Warm-up then runs in the background (liveness answers, readiness waits for it).
+opened. Warm-up then runs in the background (liveness answers, readiness waits for it). The lifespan
+opens the galleries beside the engine (``service.galleries``) and closes both at shutdown.
 
 ``uvicorn --factory service.app:create_app`` works too (settings from the environment), but only
 ``facerec-serve`` applies the connection settings (deadlines, connection cap: service/server.py);
@@ -20,9 +21,11 @@ import facerec
 from service.auth import ApiKeys
 from service.engine import Engine
 from service.errors import install_handlers
+from service.galleries import Galleries
 from service.metrics import Metrics
 from service.middleware import RequestContextMiddleware, install_access_log_redaction
 from service.routes import ROUTERS
+from service.routes.gallery_openapi import state_limits_in_openapi
 from service.settings import Settings
 
 log = logging.getLogger("service")
@@ -49,7 +52,15 @@ def create_app(settings: Settings | None = None, announce_key: bool = True) -> F
     async def lifespan(app: FastAPI):
         await engine.start()
         try:
-            yield
+            # Beside the engine: the galleries' open-set calibration is checked against its model,
+            # and a pgvector store is opened now (an unreachable database stops the start).
+            galleries = app.state.galleries = Galleries(settings, engine, metrics)
+            state_limits_in_openapi(app, galleries)
+            await galleries.open()
+            try:
+                yield
+            finally:
+                galleries.close()
         finally:
             await engine.close()  # answers what is queued, then stops the batcher
 

@@ -15,6 +15,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from facerec.runtime import (
@@ -111,6 +112,12 @@ def _validation_details(errors) -> list[dict]:
     # Only location, message and type: the offending input itself is not echoed back (it can be a
     # multi-megabyte base64 string).
     return [{"loc": list(e.get("loc", ())), "msg": e.get("msg", ""), "type": e.get("type", "")} for e in errors]
+
+
+def validation_error(exc: ValidationError, message: str) -> ApiError:
+    """422 ``validation_error`` for a pydantic model a route validates itself, its details without
+    the input."""
+    return ApiError(422, "validation_error", message, _validation_details(exc.errors(include_input=False)))
 
 
 def json_error(exc: BaseException, what: str = "the body") -> ApiError:

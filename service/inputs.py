@@ -17,7 +17,7 @@ from fastapi import Request
 from pydantic import BaseModel, ValidationError
 from starlette.datastructures import UploadFile
 
-from service.errors import ApiError, _validation_details, json_error
+from service.errors import ApiError, json_error, validation_error
 
 # Canonical base64 (padded), optionally after a data: URI prefix: what the schema states. The
 # server also drops whitespace (line-wrapped base64) before it decodes strictly.
@@ -33,7 +33,9 @@ class ParsedImages:
     threshold: float | None = None
 
 
-def _b64(field: str, text: str, max_bytes: int) -> bytes:
+def b64_image(field: str, text: str, max_bytes: int) -> bytes:
+    """The bytes of a base64 image ``field`` (whitespace and a data: URI prefix dropped): 413 beyond
+    ``max_bytes``, 422 when it is not canonical base64 or empty."""
     text = _WHITESPACE.sub("", _DATA_URI.sub("", text, count=1))
     if len(text) * 3 // 4 > max_bytes:
         raise image_too_large(field, max_bytes)
@@ -96,9 +98,8 @@ async def _json(request, fields, model, max_image_bytes) -> ParsedImages:
     try:
         parsed = model.model_validate(payload)
     except ValidationError as exc:
-        raise ApiError(422, "validation_error", "the JSON body does not match the API schema",
-                       _validation_details(exc.errors(include_input=False))) from None
-    images = {f: _b64(f, getattr(parsed, f), max_image_bytes) for f in fields}
+        raise validation_error(exc, "the JSON body does not match the API schema") from None
+    images = {f: b64_image(f, getattr(parsed, f), max_image_bytes) for f in fields}
     return ParsedImages(images, _threshold(getattr(parsed, "threshold", None)))
 
 

@@ -1,6 +1,6 @@
 """Prometheus metrics of one app instance (its own registry, so several apps in one process, as in
 tests, do not collide): request latency, batcher queue time / batch size / model time, verification
-decisions, OOD flags and errors by code."""
+decisions, OOD flags, gallery searches and enrollments, and errors by code."""
 
 from __future__ import annotations
 
@@ -46,6 +46,12 @@ class Metrics:
                              registry=r)
         self.ready = Gauge("facerec_ready", "1 when the model is loaded, its provider active and warm",
                            registry=r)
+        self.gallery_searches = Counter(
+            "facerec_gallery_searches", "gallery searches by decision", ["decision"], registry=r)
+        self.gallery_samples = Counter(
+            "facerec_gallery_samples", "photos offered for enrollment, by outcome", ["outcome"], registry=r)
+        self.gallery_refusals = Counter(
+            "facerec_gallery_refusals", "enrollment refusals by reason code", ["reason"], registry=r)
 
     def observe_request(self, route: str, method: str, status: int, seconds: float) -> None:
         self.request_latency.labels(route=route, method=method, status=str(status)).observe(seconds)

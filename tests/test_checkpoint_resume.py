@@ -1,7 +1,8 @@
 """Kill-and-resume: a run SIGKILLed at a fixed step, or half-way through writing a checkpoint, and
 then resumed, ends with bit-identical weights to an uninterrupted run (CPU, deterministic).
 
-The kills happen at exact points through test-only environment hooks, so nothing here depends on
+The kills happen at exact points (a trainer callback after a step, tests/kill_at_step.py; a
+test-only environment hook half-way through a checkpoint write), so nothing here depends on
 timing. The interrupted runs use a data-loader worker, the reference run none: the data stream is
 a function of (seed, epoch, position) only, so the weights must match across that too.
 """
@@ -21,6 +22,7 @@ import yaml
 pytestmark = pytest.mark.timeout(240)
 
 REPO = Path(__file__).resolve().parents[1]
+TESTS = REPO / "tests"
 
 TINY_MODEL = '''
 import torch
@@ -101,13 +103,17 @@ def write_run_files(tmp: Path, float64: bool = False, **sections) -> Path:
     return path
 
 
-def run_training(tmp: Path, config: Path, run_dir: Path, *args, env_extra=None, check=True):
+def run_training(tmp: Path, config: Path, run_dir: Path, *args, env_extra=None, check=True,
+                 kill_at_step: int | None = None):
+    """``python -m training`` on ``config``; ``kill_at_step``: the process SIGKILLs itself right
+    after that step (tests/kill_at_step.py)."""
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1",
                PYTHONPATH=os.pathsep.join([str(tmp), str(REPO), os.environ.get("PYTHONPATH", "")]))
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_PROCID", "SLURM_NTASKS"):
         env.pop(key, None)
     env.update(env_extra or {})
-    cmd = [sys.executable, "-m", "training", "--config", str(config), "--run-dir", str(run_dir), *args]
+    entry = ["-m", "training"] if kill_at_step is None else [str(TESTS / "kill_at_step.py"), str(kill_at_step)]
+    cmd = [sys.executable, *entry, "--config", str(config), "--run-dir", str(run_dir), *args]
     proc = subprocess.run(cmd, cwd=tmp, env=env, capture_output=True, text=True, timeout=180)
     if check and proc.returncode != 0:
         raise AssertionError(f"training failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
@@ -173,7 +179,7 @@ def reference(tmp_path_factory):
 def test_killed_at_step_then_resumed_is_bit_identical(tmp_path, reference):
     config = write_run_files(tmp_path, data={"workers": 1})
     run = tmp_path / "run"
-    proc = run_training(tmp_path, config, run, env_extra={"FACEREC_TEST_KILL_AT_STEP": "5"}, check=False)
+    proc = run_training(tmp_path, config, run, kill_at_step=5, check=False)
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
     steps = sorted(p.name for p in (run / "checkpoints").glob("step_*"))
     assert steps == ["step_00000004"]  # resumes mid-epoch: the sampler position matters

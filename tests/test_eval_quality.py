@@ -15,11 +15,11 @@ from facerec.eval.quality import (
     identity_balanced_weights,
     pair_quality,
     partial_auc,
-    plot_edc,
     weighted_fixed_threshold,
     weighted_fnmr,
     weighted_threshold,
 )
+from facerec.eval.quality_report import plot_edc
 from facerec.eval.verification import tar_at_far
 
 # 1000 impostors 0.000 .. 0.999: FMR 1e-2 allows 10 above -> threshold = 11th highest = 0.989

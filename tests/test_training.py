@@ -282,7 +282,7 @@ def test_imprinted_centres_are_the_class_mean_unit_embeddings(tmp_path):
             cv2.imwrite(str(root / f"p{person}" / f"{i}.png"), rng.integers(0, 256, (112, 112, 3), dtype=np.uint8))
     from facerec.losses import FaceRecognitionLoss
     from facerec.models import create_model
-    from training.trainer import init_centres
+    from training.build import init_centres
 
     write_run_files(tmp_path)  # the tiny_face plugin, importable below
     sys.path.insert(0, str(tmp_path))

@@ -320,7 +320,7 @@ def test_killed_and_resumed_distillation_run_is_bit_identical(tmp_path, faces):
     run_training(ref_dir, ref_config, ref_dir / "run")
     config = write_run_files(tmp_path, **{**sections, "data": {**sections["data"], "workers": 1}})
     run = tmp_path / "run"
-    proc = run_training(tmp_path, config, run, env_extra={"FACEREC_TEST_KILL_AT_STEP": "5"}, check=False)
+    proc = run_training(tmp_path, config, run, kill_at_step=5, check=False)
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
     assert sorted(p.name for p in (run / "checkpoints").glob("step_*")) == ["step_00000004"]
     start = torch.load(run / "checkpoints" / "step_00000004" / "rank0.pt", weights_only=True)

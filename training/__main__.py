@@ -130,7 +130,8 @@ def resolve_config(args: argparse.Namespace):
     return config
 
 
-def main(argv=None) -> int:
+def main(argv=None, callbacks=()) -> int:
+    """``callbacks``: run with the trainer after every step (``Trainer``); the crash tests use one."""
     args = parse_args(argv)
     config = resolve_config(args)
     if args.print_config:
@@ -140,7 +141,7 @@ def main(argv=None) -> int:
     from training.trainer import NonFiniteError, Trainer
 
     try:
-        trainer = Trainer(config, resume=args.resume)
+        trainer = Trainer(config, resume=args.resume, callbacks=callbacks)
         summary = trainer.fit()
     except NonFiniteError as e:
         print(f"facerec-train: {e}", file=sys.stderr)

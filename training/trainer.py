@@ -9,54 +9,45 @@ What a skipped step does NOT undo: the forward pass already ran in train mode, s
 running statistics have absorbed the bad batch (possibly NaN) and the scheduler has advanced. There
 is no rollback; a run whose BN buffers went non-finite keeps producing non-finite losses and is
 stopped by ``train.nan_patience`` (resume from the last good checkpoint).
+
+What the trainer is built from (data, checkpoints to resume, model, loss, distillation, optimiser,
+data stream and schedule) comes from the named builders of ``training/build.py``.
 """
 
 from __future__ import annotations
 
-import copy
 import importlib
-import inspect
 import math
-import os
-import random
-import signal
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
-from torch import nn
-from torch.utils.data import DataLoader, Subset
-from tqdm import tqdm
 
-from facerec.data.datasets import EvalTransform
 from facerec.eval.spread import COLLAPSE_COSINE, pair_collapse
-from facerec.losses import FaceRecognitionLoss
 from facerec.models import create_model
 from training import checkpoint as ckpt
+from training.build import (
+    build_data,
+    build_distillation,
+    build_loss,
+    build_optimisation,
+    build_stream,
+    imprint_centres,
+    prepare_model,
+    recover_checkpoints,
+    seed_everything,
+    set_deterministic,
+    wrap_model,
+)
 from training.config import Config, save_config
-from training.data import (
-    CropThen,
-    ResumableBatchSampler,
-    build_dataset,
-    build_loader,
-    class_counts,
-)
-from training.dist import DistInfo, allreduce_sum_hook, barrier, init_distributed
-from training.distill import Distillation, load_distill_state
+from training.dist import DistInfo, barrier, init_distributed
+from training.distill import load_distill_state
 from training.logger import RunLogger
-from training.optim import (
-    autocast_dtype,
-    build_optimizer,
-    clip_grad_norm,
-    is_fused,
-    make_scaler,
-)
-from training.schedule import build_scheduler
+from training.optim import clip_grad_norm, is_fused
 from training.validation import build_pairset, validate
 
-KILL_AT_STEP_ENV = "FACEREC_TEST_KILL_AT_STEP"  # test-only: SIGKILL right after this step
 # fp16: a GradScaler overflow is normal back-off while the scale is at least this; below it the
 # gradient is non-finite at any scale, so the step counts toward train.nan_patience.
 FP16_OVERFLOW_SCALE = 1.0
@@ -66,146 +57,41 @@ class NonFiniteError(RuntimeError):
     pass
 
 
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % (1 << 32))
-    torch.manual_seed(seed)
-
-
-def set_deterministic(enabled: bool, device: torch.device) -> None:
-    if enabled and device.type == "cuda":
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    torch.use_deterministic_algorithms(enabled, warn_only=True)
-    torch.backends.cudnn.deterministic = enabled
-    torch.backends.cudnn.benchmark = not enabled
-
-
-def is_cnn(model: nn.Module) -> bool:
-    return any(isinstance(m, nn.BatchNorm2d) for m in model.modules())
-
-
-def init_centres(loss_fn: FaceRecognitionLoss, seed: int, std: float = 0.01) -> None:
-    """Draw all C centres from one seeded generator and keep this rank's rows, so the initial
-    weights do not depend on how many processes the run has."""
-    centres = loss_fn.centres
-    g = torch.Generator().manual_seed(seed + 104729)
-    with torch.no_grad():
-        full = torch.randn(centres.num_classes, centres.embedding_size, generator=g) * std
-        centres.weight.copy_(full[centres.class_start : centres.class_end])
-
-
-IMPRINT_MAX_BYTES = 2 * 2**30
-
-
-def load_backbone(model: nn.Module, source: str, name: str) -> str:
-    """Copy the weights of ``source`` (a checkpoint folder, a trainer model.pt or a torch artefact)
-    into ``model``; both must be the same architecture. Returns the file the weights came from."""
-    from facerec.export.torch_artifact import load_model_file
-
-    loaded = load_model_file(source)
-    if loaded.name != name:
-        raise ValueError(f"model.init_from={source} holds a {loaded.name!r} model, but model.name is {name!r}")
-    try:
-        model.load_state_dict(loaded.model.state_dict(), strict=True)
-    except RuntimeError as err:
-        raise ValueError(f"model.init_from={source}: its weights do not fit this {name!r} "
-                         f"(different model.kwargs?): {str(err).splitlines()[0]} ...") from err
-    return loaded.origin
-
-
 class Trainer:
-    def __init__(self, config: Config, resume: str | None = None, info: DistInfo | None = None):
+    """``callbacks``: callables run with the trainer after every optimiser step, once the step's
+    logging, validation and checkpoint are done (the crash tests kill the process from one)."""
+
+    def __init__(self, config: Config, resume: str | None = None, info: DistInfo | None = None,
+                 callbacks: Sequence[Callable[[Trainer], None]] = ()):
         self.cfg = cfg = config
         self.info = info or init_distributed(cfg.train.device)
         self.device = self.info.device
         self.run_dir = Path(cfg.run_dir)
         self.ckpt_dir = self.run_dir / "checkpoints"
+        self.callbacks = list(callbacks)
         set_deterministic(cfg.train.deterministic, self.device)
         for module in cfg.model.imports:
             importlib.import_module(module)
 
         seed_everything(cfg.train.seed)  # same backbone init on every rank
-        distill_cfg = cfg.loss.distill
-        self.dataset = build_dataset(cfg.data, cfg.train.seed,
-                                     keep_small_identities=bool(distill_cfg and distill_cfg.images_without_identity))
+        self.dataset = build_data(cfg)
         self.num_classes = int(self.dataset.num_classes)
         model = create_model(cfg.model.name, **cfg.model.kwargs)
-        recovered: list[str] = []
-        if self.info.is_main:  # finish or undo a checkpoint replacement a crash interrupted
-            recovered = ckpt.recover_checkpoints(self.ckpt_dir)
-        barrier(self.info)
-        resume_from = ckpt.resolve_resume(resume, self.ckpt_dir)
-        if resume_from is not None and self.info.is_main:  # an older step of this run: later ones go aside
-            recovered += ckpt.set_aside_newer(self.ckpt_dir, resume_from)
-        barrier(self.info)
-        self.init_origin = None
-        if cfg.model.init_from and resume_from is None:  # a resumed run has its own weights
-            self.init_origin = load_backbone(model, cfg.model.init_from, cfg.model.name)
-        if cfg.model.grad_checkpointing and hasattr(model, "set_grad_checkpointing"):
-            model.set_grad_checkpointing(True)
-        if cfg.model.sync_bn and self.info.distributed:
-            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-        self.channels_last = cfg.model.channels_last
-        if self.channels_last is None:
-            self.channels_last = self.device.type == "cuda" and is_cnn(model)
-        model = model.to(self.device)
-        if self.channels_last:
-            model = model.to(memory_format=torch.channels_last)
+        resume_from, recovered = recover_checkpoints(self.ckpt_dir, resume, self.info)
+        model, self.channels_last, self.init_origin = prepare_model(model, cfg, self.info, resume_from is None)
         self.raw_model = model
         self.has_quality = bool(getattr(model, "has_quality", False))
-        lc = cfg.loss
-        self.loss_fn = FaceRecognitionLoss(
-            self.num_classes, model.embedding_size, margin=lc.margin, margin_kwargs=lc.margin_kwargs,
-            sample_rate=lc.sample_rate, unpg=lc.unpg, unpg_whisker=lc.unpg_whisker,
-            quality_weight=lc.quality_weight, quality_beta=lc.quality_beta, seed=cfg.train.seed,
-        )
-        init_centres(self.loss_fn, cfg.train.seed)
-        if self.has_quality and lc.quality_min_images > 1:
-            counts = class_counts(self.dataset)
-            if counts is not None:
-                self.loss_fn.set_quality_classes(counts >= lc.quality_min_images)
-                self.quality_excluded_classes = int((counts < lc.quality_min_images).sum())
-        self.loss_fn.to(self.device)
-        self.distill = None  # loss.distill: teacher rows of every training image + the terms
-        if distill_cfg is not None:
-            self.distill = Distillation(distill_cfg, self.dataset, model.embedding_size, cfg.train.seed,
-                                        self.device, progress=cfg.train.progress and self.info.is_main)
-        distill_params = self.distill.params if self.distill else []
-        self.optimizer = build_optimizer(model, self.loss_fn, cfg.optim, distill_params)
-        self.centre_params = [p for p in self.loss_fn.parameters() if p.requires_grad]
-        shard_ids = {id(p) for p in self.centre_params}
-        # replicated parameters (same on every rank, gradients summed): backbone + projection
-        self.backbone_params = [p for p in model.parameters() if p.requires_grad and id(p) not in shard_ids]
-        self.backbone_params += distill_params
-        self.amp_dtype = autocast_dtype(cfg.train.amp, self.device)
-        self.scaler = make_scaler(self.amp_dtype, self.device)
-
-        self.model = model
-        if self.info.distributed:
-            # The loss module is NOT wrapped: its centres are sharded, not replicated.
-            # BN statistics stay per rank (no buffer sync in forward); torch >= 2.14 renamed the flag
-            params = inspect.signature(nn.parallel.DistributedDataParallel).parameters
-            no_sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in params
-                       else {"broadcast_buffers": False})
-            self.model = nn.parallel.DistributedDataParallel(
-                model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
-                gradient_as_bucket_view=True, find_unused_parameters=cfg.model.find_unused_parameters,
-                **no_sync,
-            )
-            self.model.register_comm_hook(None, allreduce_sum_hook)
-        if cfg.model.compile:
-            self.model = torch.compile(self.model)
+        self.loss_fn, self.quality_excluded_classes = build_loss(cfg, self.num_classes, model, self.dataset,
+                                                                 self.device)
+        self.distill = build_distillation(cfg, self.dataset, model, self.info)
+        opt = build_optimisation(cfg, model, self.loss_fn, self.distill, self.device)
+        self.optimizer, self.scaler, self.amp_dtype = opt.optimizer, opt.scaler, opt.amp_dtype
+        self.centre_params, self.backbone_params = opt.centre_params, opt.backbone_params
+        self.model = wrap_model(model, cfg, self.info)
         seed_everything(cfg.train.seed + 1000 * self.info.rank)  # per-rank dropout / masking
-
-        self.sampler = ResumableBatchSampler(len(self.dataset), cfg.data.batch_size, self.info.rank,
-                                             self.info.world_size, cfg.train.seed)
-        self.loader = build_loader(self.distill.wrap(self.dataset) if self.distill else self.dataset,
-                                   self.sampler, cfg.data, self.device.type == "cuda")
-        spe = self.sampler.steps_per_epoch
-        self.total_steps = cfg.train.epochs * spe
-        if cfg.train.max_steps is not None:
-            self.total_steps = min(self.total_steps, cfg.train.max_steps)
-        self.scheduler = build_scheduler(self.optimizer, cfg.schedule, self.total_steps, spe)
+        stream = build_stream(cfg, self.dataset, self.distill, self.optimizer, self.info)
+        self.sampler, self.loader, self.scheduler = stream.sampler, stream.loader, stream.scheduler
+        self.total_steps = stream.total_steps
         self.pairs = build_pairset(cfg.val, cfg.data, cfg.train.seed) if self.info.is_main else None
 
         self.step = self.epoch = self.step_in_epoch = 0
@@ -216,75 +102,39 @@ class Trainer:
         self.stop_reason: str | None = None
         self.validated_step = -1  # the step of the last validation (run_validation)
         self._reset_meters()
-        path = resume_from
-        if path is not None:
-            self.load(path)
+        if resume_from is not None:
+            self.load(resume_from)
         self.log = RunLogger(self.run_dir, self.info.is_main, self.total_steps, self.step, cfg.train.progress,
-                             resume_step=self.step if path is not None else None)
+                             resume_step=self.step if resume_from is not None else None)
         if self.info.is_main:
             save_config(cfg, self.run_dir / "config.yaml")
-            for note in recovered:
-                self.log.message(f"checkpoints: {note}")
-            if path is not None:
-                self.log.message(f"resumed from {path} at step {self.step} (epoch {self.epoch})")
-            elif self.init_origin:
-                self.log.message(f"backbone initialised from {self.init_origin}")
-            skipped = getattr(self.dataset, "protocol_check_skipped", None)
-            if skipped:
-                self.log.message(f"warning: {skipped}")
-            excluded = getattr(self, "quality_excluded_classes", 0)
-            if excluded:
-                self.log.message(f"{excluded} of {self.num_classes} identities have fewer than "
-                                 f"{cfg.loss.quality_min_images} images: they train the classifier "
-                                 "but not the quality target")
-            for line in self.distill.messages(cfg.data.min_images_per_identity) if self.distill else []:
-                self.log.message(line)
-        if path is None and cfg.loss.centres_init == "imprint":
+            self._announce(resume_from, recovered)
+        if resume_from is None and cfg.loss.centres_init == "imprint":
             self.imprint_centres()
 
     def imprint_centres(self) -> None:
-        """Each class centre <- the mean unit embedding of its training images under the current
-        backbone (eval mode, no augmentation), at the norm of the random centres it replaces. Every
-        rank embeds its share of the images and the sums are added over ranks."""
-        data = self.dataset
-        if hasattr(data, "transform"):
-            data = copy.copy(data)
-            data.transform = CropThen(EvalTransform(), self.cfg.data.center_crop)
-        share = Subset(data, range(self.info.rank, len(data), self.info.world_size))
-        loader = DataLoader(share, batch_size=self.cfg.data.batch_size, num_workers=self.cfg.data.workers)
-        centres = self.loss_fn.centres
-        size = self.num_classes * centres.embedding_size * 4
-        if size > IMPRINT_MAX_BYTES:
-            raise ValueError(f"loss.centres_init=imprint needs a {size / 2**30:.1f} GiB (classes x embedding) "
-                             f"buffer on every rank, more than {IMPRINT_MAX_BYTES / 2**30:.0f} GiB; use "
-                             "centres_init=random for this many classes")
-        sums = torch.zeros(self.num_classes, centres.embedding_size, device=self.device)
-        was_training = self.raw_model.training
-        self.raw_model.eval()
-        show = self.cfg.train.progress and self.info.is_main
-        with torch.no_grad(), torch.autocast(self.device.type, dtype=self.amp_dtype,
-                                             enabled=self.amp_dtype is not None):
-            for images, labels in tqdm(loader, desc="imprinting class centres", disable=not show):
-                emb = self.raw_model(images.to(self.device)).embedding.float()
-                keep = labels.to(self.device) >= 0  # label -1 (images_without_identity): no class
-                sums.index_add_(0, labels.to(self.device)[keep], nn.functional.normalize(emb[keep], dim=1))
-        self.raw_model.train(was_training)
-        if self.info.distributed:
-            dist.all_reduce(sums)
-        local = sums[centres.class_start : centres.class_end]
-        seen = local.norm(dim=1) > 0
-        with torch.no_grad():
-            w = centres.weight
-            # the mean norm of ALL random centres (summed over shards), so the scale does not
-            # depend on how many ranks share the classes
-            norm = torch.stack([w.norm(dim=1).sum(), torch.tensor(float(w.shape[0]), device=w.device)])
-            if self.info.distributed:
-                dist.all_reduce(norm)
-            scale = norm[0] / norm[1]
-            w.copy_(torch.where(seen[:, None], nn.functional.normalize(local, dim=1) * scale, w))
+        """Class centres <- mean unit embeddings of their images (``training.build.imprint_centres``)."""
+        line = imprint_centres(self.raw_model, self.loss_fn, self.dataset, self.cfg, self.info, self.amp_dtype)
         if self.info.is_main:
-            self.log.message(f"imprinted {int((sums.norm(dim=1) > 0).sum())} of {self.num_classes} class "
-                             f"centres from {len(data)} images")
+            self.log.message(line)
+
+    def _announce(self, resume_from: Path | None, recovered: list[str]) -> None:
+        """Rank 0: how the run starts, in the log."""
+        for note in recovered:
+            self.log.message(f"checkpoints: {note}")
+        if resume_from is not None:
+            self.log.message(f"resumed from {resume_from} at step {self.step} (epoch {self.epoch})")
+        elif self.init_origin:
+            self.log.message(f"backbone initialised from {self.init_origin}")
+        skipped = getattr(self.dataset, "protocol_check_skipped", None)
+        if skipped:
+            self.log.message(f"warning: {skipped}")
+        if self.quality_excluded_classes:
+            self.log.message(f"{self.quality_excluded_classes} of {self.num_classes} identities have fewer "
+                             f"than {self.cfg.loss.quality_min_images} images: they train the classifier "
+                             "but not the quality target")
+        for line in self.distill.messages(self.cfg.data.min_images_per_identity) if self.distill else []:
+            self.log.message(line)
 
     # ------------------------------------------------------------------ state
     def _reset_meters(self) -> None:
@@ -532,7 +382,6 @@ class Trainer:
     # ------------------------------------------------------------------ loop
     def fit(self) -> dict:
         cfg, epochs_total = self.cfg, self.cfg.train.epochs
-        kill_at = int(os.environ.get(KILL_AT_STEP_ENV, "0") or 0)
         every_val = cfg.val.every_steps if cfg.val.kind != "none" else 0
         epoch_validation = cfg.val.kind != "none" and not every_val
         save_after_validation = False
@@ -561,8 +410,8 @@ class Trainer:
                             save_after_validation = True  # validation may save this step below
                         elif not self.saved_now():  # not when validation just saved this state
                             self.save()
-                    if self.step == kill_at:
-                        os.kill(os.getpid(), signal.SIGKILL)
+                    for callback in self.callbacks:
+                        callback(self)
                     if last or self.stop_reason:
                         break
                 if self.step_in_epoch >= self.sampler.steps_per_epoch:

@@ -47,9 +47,8 @@ identity pair), so every identity pair weighs 1 in the FMR and the threshold is 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 
@@ -435,33 +434,3 @@ def bootstrap_ci(
     low = {k: float(np.quantile(v, alpha)) for k, v in samples.items()}
     high = {k: float(np.quantile(v, 1 - alpha)) for k, v in samples.items()}
     return BootstrapResult(point, low, high, num_resamples, seed, level, samples)
-
-
-def plot_edc(curves: Mapping[str, EDCResult], path: str | Path, title: str = "",
-             xlabel: str = "fraction of genuine pairs discarded (lowest pair quality)") -> Path:
-    """One EDC line per quality measure (all curves should share the FMR) -> PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    import textwrap
-
-    fig, ax = plt.subplots(figsize=(6.5, 4.6), dpi=120)
-    for name, res in curves.items():
-        if res.supported:
-            ax.plot(res.discard, res.fnmr, label=name, lw=1.4 if name == next(iter(curves)) else 1.0)
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel("FNMR (threshold fixed at 0% discard)")
-    ax.set_xlim(0, float(max(r.discard[-1] for r in curves.values())))
-    ax.set_ylim(bottom=0)
-    ax.grid(alpha=0.3)
-    # below the axes, so that no curve is hidden behind it
-    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=2, frameon=False)
-    if title:
-        ax.set_title("\n".join(textwrap.wrap(title, 80)), fontsize=9)
-    fig.savefig(path, bbox_inches="tight")
-    plt.close(fig)
-    return path

@@ -5,6 +5,8 @@ from service.routes import (
     detect,
     embed,
     galleries,
+    gallery_persons,
+    gallery_search,
     health,
     models,
     quality,
@@ -12,4 +14,4 @@ from service.routes import (
 )
 
 ROUTERS = [verify.router, quality.router, embed.router, detect.router, models.router, health.router,
-           demo.router, galleries.router]
+           demo.router, galleries.router, gallery_persons.router, gallery_search.router]

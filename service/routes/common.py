@@ -1,4 +1,5 @@
-"""What the image routes share: dependencies and turning pipeline results into response objects."""
+"""What the routes share: the engine and gallery dependencies, the documented error answers, and
+turning pipeline results into response objects."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from facerec.runtime import Face
 from service.auth import ApiKey
 from service.engine import Engine
 from service.errors import ApiError
+from service.galleries import Galleries
 from service.schemas import (
     ErrorResponse,
     FaceBox,
@@ -32,6 +34,13 @@ def get_engine(request: Request, _: ApiKey) -> Engine:
 
 
 EngineDep = Annotated[Engine, Depends(get_engine)]
+
+
+def get_galleries(request: Request) -> Galleries:
+    return request.app.state.galleries
+
+
+GalleriesDep = Annotated[Galleries, Depends(get_galleries)]
 
 # Documented error answers of every image route (the envelope; see service.errors).
 ERROR_RESPONSES = {

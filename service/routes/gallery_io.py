@@ -1,262 +1,54 @@
-"""Request and response bodies of the gallery routes, and reading them from a request.
+"""Reading the gallery routes' requests (multipart files or base64 JSON, as the rest of the API) and
+writing their answers.
 
-The image routes read their bodies themselves (multipart files or base64 JSON, as the rest of the
-API); ``service.routes.gallery_openapi`` documents both encodings in the OpenAPI schema.
+Every check that can refuse a request runs before any image work or store write: field names,
+image counts and sizes, names, metadata limits (``check_person_metadata``). The bodies themselves
+are in ``service.routes.gallery_schemas``; ``service.routes.gallery_openapi`` documents both
+encodings in the OpenAPI schema.
 """
 
 from __future__ import annotations
 
 import json
-from typing import Annotated, Any, Literal
+import logging
+from typing import Any
 
 from fastapi import Request
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, create_model
+from pydantic import BaseModel, TypeAdapter, ValidationError
 from pydantic_core import PydanticSerializationError
 from starlette.datastructures import UploadFile
 
-from facerec.gallery import EnrollmentPolicy, MetadataError, MetadataLimits, Reason, check_metadata
-from facerec.gallery.metadata import DEFAULT_LIMITS
-from facerec.gallery.policy import JsonInt
-from facerec.gallery.store import ID_PATTERN, MAX_NAME, NAME_PATTERN, check_name
-from service.errors import ApiError, _validation_details
-from service.inputs import B64_PATTERN, _b64, image_too_large, parse_json
+from facerec.gallery import (
+    Enrollment,
+    GalleryManager,
+    GalleryRecord,
+    MetadataError,
+    MetadataLimits,
+    ThresholdRequired,
+    check_metadata,
+)
+from facerec.gallery.store import check_name
+from service.errors import ApiError, validation_error
+from service.galleries import Identified
+from service.inputs import b64_image, image_too_large, parse_json
+from service.routes.gallery_schemas import (
+    MAX_IMAGES_PER_REQUEST,
+    BatchEnrollJSON,
+    CandidateOut,
+    EnrollResponse,
+    GalleryOut,
+    ImageOutcome,
+    OperatingPointOut,
+    PersonEnrollJSON,
+    PersonOut,
+    ReasonOut,
+    SamplesJSON,
+    SearchJSON,
+    SearchResponse,
+)
 from service.schemas import ImageReport
 
-MAX_IMAGES_PER_REQUEST = 32
-_B64 = "image file (JPEG, PNG, WebP, ...), base64 encoded; a data: URI prefix is accepted"
-
-
-# Vendor extensions marking the schema parts that depend on the running service; ``openapi_for``
-# replaces the defaults there with the settings and the model's calibration.
-FPIR_MARK = {"x-facerec": "fpir"}
-# A search names a threshold or an FPIR, not both (null counts as absent).
-BOTH_THRESHOLD_AND_FPIR = {"required": ["threshold", "fpir"],
-                           "properties": {"threshold": {"type": "number"}, "fpir": {"type": "number"}}}
-METADATA_MARK = {"x-facerec": "metadata"}
-
-
-# ============================================================================ schemas
-class _Strict(BaseModel):
-    # Unknown fields are an error, and types are strict: a JSON `true` is not the number 1, "0.5"
-    # is not a number (the schema says so; multipart text is converted with strict=False).
-    model_config = ConfigDict(extra="forbid", strict=True)
-
-
-Name = Annotated[
-    str,
-    Field(min_length=1, max_length=MAX_NAME, json_schema_extra={"pattern": NAME_PATTERN},
-          description="no control characters or line separators; surrounding spaces are dropped"),
-]
-Id = Annotated[str, Field(pattern=ID_PATTERN, description="32 hexadecimal digits")]
-_LIMITS = DEFAULT_LIMITS
-def metadata_text(limits: MetadataLimits) -> str:
-    return (
-        "a JSON object the client owns, returned as given. Limits (FACEREC_METADATA_MAX_*): "
-        f"{limits.max_bytes} bytes as compact UTF-8 JSON, {limits.max_keys} keys per object, "
-        f"{limits.max_depth} levels of nesting (the object itself is level 1), "
-        f"{limits.max_string} characters per key or string, no NaN or Infinity; beyond them 422 "
-        "`invalid_metadata`"
-    )
-
-
-Metadata = Annotated[
-    dict[str, Any],
-    Field(
-        description=metadata_text(_LIMITS),
-        json_schema_extra={"maxProperties": _LIMITS.max_keys,
-                           "propertyNames": {"maxLength": _LIMITS.max_string}, **METADATA_MARK},
-    ),
-]
-B64Image = Annotated[str, Field(description=_B64, json_schema_extra={"minLength": 1, "pattern": B64_PATTERN})]
-Images = Annotated[list[B64Image], Field(min_length=1, max_length=MAX_IMAGES_PER_REQUEST)]
-
-
-def _no_default(schema: dict) -> None:
-    # Absent means unchanged; the None default is no value a client may send for a non-nullable field.
-    schema.pop("default", None)
-
-
-def _patch_of(model: type[BaseModel]) -> type[BaseModel]:
-    """``model`` with every field optional (absent: unchanged), same types and bounds."""
-    fields = {
-        name: (Annotated[(f.annotation, *f.metadata)] if f.metadata else f.annotation,
-               Field(None, description=f.description, json_schema_extra=_no_default))
-        for name, f in model.model_fields.items()
-    }
-    return create_model(f"{model.__name__}Patch", __base__=_Strict, **fields)
-
-
-EnrollmentPolicyPatch = _patch_of(EnrollmentPolicy)
-
-
-class GalleryCreate(_Strict):
-    name: Name
-    policy: EnrollmentPolicy | None = Field(
-        None, description="enrollment gate (default: the standard policy)"
-    )
-    target_fpir: float | None = Field(
-        None, gt=0, lt=1, description="FPIR of the match threshold (default: the calibration's, 0.01)",
-        json_schema_extra=FPIR_MARK,
-    )
-    match_threshold: float | None = Field(None, ge=-1, le=1, description="fixed threshold instead")
-
-
-class GalleryUpdate(_Strict):
-    name: Name | None = None
-    policy: EnrollmentPolicyPatch | None = Field(None, description="policy fields to change")
-    target_fpir: float | None = Field(None, gt=0, lt=1, json_schema_extra=FPIR_MARK)
-    match_threshold: float | None = Field(None, ge=-1, le=1, description="null: use the calibrated one")
-
-
-class OperatingPointOut(BaseModel):
-    threshold: float
-    source: Literal["model", "gallery", "request"]
-    fpir: float | None = Field(..., description="false-positive identification rate it was calibrated for")
-    calibrated_on: str | None
-    gallery_size: int = Field(..., description="samples in the gallery")
-    calibrated_gallery_size: int | None = Field(..., description="gallery size of the calibration used")
-    beyond_calibration: bool = Field(..., description="the gallery is larger than any calibrated size")
-    calibration_method: Literal["searches", "pairs"] | None = Field(
-        ..., description="validation searches at this size, or impostor pairs extrapolated to it"
-    )
-
-
-class GalleryOut(BaseModel):
-    id: str
-    name: str
-    contract_id: str
-    embedding_size: int
-    model_name: str
-    created_at: str
-    persons: int
-    samples: int
-    policy: EnrollmentPolicy
-    target_fpir: float
-    match_threshold: float | None
-    usable: bool = Field(..., description="false when the service runs another model than the gallery's")
-    operating_point: OperatingPointOut | None = Field(..., description="the match threshold now in force")
-
-
-class GalleryList(BaseModel):
-    galleries: list[GalleryOut]
-
-
-class SampleOut(BaseModel):
-    id: str
-    created_at: str
-    info: dict = Field(..., description="measurements at enrollment (detector score, size, pose, quality)")
-
-
-class PersonOut(BaseModel):
-    id: str
-    name: str
-    metadata: dict
-    created_at: str
-    samples: int
-    metadata_error: str | None = Field(
-        None, description="why `metadata` is {}: the stored value cannot be returned (written by an "
-        "older version without the metadata limits); replace it with PATCH")
-
-
-class PersonDetail(PersonOut):
-    sample_list: list[SampleOut]
-
-
-class PersonList(BaseModel):
-    persons: list[PersonOut]
-    total: int
-    limit: int
-    offset: int
-
-
-class PersonUpdate(_Strict):
-    name: Name | None = None
-    metadata: Metadata | None = Field(None, description="replaces the stored metadata")
-
-
-class ReasonOut(BaseModel):
-    code: Reason
-    message: str
-
-
-class ImageOutcome(BaseModel):
-    index: int
-    status: Literal["enrolled", "refused", "error"]
-    reasons: list[ReasonOut] = Field(default_factory=list, description="why it was refused")
-    sample_id: str | None = None
-    measurements: dict | None = None
-    duplicate_of: dict | None = None
-    error: dict | None = Field(None, description="{code, message} when the image itself is unusable")
-
-
-class EnrollResponse(BaseModel):
-    person: PersonOut | None
-    created: bool
-    enrolled: int
-    refused: int
-    results: list[ImageOutcome]
-
-
-class PersonEnrollJSON(_Strict):
-    name: Name
-    metadata: Metadata | None = None
-    images: Images
-
-
-class SamplesJSON(_Strict):
-    images: Images
-
-
-class BatchPerson(_Strict):
-    # Exactly one of name (a new person) and person_id (an existing one): said in the schema too.
-    model_config = ConfigDict(json_schema_extra={"oneOf": [
-        {"required": ["name"], "properties": {"name": {"type": "string"}, "person_id": {"type": "null"}}},
-        {"required": ["person_id"], "properties": {"person_id": {"type": "string"}, "name": {"type": "null"},
-                                                   "metadata": {"type": "null"}}},
-    ]})
-    name: Name | None = Field(None, description="a new person")
-    person_id: Id | None = Field(None, description="add to this person instead of creating one")
-    metadata: Metadata | None = Field(None, description="a new person's metadata (with `name` only: "
-                                      "PATCH an existing person to change its metadata)")
-    images: Images
-
-
-class BatchEnrollJSON(_Strict):
-    persons: list[BatchPerson] = Field(
-        ..., min_length=1, max_length=MAX_IMAGES_PER_REQUEST,
-        description=f"at most {MAX_IMAGES_PER_REQUEST} images in all persons together")
-
-
-class BatchEnrollResponse(BaseModel):
-    persons: list[EnrollResponse]
-
-
-class SearchJSON(_Strict):
-    image: B64Image
-    model_config = ConfigDict(json_schema_extra={"not": BOTH_THRESHOLD_AND_FPIR})
-
-    top_k: JsonInt = Field(5, ge=1, le=50)
-    threshold: float | None = Field(None, ge=-1, le=1, description="cosine threshold for this request")
-    fpir: float | None = Field(None, gt=0, lt=1, description="calibrated FPIR to use for this request",
-                               json_schema_extra=FPIR_MARK)
-
-
-class CandidateOut(BaseModel):
-    person_id: str
-    name: str
-    similarity: float = Field(..., description="cosine of the person's best-matching sample, -1..1")
-    sample_id: str
-
-
-class SearchResponse(BaseModel):
-    decision: Literal["match", "unknown"]
-    person: PersonOut | None = Field(..., description="the matched person (decision match)")
-    similarity: float | None = Field(..., description="best candidate's similarity (null: empty gallery)")
-    threshold: float
-    operating_point: OperatingPointOut
-    candidates: list[CandidateOut] = Field(..., description="top-k persons, best first")
-    contract_id: str
-    image: ImageReport
+log = logging.getLogger("service")
 
 
 # ============================================================================ request bodies
@@ -275,12 +67,7 @@ async def json_body(request: Request, model: type[BaseModel]):
     try:
         return model.model_validate(payload)
     except ValidationError as exc:
-        raise ApiError(
-            422,
-            "validation_error",
-            "the JSON body does not match the API schema",
-            _validation_details(exc.errors(include_input=False)),
-        ) from None
+        raise validation_error(exc, "the JSON body does not match the API schema") from None
 
 
 def body_kind(request: Request) -> str:
@@ -342,7 +129,7 @@ def json_field(value: str | None, field: str):
 def decode_images(images: list[str], max_bytes: int, prefix: str = "images") -> list[bytes]:
     if len(images) > MAX_IMAGES_PER_REQUEST:
         raise ApiError(422, "validation_error", f"at most {MAX_IMAGES_PER_REQUEST} images per request")
-    return [_b64(f"{prefix}[{i}]", text, max_bytes) for i, text in enumerate(images)]
+    return [b64_image(f"{prefix}[{i}]", text, max_bytes) for i, text in enumerate(images)]
 
 
 def checked_name(name: str | None, field: str) -> str:
@@ -413,3 +200,145 @@ async def enroll_input(
     if named:
         name = checked_name(name, "name")
     return images, name, metadata
+
+
+async def batch_input(request: Request, max_bytes: int, limits: MetadataLimits
+                      ) -> tuple[BatchEnrollJSON, list[list[bytes]]]:
+    """The batch enrollment body and each person's decoded images, every person checked first."""
+    body = await json_body(request, BatchEnrollJSON)
+    if sum(len(p.images) for p in body.persons) > MAX_IMAGES_PER_REQUEST:
+        raise ApiError(422, "validation_error", f"at most {MAX_IMAGES_PER_REQUEST} images per request")
+    for i, p in enumerate(body.persons):
+        if (p.person_id is None) == (p.name is None):
+            raise ApiError(
+                422,
+                "validation_error",
+                f"persons[{i}]: give either `name` (new person) or `person_id` (existing person)",
+                {"index": i},
+            )
+        if p.person_id is not None:
+            if p.metadata is not None:  # it would be dropped: metadata is set when a person is created
+                raise ApiError(
+                    422, "validation_error",
+                    f"persons[{i}].metadata: metadata goes with `name` (a new person); change an existing "
+                    f"person's metadata with PATCH /v1/galleries/{{gallery_id}}/persons/{{person_id}}",
+                    {"index": i, "field": f"persons[{i}].metadata"},
+                )
+        else:
+            checked_name(p.name, f"persons[{i}].name")
+        check_person_metadata(p.metadata, limits, f"persons[{i}].metadata")
+    decoded = [decode_images(p.images, max_bytes, f"persons[{i}].images") for i, p in enumerate(body.persons)]
+    return body, decoded
+
+
+async def search_input(request: Request, max_bytes: int) -> tuple[bytes, SearchJSON]:
+    """The image to search for and the search parameters (multipart or JSON)."""
+    if body_kind(request) == "multipart":
+        form = await read_form(request, 1)
+        try:
+            check_fields(form, {"image", "top_k", "threshold", "fpir"})
+            raw = {k: form_text(form, k) for k in ("top_k", "threshold", "fpir")}
+            image = (await read_files(form, "image", 1, max_bytes))[0]
+        finally:
+            await form.close()
+        try:
+            body = SearchJSON.model_validate(  # form fields are text: converted, not strict
+                {"image": "x", **{k: v for k, v in raw.items() if v not in (None, "")}}, strict=False
+            )
+        except ValidationError as exc:
+            raise validation_error(exc, "invalid search parameters") from None
+    else:
+        body = await json_body(request, SearchJSON)
+        image = b64_image("image", body.image, max_bytes)
+    if body.threshold is not None and body.fpir is not None:
+        raise ApiError(422, "validation_error", "give `threshold` or `fpir`, not both")
+    return image, body
+
+
+# ============================================================================ answers
+def gallery_out(manager: GalleryManager, record: GalleryRecord) -> GalleryOut:
+    config = manager.config(record)
+    usable = record.contract_id == manager.contract.contract_id
+    point = None
+    if usable:
+        try:
+            point = OperatingPointOut(**manager.decision(record).to_dict())
+        except (ThresholdRequired, ValueError):
+            point = None
+    return GalleryOut(
+        id=record.id,
+        name=record.name,
+        contract_id=record.contract_id,
+        embedding_size=record.embedding_size,
+        model_name=record.model_name,
+        created_at=record.created_at,
+        persons=record.persons,
+        samples=record.samples,
+        policy=config.policy,
+        target_fpir=config.target_fpir,
+        match_threshold=config.match_threshold,
+        usable=usable,
+        operating_point=point,
+    )
+
+
+def person_out(p) -> PersonOut:
+    metadata, error = p.metadata, getattr(p, "metadata_error", None)
+    if error is None and not returnable(metadata):  # the store checked it; this is the last guard
+        log.warning("gallery %s: person %s has metadata the response encoder refuses", p.gallery_id, p.id)
+        metadata, error = {}, "metadata: stored value cannot be returned as JSON"
+    return PersonOut(id=p.id, name=p.name, metadata=metadata, created_at=p.created_at, samples=p.samples,
+                     metadata_error=error)
+
+
+def enroll_response(enrollment: Enrollment) -> EnrollResponse:
+    results = [
+        ImageOutcome(
+            index=i,
+            status=o.status,
+            reasons=[ReasonOut(**r.to_dict()) for r in o.refusals],
+            sample_id=o.sample_id,
+            measurements=o.measurements,
+            duplicate_of=o.duplicate_of,
+            error=None if o.error is None else {"code": o.error[0], "message": o.error[1]},
+        )
+        for i, o in enumerate(enrollment.outcomes)
+    ]
+    return EnrollResponse(
+        person=None if enrollment.person is None else person_out(enrollment.person),
+        created=enrollment.created,
+        enrolled=enrollment.enrolled,
+        refused=sum(o.status != "enrolled" for o in enrollment.outcomes),
+        results=results,
+    )
+
+
+def refused_error(response: EnrollResponse) -> ApiError:
+    """422 ``enrollment_refused``: no photo of the request was accepted; the details say why."""
+    codes = sorted(
+        {r.code.value for x in response.results for r in x.reasons}
+        | {x.error["code"] for x in response.results if x.error}
+    )
+    return ApiError(
+        422,
+        "enrollment_refused",
+        f"no image was accepted ({', '.join(codes)}); see details.results",
+        {"results": [r.model_dump(mode="json") for r in response.results]},
+    )
+
+
+def search_response(found: Identified, contract_id: str, image: ImageReport) -> SearchResponse:
+    candidates = [
+        CandidateOut(person_id=c.person_id, name=person.name, similarity=c.similarity, sample_id=c.sample_id)
+        for c, person in found.candidates
+    ]
+    return SearchResponse(
+        decision=found.decision,
+        person=None if found.person is None else person_out(found.person),
+        similarity=candidates[0].similarity if candidates else None,
+        threshold=found.operating_point.threshold,
+        operating_point=OperatingPointOut(**found.operating_point.to_dict()),
+        candidates=candidates,
+        contract_id=contract_id,
+        image=image,
+    )

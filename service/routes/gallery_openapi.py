@@ -1,6 +1,7 @@
-"""The OpenAPI side of the gallery routes: the request bodies the routes read themselves (both
-encodings), and what the schema states at run time (``openapi_for``: the metadata limits of the
-settings, the FPIRs of the model's calibration)."""
+"""The OpenAPI side of the gallery routes: their error answers, the request bodies the routes read
+themselves (both encodings), and what the schema states at run time (``openapi_for``: the metadata
+limits of the settings, the FPIRs of the model's calibration; installed on the app by
+``state_limits_in_openapi``)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,9 @@ from pydantic import BaseModel
 
 from facerec.gallery import MetadataLimits
 from facerec.gallery.store import MAX_NAME, NAME_PATTERN
-from service.routes.gallery_io import (
+from service.routes.common import ERROR_RESPONSES
+from service.routes.gallery_io import metadata_limits
+from service.routes.gallery_schemas import (
     FPIR_MARK,
     MAX_IMAGES_PER_REQUEST,
     BatchEnrollJSON,
@@ -16,6 +19,18 @@ from service.routes.gallery_io import (
     SamplesJSON,
     SearchJSON,
     metadata_text,
+)
+
+# Documented error answers of every gallery route.
+GALLERY_ERRORS = {s: ERROR_RESPONSES[s] for s in (401, 413, 415, 422, 429, 503)}
+GALLERY_ERRORS.update(
+    {
+        404: {"model": ERROR_RESPONSES[401]["model"], "description": "no such gallery / person / sample"},
+        409: {
+            "model": ERROR_RESPONSES[401]["model"],
+            "description": "name taken, or the gallery was built with another model (contract_mismatch)",
+        },
+    }
 )
 
 
@@ -77,6 +92,21 @@ PERSON_DOC = body_doc(PersonEnrollJSON, {"name": _NAME, "metadata": _METADATA, "
                       ["name", "images"])
 SAMPLES_DOC = body_doc(SamplesJSON, {"images": _IMAGES}, ["images"])
 BATCH_DOC = body_doc(BatchEnrollJSON)
+
+
+def state_limits_in_openapi(app, galleries) -> None:
+    """The schema at /openapi.json states this service's metadata limits and its model's calibrated
+    FPIRs (FastAPI's documented way to extend the schema: replace ``app.openapi``)."""
+    build = app.openapi
+    fpirs = galleries.calibration.fpirs if galleries.calibration is not None else None
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            app.openapi_schema = openapi_for(build(), metadata_limits(galleries.settings), fpirs)
+        return app.openapi_schema
+
+    app.openapi_schema = None
+    app.openapi = openapi
 
 
 def openapi_for(schema: dict, limits: MetadataLimits, fpirs: list[float] | None) -> dict:
