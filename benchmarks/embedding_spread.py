@@ -33,8 +33,8 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     from facerec.data.datasets import read_rgb
+    from facerec.eval.ood_study.families import to_input
     from facerec.export.torch_artifact import load_model_file
-    from facerec.ood.evalsets import to_input
 
     files = sorted(p for p in Path(args.images).glob("*/*") if p.suffix.lower() in {".jpg", ".png"})
     files = files[: args.limit : args.every]

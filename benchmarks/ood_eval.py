@@ -1,8 +1,9 @@
 """Mahalanobis OOD detector of a trained model, evaluated as the service sees its inputs.
 
 Every OOD input is a photo that goes through the service's own face location (MTCNN + alignment,
-``facerec.ood.evalsets.ServiceLocator``); photos without a face are counted as rejected by the
-face detector and not scored. Protocol (shared/data/README.md):
+``facerec.eval.ood_study.families.ServiceLocator``); photos without a face are counted as rejected
+by the face detector and not scored. Driven by :mod:`facerec.eval.ood_study.driver`, as
+``facerec fit-ood`` is. Protocol (shared/data/README.md):
 
 - statistics: a sample of the aligned training pool (``--aligned-pool``), all three variants
   (class-conditional, global, prototypes) from one streaming pass;
@@ -47,53 +48,20 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from facerec.cli.fit_ood import default_cache
+from facerec.bundle import ModelBundle
 from facerec.contract import EmbeddingContract
+from facerec.eval.ood_study import driver, options
+from facerec.eval.ood_study import families as ev
+from facerec.eval.ood_study.scoring import evaluate, markdown_rows
+from facerec.eval.ood_study.splits import family, log, read_photos
 from facerec.ood import (
     MahalanobisFitter,
     fit_combiner,
     leave_one_family_out,
     select_by_validation,
 )
-from facerec.ood import evalsets as ev
-from facerec.ood.evaldata import (
-    EvalConfig,
-    InputCache,
-    adaptive_row,
-    adaptive_sets,
-    build_split,
-    det_scores_of,
-    detection_layer,
-    evaluate,
-    family,
-    lfw_splits,
-    log,
-    markdown_rows,
-    pool_sample,
-    read_photos,
-)
-from facerec.ood.metrics import auroc
 
 NON_OOD = ("faces",)  # genuine sets; names starting with "ctl_" are genuine controls
-
-
-def features_of(model, crops: np.ndarray, bs: int = 50) -> dict:
-    feats, embs = [], []
-    with torch.no_grad():
-        for i in range(0, len(crops), bs):
-            out = model(ev.to_input(crops[i : i + bs]), return_features=True)
-            feats.append([f.double().numpy() for f in out.features])
-            embs.append(out.embedding.double().numpy())
-    if not feats:
-        return {"n": np.array(0)}
-    d = {f"f{j}": np.concatenate([b[j] for b in feats]) for j in range(len(feats[0]))}
-    d["emb"] = np.concatenate(embs)
-    d["n"] = np.array(len(crops))
-    return d
-
-
-def layers_of(feat: dict) -> list[np.ndarray]:
-    return [feat[f"f{j}"] for j in range(sum(k.startswith("f") and k[1:].isdigit() for k in feat))]
 
 
 def main() -> int:
@@ -101,72 +69,33 @@ def main() -> int:
     ap.add_argument(
         "--checkpoint", required=True, help="torch weights of the model (training checkpoint or artefact)"
     )
-    ap.add_argument("--aligned-pool", required=True, help="aligned pool tree (statistics)")
-    ap.add_argument("--data", default=None, help="shared data root (default $FACEREC_DATA or ../shared/data)")
-    ap.add_argument(
-        "--cache",
-        default=default_cache(),
-        help="input/feature cache, outside the repo (default: %(default)s)",
-    )
-    ap.add_argument("--faces", type=int, default=500, help="genuine photos per split")
-    ap.add_argument(
-        "--attacked", type=int, default=200, help="faces per attack / corruption / control set, test"
-    )
-    ap.add_argument("--attacked-val", type=int, default=100, help="the same on validation")
-    ap.add_argument("--cifar", type=int, default=1000, help="CIFAR images per split (each at 32/112/224 px)")
-    ap.add_argument("--skimage-crops", type=int, default=150, help="random crops per scikit-image photo")
-    ap.add_argument("--pool-images", type=int, default=3000)
+    options.add_arguments(ap)
     ap.add_argument("--variants", default="class_conditional,global,prototypes")
     ap.add_argument(
         "--ship", default="prototypes", help="the variant the service ships (adaptive attack target)"
     )
-    ap.add_argument("--n-prototypes", type=int, default=16)
-    ap.add_argument("--min-identities", type=int, default=20)
-    ap.add_argument("--shrinkage", type=float, default=0.01)
     ap.add_argument(
         "--no-one-sided", action="store_true", help="treat the pixel-statistics layer two-sidedly"
     )
     ap.add_argument("--layers", default="", help="use only these layer indices (comma list; default all)")
     ap.add_argument(
-        "--no-detection-layer",
-        action="store_true",
-        help="leave the face detector's confidence out of the combiner (default: one more column)",
-    )
-    ap.add_argument(
         "--ceiling-candidates",
         default="none,0.5,0.25,0.1,0.05",
         help="combiner ceiling quantiles to choose from on validation ('none' = no cap)",
-    )
-    ap.add_argument("--attack-eps", default="2,4,8", help="FGSM/PGD ε in grey levels (/255)")
-    ap.add_argument(
-        "--domains", default="photo,crop", help="attack the photo (through alignment) and/or the crop"
-    )
-    ap.add_argument("--pgd-steps", type=int, default=5)
-    ap.add_argument("--adaptive-eps", type=float, default=4.0)
-    ap.add_argument("--adaptive-steps", type=int, default=10)
-    ap.add_argument(
-        "--adaptive-weights",
-        default="1,10",
-        help="weights of the detector term (log-odds above the threshold, capped at +2); each is run",
     )
     ap.add_argument("--eps-grid", default="0", help="input pre-processing ε candidates ([0,1] pixel units)")
     ap.add_argument(
         "--preproc-limit", type=int, default=100, help="inputs per set in the pre-processing study"
     )
-    ap.add_argument("--tpr", type=float, default=0.95)
     ap.add_argument(
         "--verification-threshold",
         type=float,
         default=None,
         help="cosine threshold for attack success (default: models/default/manifest.json)",
     )
-    ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--tag", default="")
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
     args = ap.parse_args()
-    args.attack_eps = [float(e) for e in args.attack_eps.split(",") if e]
-    args.domains = [d for d in args.domains.split(",") if d]
-    args.adaptive_weights = [float(w) for w in args.adaptive_weights.split(",") if w]
     ceilings = tuple(None if c == "none" else float(c) for c in args.ceiling_candidates.split(",") if c)
     eps_grid = [float(e) for e in args.eps_grid.split(",")]
     variants = args.variants.split(",")
@@ -174,66 +103,36 @@ def main() -> int:
         raise SystemExit(f"--ship {args.ship} must be one of --variants")
     thr_v = args.verification_threshold
     if thr_v is None:
-        thr_v = json.loads((REPO / "models" / "default" / "manifest.json").read_text())["verification"][
-            "threshold"
-        ]
+        manifest = ModelBundle(REPO / "models" / "default").manifest_path
+        thr_v = json.loads(manifest.read_text())["verification"]["threshold"]
     t_start = time.time()
 
-    from facerec.export.torch_artifact import load_model_file
-
-    torch.manual_seed(args.seed)
-    src = load_model_file(args.checkpoint)
-    model = src.model.eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
+    src = driver.load_attack_model(args.checkpoint, args.seed)
+    model = src.model
     contract = EmbeddingContract(
         src.name, src.version, int(model(torch.zeros(1, 3, 112, 112)).embedding.shape[1])
     )
     n_layers = len(model.feature_dims)
     one_sided = [] if args.no_one_sided or getattr(model, "pixel_stats", None) is None else [n_layers - 1]
     use = [int(i) for i in args.layers.split(",")] if args.layers else list(range(n_layers))
-    rng = np.random.default_rng(args.seed)
-    cfg = EvalConfig(
-        checkpoint=args.checkpoint,
-        faces=args.faces,
-        attacked=args.attacked,
-        attacked_val=args.attacked_val,
-        cifar=args.cifar,
-        skimage_crops=args.skimage_crops,
-        attack_eps=tuple(args.attack_eps),
-        domains=tuple(args.domains),
-        pgd_steps=args.pgd_steps,
-        seed=args.seed,
-    )
-    cache = InputCache(args.cache, cfg.cache_key(model.feature_dims))
-    log(f"cache {cache.dir}")
-    locator = ev.ServiceLocator(contract)
-    specs = lfw_splits(cfg, args.data, rng)
-    sets, feats = {}, {}
-    for split, spec in specs.items():
-        log(f"{split}: building inputs")
-        sets[split] = build_split(split, spec, cfg, model, locator, cache)
-        feats[split] = {
-            name: cache.get(f"feat_{split}_{name}", lambda s=s: features_of(model, s["crops"]))
-            for name, s in sets[split].items()
-        }
+    study = driver.open_study(args, src, contract)
+    run = driver.torch_runner(model)
+
+    def features(crops):
+        return driver.crop_features(run, crops, 50)
+
+    study.build_inputs(features, "feat")
+    sets, pool, cache = study.sets, study.pool, study.cache
 
     # Statistics: one streaming pass over the pool sample gives every variant.
-    pool = pool_sample(Path(args.aligned_pool), args.pool_images, rng)
-
     def pool_feats():
-        out: dict[str, list] = {}
-        for i in range(0, len(pool), 50):
-            f = features_of(model, read_photos([p for p, _ in pool[i : i + 50]]))
-            for k, v in f.items():
-                if k != "n":
-                    out.setdefault(k, []).append(v)
-        return {k: np.concatenate(v) for k, v in out.items()}
+        parts = [features(read_photos([p for p, _ in pool[i : i + 50]])) for i in range(0, len(pool), 50)]
+        return {k: np.concatenate([f[k] for f in parts]) for k in parts[0] if k != "n"}
 
     pf = cache.get("feat_pool", pool_feats)
     labels = np.array([n for _, n in pool])
     fitter = MahalanobisFitter()
-    pool_layers = layers_of(pf)
+    pool_layers = driver.feature_list(pf)
     for i in range(0, len(labels), 256):  # streaming, in chunks
         fitter.update([f[i : i + 256] for f in pool_layers], labels[i : i + 256])
     dets = {
@@ -249,25 +148,17 @@ def main() -> int:
         for v in variants
     }
     log(f"statistics: {len(pool)} pool images of {fitter.n_identities} people")
-    if not args.no_detection_layer:  # the face detector's confidence: one more column, last
-        for det in dets.values():
-            det.detection = detection_layer(locator, sets["val"]["faces"])
+    for det in dets.values():  # the face detector's confidence: one more column, last
+        study.add_detection_layer(det)
+    if not args.no_detection_layer:
         use = [*use, n_layers]
-
-    def scores(det, f: dict, det_scores=None) -> np.ndarray:
-        if int(f["n"]) == 0:
-            return np.zeros((0, len(use)))
-        return det.layer_scores(layers_of(f), det_scores).numpy()[:, use]
 
     ood_names = [n for n in sets["val"] if n not in NON_OOD]
     fams = sorted({family(n) for n in ood_names})
-    emb_test = {n: f.get("emb", np.zeros((0, 1))) for n, f in feats["test"].items()}
-    clean_test = emb_test["faces"]
     results: dict = {}
     for v, det in dets.items():
-        sv = {n: scores(det, feats["val"][n], sets["val"][n]["det_score"]) for n in sets["val"]}
-        st = {n: scores(det, feats["test"][n], sets["test"][n]["det_score"]) for n in sets["test"]}
-        r = evaluate(sv, st, sets["test"], emb_test, args.tpr, thr_v, ceilings)
+        sv, st = study.split_scores(det, "val", use), study.split_scores(det, "test", use)
+        r = evaluate(sv, st, sets["test"], study.test_embeddings(), args.tpr, thr_v, ceilings)
         results[v] = {
             k: r[k]
             for k in (
@@ -287,36 +178,9 @@ def main() -> int:
 
     # Adaptive attack against the shipped variant (test faces only; never used for fitting).
     det = dets[args.ship]
-    g = sets["test"]["faces"]
-    adaptive = {}
-    for name, s in adaptive_sets(
-        model,
-        det,
-        locator,
-        g,
-        clean_test,
-        cache,
-        args.domains,
-        args.adaptive_eps,
-        args.adaptive_steps,
-        args.adaptive_weights,
-        args.seed + 7,
-        args.ship,
-        use,
-    ).items():
-        f = features_of(model, s["crops"])
-        s_out = det.combine(scores(det, f, det_scores_of(det, s))) if len(s["crops"]) else np.zeros(0)
-        row = adaptive_row(s_in_ship, s_out, det.threshold, s, f.get("emb"), g, clean_test, args.tpr, thr_v)
-        if len(s["crops"]):
-            row["layer_auroc"] = [
-                auroc(
-                    scores(det, feats["test"]["faces"], g["det_score"])[:, j],
-                    scores(det, f, det_scores_of(det, s))[:, j],
-                )
-                for j in range(len(use))
-            ]
-        adaptive[name] = row
-    results[args.ship]["rows"].update(adaptive)
+    results[args.ship]["rows"].update(
+        study.adaptive_rows(det, s_in_ship, features, args.ship, thr_v, use, layer_auroc=True)
+    )
 
     # Optional input pre-processing (torch only): ε chosen on validation, never on the held-out family.
     preproc = None
@@ -342,20 +206,20 @@ def main() -> int:
         "shrinkage": args.shrinkage,
         "val_faces": len(sets["val"]["faces"]["crops"]),
         "test_faces": len(sets["test"]["faces"]["crops"]),
-        "val_photos": len(specs["val"].photos),
-        "test_photos": len(specs["test"].photos),
+        "val_photos": len(study.specs["val"].photos),
+        "test_photos": len(study.specs["test"].photos),
         "attacked_test": args.attacked,
         "attacked_val": args.attacked_val,
         "cifar_images_per_split": args.cifar,
         "skimage_crops_per_photo": args.skimage_crops,
-        "attack_eps_255": args.attack_eps,
+        "attack_eps_255": options.floats(args.attack_eps),
         "pgd_steps": args.pgd_steps,
         "adaptive": {
             "eps_255": args.adaptive_eps,
             "steps": args.adaptive_steps,
-            "weights": args.adaptive_weights,
+            "weights": options.floats(args.adaptive_weights),
         },
-        "domains": args.domains,
+        "domains": options.words(args.domains),
         "tpr": args.tpr,
         "verification_threshold": thr_v,
         "ship": args.ship,

@@ -32,10 +32,10 @@ from pathlib import Path
 
 import numpy as np
 
+from facerec.bundle import find_graph
 from facerec.data import degrade as D
 from facerec.data import protocol
 from facerec.data.image_io import load_image
-from facerec.eval.embedder import onnx_graph
 from facerec.runtime import FacePipeline, NoFaceError, load_backend
 
 # One kind of damage at a time, at a strength a person would call clearly damaged.
@@ -78,7 +78,7 @@ def main(argv=None) -> int:
     t0 = time.time()
     command = "python benchmarks/quality_damage.py " + " ".join(
         shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
-    backend = load_backend(onnx_graph(Path(args.model)), device="cpu", threads=args.threads or None)
+    backend = load_backend(find_graph(Path(args.model)), device="cpu", threads=args.threads or None)
     if "quality" not in backend.output_names:
         raise SystemExit(f"{args.model}: the model has no quality output")
     pipeline = FacePipeline(backend, keep_crops=True)

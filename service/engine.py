@@ -5,27 +5,25 @@ Everything that can make the service unusable (no model, a GPU that cannot be us
 strict device policy, an OOD detector fitted on another model) fails in ``Engine.load``, i.e. at
 start, with a message saying why; nothing falls back silently.
 
-Calibration lives in the fp32 ONNX graph's metadata (``facerec.export.update_metadata``), beside the
-embedding contract it belongs to:
-
-- ``facerec.verification_threshold``, ``facerec.verification_far``, ``facerec.verification_calibrated_on``
-- ``facerec.quality_percentiles``: JSON list of the raw quality at percentiles 0, 1, ..., 100 of the
-  calibration faces; ``facerec.quality_calibrated_on``.
+The model folder (which file to run, its calibration, its OOD detector's file) is read through
+:class:`facerec.bundle.ModelBundle`, the one owner of that folder, as every offline tool reads it;
+what is the service's own here is the operator's threshold (``FACEREC_VERIFY_THRESHOLD``), which
+replaces the calibrated one and says so.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
+import dataclasses
 import logging
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from facerec.bundle import BundleError, Calibration, ModelBundle
 from facerec.runtime import (
     DEFAULT_FACE_DETECTOR,
     FacePipeline,
@@ -37,86 +35,28 @@ from facerec.runtime import (
     resolve_device,
 )
 from facerec.runtime.admission import ImageAdmission
-from facerec.runtime.backends import METADATA_PREFIX
 from service.errors import from_exception
 from service.settings import ModelNotFoundError, Settings
 
 log = logging.getLogger("service")
 
-_NOT_GRAPHS = (".fp16.onnx", ".partial.onnx", ".parity-failed.onnx")
+
+def with_operator_threshold(cal: Calibration, settings: Settings) -> Calibration:
+    """The operator's threshold (FACEREC_VERIFY_THRESHOLD) wins over the model's, and says so."""
+    if settings.verify_threshold is None:
+        return cal
+    return dataclasses.replace(cal, threshold=settings.verify_threshold, far=None, source="setting",
+                               calibrated_on="FACEREC_VERIFY_THRESHOLD")
 
 
-@dataclass
-class Calibration:
-    threshold: float | None = None
-    far: float | None = None
-    calibrated_on: str | None = None
-    source: str | None = None  # model | setting
-    quality_percentiles: np.ndarray | None = None
-    quality_calibrated_on: str | None = None
-
-    def quality_score(self, raw: float) -> float | None:
-        """Percentile (0-100) of ``raw`` among the calibration faces, by linear interpolation."""
-        p = self.quality_percentiles
-        if p is None:
-            return None
-        return float(np.interp(raw, p, np.linspace(0.0, 100.0, len(p))))
-
-
-def _float(meta: dict, key: str) -> float | None:
-    value = meta.get(METADATA_PREFIX + key)
-    return None if value in (None, "", "null", "None") else float(value)
-
-
-def read_calibration(meta: dict[str, str], settings: Settings) -> Calibration:
-    cal = Calibration()
-    cal.threshold = _float(meta, "verification_threshold")
-    if cal.threshold is not None:
-        cal.far = _float(meta, "verification_far")
-        cal.calibrated_on = meta.get(METADATA_PREFIX + "verification_calibrated_on")
-        cal.source = "model"
-    if settings.verify_threshold is not None:  # the operator's choice wins, and says so
-        cal.threshold, cal.far, cal.source = settings.verify_threshold, None, "setting"
-        cal.calibrated_on = "FACEREC_VERIFY_THRESHOLD"
-    percentiles = meta.get(METADATA_PREFIX + "quality_percentiles")
-    if percentiles:
-        p = np.asarray(json.loads(percentiles), dtype=np.float64)
-        if p.ndim != 1 or len(p) < 2 or np.any(np.diff(p) < 0):
-            raise ValueError("facerec.quality_percentiles must be a non-decreasing list of raw qualities")
-        cal.quality_percentiles = p
-        cal.quality_calibrated_on = meta.get(METADATA_PREFIX + "quality_calibrated_on")
-    return cal
-
-
-def _single(found: list[Path], what: str, folder: Path) -> Path:
-    if len(found) != 1:
-        names = ", ".join(p.name for p in found) or "none"
-        raise ModelNotFoundError(f"{folder}: expected one {what}, found {names}; set FACEREC_MODEL to the file")
-    return found[0]
-
-
-def model_files(settings: Settings, cuda: bool) -> tuple[Path, str, Path | None]:
-    """(file to run, backend name, fp32 graph holding the calibration metadata or None)."""
-    path = settings.model_path()
-    folder = path if path.is_dir() else path.parent
-    graphs = sorted(p for p in folder.glob("*.onnx") if not p.name.endswith(_NOT_GRAPHS))
-    fp32_graph = graphs[0] if len(graphs) == 1 else None
-    if path.is_file():
-        backend = "torch" if path.suffix in (".pt", ".pth") else "onnxruntime"
-        if path.suffix == ".onnx" and not path.name.endswith(_NOT_GRAPHS):
-            fp32_graph = path
-        return path, backend, fp32_graph
-    backend = settings.backend
-    if backend == "auto":
-        # The GPU is served through torch: it is the path tested on GPUs (see docs/export_runtime.md);
-        # onnxruntime on the CPU, where it is ~2x faster than eager torch for these models.
-        has_torch = any(folder.glob("*.pt"))
-        backend = "torch" if (cuda and has_torch) or not graphs else "onnxruntime"
-    if backend == "torch":
-        return _single(sorted(folder.glob("*.pt")), "torch artefact (*.pt)", folder), backend, fp32_graph
-    if settings.precision == "fp16":
-        return _single(sorted(folder.glob("*.fp16.onnx")), "fp16 graph", folder), backend, fp32_graph
-    return _single(graphs, "fp32 ONNX graph", folder), backend, fp32_graph
+def model_files(settings: Settings, cuda: bool) -> tuple[ModelBundle, Path, str]:
+    """(the model folder, the file to run, backend name) for the settings."""
+    model = ModelBundle(settings.model_path())
+    try:
+        path, backend = model.serving_file(settings.backend, settings.precision, cuda)
+    except BundleError as err:
+        raise ModelNotFoundError(f"{err} with FACEREC_MODEL") from None
+    return model, path, backend
 
 
 # How long a shutdown waits for a warm-up still running (a GPU warm-up with torch.compile can take
@@ -136,11 +76,9 @@ class Engine:
     # ------------------------------------------------------------------ start / stop
     def load(self) -> None:
         """Build everything; raises (and the service does not start) on any problem."""
-        from facerec.export import read_metadata
-
         s = self.settings
         self.device = resolve_device(s.device)
-        path, backend_name, fp32_graph = model_files(s, self.device.is_cuda)
+        self.bundle, path, backend_name = model_files(s, self.device.is_cuda)
         kw: dict = {}
         if backend_name == "torch":
             kw = {"compile": s.torch_compile}
@@ -149,11 +87,10 @@ class Engine:
         else:
             kw = {"max_batch_size": s.max_batch_size}
         self.backend = load_backend(path, backend=backend_name, device=self.device, **kw)
-        meta = read_metadata(fp32_graph) if fp32_graph is not None else {}
-        if meta and meta.get(METADATA_PREFIX + "contract_id") != self.backend.contract.contract_id:
-            raise ValueError(f"{fp32_graph} (calibration) and {path} are different models (contract ids differ)")
-        self.calibration = read_calibration(meta, s)
-        self.ood = self._load_ood(path)
+        # ContractMismatchError when the calibrated graph and the file run are different models.
+        cal = self.bundle.calibration(self.backend.contract.contract_id)
+        self.calibration = with_operator_threshold(cal, s)
+        self.ood = self._load_ood()
         # The pipeline below is built without a detector: it locates faces with the default one.
         scorer = FeatureListScorer(self.ood, DEFAULT_FACE_DETECTOR) if self.ood is not None else None
         self.executor = ThreadPoolExecutor(max_workers=s.decode_workers, thread_name_prefix="facerec-decode")
@@ -173,12 +110,11 @@ class Engine:
         log.info("model %s (%s) on %s via %s", path, self.backend.contract.contract_id,
                  self.backend.device, self.backend.provider)
 
-    def _load_ood(self, model_path: Path):
+    def _load_ood(self):
         setting = self.settings.ood
         if setting is not None and setting.lower() == "none":
             return None
-        folder = model_path if model_path.is_dir() else model_path.parent
-        path = Path(setting) if setting else folder / "ood.npz"
+        path = Path(setting) if setting else self.bundle.ood_path
         if not path.exists():
             if setting:  # asked for explicitly: missing is an error, not a silent "no OOD"
                 raise FileNotFoundError(f"FACEREC_OOD={setting} does not exist")

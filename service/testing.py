@@ -10,10 +10,11 @@ the API; they say nothing about accuracy.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
+
+from facerec.bundle import Calibration, ModelBundle
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SAMPLES = REPO_ROOT / "tests" / "data" / "lfw_sample"
@@ -29,7 +30,7 @@ def make_random_model(out: str | Path, overrides: dict | None = None, ood: bool 
                       n_faces: int = 40, threshold: float = 0.3, torch_artifact: bool = False) -> Path:
     import torch
 
-    from facerec.export import export_bundle, update_metadata
+    from facerec.export import export_bundle
     from facerec.models import create_model
     from facerec.runtime import FacePipeline, OnnxRuntimeBackend
 
@@ -39,21 +40,18 @@ def make_random_model(out: str | Path, overrides: dict | None = None, ood: bool 
     model = create_model("vit_tiny_fiqa", **overrides)
     export_bundle(model, out, model_name="vit_tiny_fiqa", overrides=overrides, version="random-init",
                   fp16=False, torch_artifact=torch_artifact, dynamo=False)
-    graph = out / "vit_tiny_fiqa.onnx"
-    backend = OnnxRuntimeBackend(graph, device="cpu")
+    model_dir = ModelBundle(out)
+    backend = OnnxRuntimeBackend(model_dir.graph(), device="cpu")
     pipeline = FacePipeline(backend, keep_features=True)
     # Every 4th sample: faces of many people, fewer model calls.
     faces = [pipeline.process(p).faces[0] for p in sample_images()[::4][:n_faces]]
     quality = np.array([f.quality for f in faces])
-    update_metadata(graph, {
-        "verification_threshold": threshold,
-        "verification_far": 0.001,
-        "verification_calibrated_on": TEST_CALIBRATION,
-        "quality_percentiles": json.dumps([float(v) for v in np.percentile(quality, np.arange(101))]),
-        "quality_calibrated_on": TEST_CALIBRATION,
-    })
+    model_dir.write_calibration(Calibration(
+        threshold=threshold, far=0.001, calibrated_on=TEST_CALIBRATION,
+        quality_percentiles=np.percentile(quality, np.arange(101)), quality_calibrated_on=TEST_CALIBRATION,
+    ))
     if ood:
-        _fit_ood(backend, faces, out / "ood.npz")
+        _fit_ood(backend, faces, model_dir.ood_path)
     return out
 
 
@@ -78,7 +76,7 @@ def shared_model_dir(tmp_path_factory) -> Path:
     """One random-init model per pytest session, shared by every service test module (they run in
     one process, so the session's base temp folder is a safe cache)."""
     out = tmp_path_factory.getbasetemp() / "service_model"
-    if not (out / "ood.npz").exists():
+    if not ModelBundle(out).ood_path.exists():
         make_random_model(out, {"depth": 2})
     return out
 

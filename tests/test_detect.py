@@ -13,8 +13,10 @@ import pytest
 
 from facerec.data.detect import (
     Detection,
+    FaceDetector,
     create_detector,
     detect_faces,
+    list_detectors,
     pad_image,
     select_faces,
 )
@@ -193,6 +195,37 @@ def test_policies_on_two_faces(onnx_det, images):
     assert select_faces(everything, canvas.shape, "all", min_score=1.01) == []
     with pytest.raises(ValueError):
         select_faces(everything, canvas.shape, "biggest")
+
+
+def test_detectors_are_registered_factories():
+    """A detector is one registered factory (as models and margins are); create_detector takes
+    any case of its name and hands every option to it."""
+    assert {"mtcnn", "scrfd"} <= set(list_detectors())
+    det = create_detector("MTCNN", backend="onnx", min_face_size=40.0, threads=1)
+    assert isinstance(det, FaceDetector) and det.min_face_size == 40.0
+    assert det.runner.sessions["pnet"].get_session_options().intra_op_num_threads == 1
+
+
+def test_registry_names_and_traits():
+    from facerec.registry import Registry
+
+    reg = Registry("thing")
+
+    @reg.register
+    def plain():
+        return "p"
+
+    @reg.register(name="other", special=True)
+    def _factory(x=1):
+        return x
+
+    assert reg.names() == ["other", "plain"]
+    assert reg.create("other", x=3) == 3 and reg.create("plain") == "p"
+    assert reg.traits("other") == {"special": True} and reg.traits("plain") == {}
+    with pytest.raises(ValueError, match="unknown thing 'nope'; registered: other, plain"):
+        reg.traits("nope")
+    with pytest.raises(ValueError, match="registered twice"):
+        reg.register(plain)
 
 
 def test_create_detector_errors(tmp_path):

@@ -34,10 +34,11 @@ def fitted(tmp_path_factory):
     from facerec.contract import EmbeddingContract
     from facerec.data.align import center_crop
     from facerec.data.datasets import read_rgb
+    from facerec.eval.ood_study import driver
+    from facerec.eval.ood_study.scoring import evaluate
     from facerec.export import export_bundle
     from facerec.models import create_model
     from facerec.ood import save
-    from facerec.ood.evaldata import evaluate
 
     tmp = tmp_path_factory.mktemp("fit_ood")
     torch.manual_seed(0)
@@ -54,7 +55,7 @@ def fitted(tmp_path_factory):
     )
     contract = EmbeddingContract.from_json((tmp / "export" / "contract.json").read_text())
     graph = next((tmp / "export").glob("*.onnx"))
-    run, names, meta = fit_ood.onnx_runner(graph)
+    run, names, meta = driver.onnx_runner(graph)
     one_sided = fit_ood.one_sided_layers(meta, len(names))
 
     # "Aligned" faces: central crops of the sample images; people split into pool / val / test.
@@ -89,9 +90,9 @@ def fitted(tmp_path_factory):
             "ctl_grey": _set(np.repeat(test.mean(3, keepdims=True).round(), 3, axis=3)),
         },
     }
-    feats = {s: {n: fit_ood.crop_features(run, v["crops"]) for n, v in d.items()} for s, d in sets.items()}
-    sv = {n: fit_ood.layer_scores(det, f) for n, f in feats["val"].items()}
-    st = {n: fit_ood.layer_scores(det, f) for n, f in feats["test"].items()}
+    feats = {s: {n: driver.crop_features(run, v["crops"]) for n, v in d.items()} for s, d in sets.items()}
+    sv = {n: driver.layer_scores(det, f) for n, f in feats["val"].items()}
+    st = {n: driver.layer_scores(det, f) for n, f in feats["test"].items()}
     result = evaluate(sv, st, sets["test"], {n: f["emb"] for n, f in feats["test"].items()}, tpr=0.9)
     det.combiner, det.threshold, det.target_tpr = result["combiner"], result["threshold"], 0.9
     save(det, tmp / "export" / "ood.npz")
@@ -136,7 +137,7 @@ def test_npz_loads_with_its_contract_only(fitted):
 
 
 def test_threshold_meets_tpr_on_calibration_faces_as_the_service_scores_them(fitted):
-    from facerec.ood.evalsets import to_input
+    from facerec.eval.ood_study.families import to_input
     from facerec.runtime.pipeline import FeatureListScorer
 
     det = fitted["det"]
@@ -155,8 +156,8 @@ def test_report_rows_and_grey_faces_are_not_penalised_by_the_pixel_layer(fitted)
     assert "pass_rate_at_threshold" in rows["ctl_grey"] and "auroc" not in rows["ctl_grey"]
     # The pixel layer is one-sided: a grey face's chroma statistics (log δ, no chroma energy) lie
     # below the floor, so they count as typical: its score is the one with chroma at the floor.
+    from facerec.eval.ood_study.families import to_input
     from facerec.models.pixel_stats import pixel_stats_names
-    from facerec.ood.evalsets import to_input
 
     det = fitted["det"]
     grey = fitted["run"](
@@ -196,7 +197,7 @@ def test_report_rows_and_grey_faces_are_not_penalised_by_the_pixel_layer(fitted)
 
 
 def test_blank_and_noise_images_score_as_more_ood_than_faces(fitted):
-    from facerec.ood.evalsets import to_input
+    from facerec.eval.ood_study.families import to_input
 
     det, run = fitted["det"], fitted["run"]
     faces = det.score(run(to_input(fitted["val"]).numpy())[0])
@@ -227,7 +228,12 @@ def test_shipped_detector_scores_service_faces_with_their_mtcnn_confidence():
     scores a face with exactly the detector's formula on that face's features and confidence."""
     from facerec.contract import EmbeddingContract
     from facerec.ood import DetectionLayer, load
-    from facerec.runtime import DEFAULT_FACE_DETECTOR, FacePipeline, FeatureListScorer, load_backend
+    from facerec.runtime import (
+        DEFAULT_FACE_DETECTOR,
+        FacePipeline,
+        FeatureListScorer,
+        load_backend,
+    )
 
     folder = Path(__file__).parents[1] / "models" / "default"
     contract = EmbeddingContract.from_json((folder / "contract.json").read_text())

@@ -7,8 +7,9 @@ import pytest
 import torch
 from scipy.stats import spearmanr
 
-from facerec.heads import create_margin, list_margins
+from facerec.heads import create_margin, list_margins, margin_is_elastic
 from facerec.heads.margins import arc_target_logit
+from facerec.rng import SeededRNG
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -46,6 +47,25 @@ def test_registry_has_every_margin_with_official_defaults():
             assert getattr(margin, key) == pytest.approx(value), (name, key)
     with pytest.raises(ValueError, match="unknown margin 'nope'"):
         create_margin("nope")
+
+
+@pytest.mark.parametrize("name", list_margins())
+def test_the_registry_says_which_margins_are_elastic(name):
+    """The loss asks the registry, not the name's spelling, whether a margin takes the run's seed:
+    the answer must be what the built margin is (a seeded ElasticFace margin or not)."""
+    elastic = isinstance(create_margin(name), SeededRNG)
+    assert margin_is_elastic(name) is elastic
+    if elastic:
+        assert create_margin(name, seed=7).seed == 7
+
+
+def test_the_loss_seeds_elastic_margins_only():
+    from facerec.losses.face_loss import FaceRecognitionLoss
+
+    assert FaceRecognitionLoss(10, 8, margin="elastic_cosface", seed=5).margin.seed == 5
+    assert not isinstance(FaceRecognitionLoss(10, 8, margin="cosface", seed=5).margin, SeededRNG)
+    with pytest.raises(ValueError, match="unknown margin 'elastic_nope'"):
+        FaceRecognitionLoss(10, 8, margin="elastic_nope")
 
 
 @pytest.mark.parametrize("name", ["arcface", "cosface"])

@@ -519,7 +519,7 @@ def test_service_locator_and_corruptions():
     from facerec.contract import EmbeddingContract
     from facerec.data.align import norm_crop
     from facerec.data.datasets import read_rgb
-    from facerec.ood import evalsets as ev
+    from facerec.eval.ood_study import families as ev
 
     sample = sorted((__import__("pathlib").Path(__file__).parent / "data" / "lfw_sample").glob("*/*.jpg"))[:2]
     photos = np.stack([read_rgb(p) for p in sample])
@@ -607,7 +607,7 @@ def test_ceiling_stops_hyper_typical_layers_from_hiding_an_atypical_one(tmp_path
 
 
 def test_attack_plan_pairs_each_face_with_its_gallery_photo_and_another_person():
-    from facerec.ood.evaldata import attack_plan, family
+    from facerec.eval.ood_study.splits import attack_plan, family
 
     names = ["a", "b", "a", "c", "d", "d", "b", "e"]
     att, gal, tgt = attack_plan(names, 10)

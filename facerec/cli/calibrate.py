@@ -1,14 +1,13 @@
 """``facerec calibrate``: write the verification threshold and quality mapping into an export.
 
 Both are chosen on the validation split (LFW fold 5: every cross-identity pair of its people's
-images), never on the LFW-H2 test pairs, and stored in the fp32 graph's metadata, where the
-service reads them.
+images), never on the LFW-H2 test pairs, and stored in the fp32 graph's metadata through
+:mod:`facerec.bundle`, where the service and the offline tools read them.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 
 HELP = "calibrate an exported model's threshold (at a FAR) and quality mapping on the validation split"
 
@@ -28,8 +27,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    import numpy as np
     import onnxruntime as ort
 
+    from facerec.bundle import BundleError, Calibration, ModelBundle
     from facerec.data import protocol
     from facerec.eval.calibration import (
         all_pairs_scores,
@@ -37,13 +38,13 @@ def run(args: argparse.Namespace) -> int:
         quality_percentiles,
         threshold_at_far,
     )
-    from facerec.export.onnx import update_metadata
 
-    folder = Path(args.model_dir)
-    graphs = [p for p in sorted(folder.glob("*.onnx")) if not p.name.endswith(".fp16.onnx")]
-    if len(graphs) != 1:
-        raise SystemExit(f"{folder}: expected one fp32 .onnx graph, found {[g.name for g in graphs]}")
-    session = ort.InferenceSession(str(graphs[0]), providers=["CPUExecutionProvider"])
+    model = ModelBundle(args.model_dir)
+    try:
+        graph = model.graph("fp32")
+    except BundleError as err:
+        raise SystemExit(str(err)) from None
+    session = ort.InferenceSession(str(graph), providers=["CPUExecutionProvider"])
     names = [o.name for o in session.get_outputs()]
     wanted = [n for n in ("embedding", "quality") if n in names]
 
@@ -64,14 +65,12 @@ def run(args: argparse.Namespace) -> int:
     where = (f"LFW fold 5 (validation split): {len(impostor):,} cross-identity pairs of "
              f"{len(paths):,} images of {len(people)} people"
              f"{', flip-augmented embeddings' if args.flip else ''}")
-    entries = {"verification_threshold": f"{threshold:.6f}", "verification_far": f"{args.far:g}",
-               "verification_calibrated_on": where}
+    cal = Calibration(threshold=round(float(threshold), 6), far=args.far, calibrated_on=where)
     if quality is not None:
-        entries["quality_percentiles"] = json.dumps([round(v, 6) for v in quality_percentiles(quality)])
-        entries["quality_calibrated_on"] = f"LFW fold 5 (validation split): {len(paths):,} aligned faces"
+        cal.quality_percentiles = np.asarray([round(v, 6) for v in quality_percentiles(quality)])
+        cal.quality_calibrated_on = f"LFW fold 5 (validation split): {len(paths):,} aligned faces"
     print(f"threshold {threshold:.4f} at FAR {args.far:g} (TAR {100 * tar:.2f}% on "
           f"{len(genuine):,} genuine pairs); {where}")
     if not args.dry_run:
-        update_metadata(graphs[0], entries)
-        print(f"wrote the calibration into {graphs[0]}")
+        print(f"wrote the calibration into {model.write_calibration(cal)}")
     return 0

@@ -67,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
 
     from facerec.data import protocol
     from facerec.gallery.measure import Measured, OfflineModel, measure
-    from facerec.gallery.openset import DEFAULT_SIZES, OPENSET_FILE, calibrate
+    from facerec.gallery.openset import DEFAULT_SIZES, calibrate
 
     if not protocol.has_lfw(args.data):
         raise SystemExit(
@@ -125,6 +125,6 @@ def run(args: argparse.Namespace) -> int:
         )
         print(f"FPIR {key}: thresholds by gallery size {{{cells}}}")
     if not args.dry_run:
-        out = calibration.save(Path(args.model_dir) / OPENSET_FILE)
+        out = calibration.save(model.bundle.openset_path)
         print(f"wrote {out}")
     return 0

@@ -335,7 +335,7 @@ def run_ood(args) -> int:
     this scores the given aligned faces and OOD inputs with it and reports the separation."""
     import cv2
 
-    from facerec.contract import EmbeddingContract
+    from facerec.bundle import CONTRACT_FILE, OOD_FILE, BundleError, ModelBundle
     from facerec.data import protocol
     from facerec.data.datasets import read_rgb
     from facerec.data.folders import IMAGE_EXTENSIONS, scan_identity_folders
@@ -345,18 +345,17 @@ def run_ood(args) -> int:
     from facerec.ood import load as load_ood
     from facerec.ood.metrics import ood_report, rates_at_threshold
 
-    folder = Path(args.model)
-    if not (folder / "ood.npz").exists() or not (folder / "contract.json").exists():
-        raise SystemExit(f"facerec eval ood: {folder} needs ood.npz and contract.json "
+    model = ModelBundle(args.model)
+    if not model.ood_path.exists() or not model.contract_path.exists():
+        raise SystemExit(f"facerec eval ood: {model.folder} needs {OOD_FILE} and {CONTRACT_FILE} "
                          "(run `facerec fit-ood`)")
-    contract = EmbeddingContract.from_json((folder / "contract.json").read_text())
-    det = load_ood(folder / "ood.npz", contract.contract_id)
+    det = load_ood(model.ood_path, model.contract().contract_id)
     if det.combiner is None or det.threshold is None:
-        raise SystemExit(f"facerec eval ood: {folder / 'ood.npz'} has no combiner / threshold")
-    graphs = [p for p in sorted(folder.glob("*.onnx")) if not p.name.endswith(".fp16.onnx")]
-    if len(graphs) != 1:
-        raise SystemExit(f"facerec eval ood: {folder}: expected one fp32 .onnx graph")
-    features = _onnx_features(graphs[0])
+        raise SystemExit(f"facerec eval ood: {model.ood_path} has no combiner / threshold")
+    try:
+        features = _onnx_features(model.graph("fp32"))
+    except BundleError as err:
+        raise SystemExit(f"facerec eval ood: {err}") from None
     rng = np.random.default_rng(args.seed)
     root = Path(args.images)
     if args.protocol:
@@ -397,7 +396,7 @@ def run_ood(args) -> int:
         r["n"] = len(s_out)
         rows[name] = r
     tpr_in = float(np.mean(s_in >= det.threshold))
-    report = {"command": _command(), "model": str(folder), "faces": len(faces), "threshold": det.threshold,
+    report = {"command": _command(), "model": str(model.folder), "faces": len(faces), "threshold": det.threshold,
               "tpr_at_shipped_threshold": tpr_in, "families": rows,
               "faces_source": args.protocol or str(root),
               "inputs": ("aligned 112x112 face crops; --ood images resized to 112x112 as if the face "

@@ -2,9 +2,10 @@
 ``<model dir>/ood.npz``, which the service loads (``service/engine.py``) and scores every face with.
 
 Exactly what the service computes: every input is a photo located and aligned by the service's
-own code (``facerec.ood.evalsets.ServiceLocator``), scored from the fp32 ONNX graph's
+own code (``facerec.eval.ood_study.families.ServiceLocator``), scored from the fp32 ONNX graph's
 ``feature_*`` outputs (onnxruntime, CPU). Data use follows the protocol (docs/ood.md,
-``facerec.ood.evaldata``):
+``facerec.eval.ood_study``), driven by :mod:`facerec.eval.ood_study.driver` as
+``benchmarks/ood_eval.py`` drives it:
 
 - statistics: the identity-free ``prototypes`` variant on a sample of the aligned training pool;
   layers the graph marks as ``pixel_stats`` (metadata ``feature_kinds``) are one-sided;
@@ -16,6 +17,7 @@ own code (``facerec.ood.evalsets.ServiceLocator``), scored from the fp32 ONNX gr
   PGD against this very detector.
 
 Inputs are cached (``--cache``; ``benchmarks/ood_eval.py`` with the same settings shares them).
+The model folder is read and written through :mod:`facerec.bundle`.
 """
 
 from __future__ import annotations
@@ -23,126 +25,39 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import os
 import shlex
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
-import numpy as np
+from facerec.bundle import BundleError, ModelBundle, feature_kinds
+from facerec.eval.ood_study import options
 
 HELP = "fit the OOD detector (Mahalanobis, prototypes) of an exported model and write ood.npz + a report"
-
-RunFn = Callable[[np.ndarray], tuple[list[np.ndarray], np.ndarray]]  # input -> (features, embedding)
-
-
-def default_cache() -> str:
-    return str(Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "facerec" / "ood")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model_dir", help="a `facerec export` folder")
-    parser.add_argument(
-        "--aligned-pool", required=True, help="aligned pool tree (`facerec align --preset pool`)"
-    )
     parser.add_argument(
         "--checkpoint",
         required=True,
         help="torch weights of the same model (training checkpoint or artefact): attacks need "
         "gradients, which the ONNX graph does not give",
     )
-    parser.add_argument(
-        "--data", default=None, help="shared data root (default $FACEREC_DATA or ../shared/data)"
-    )
-    parser.add_argument("--cache", default=default_cache(), help="input cache folder (default: %(default)s)")
-    parser.add_argument(
-        "--tpr", type=float, default=0.95, help="TPR on validation faces (default: %(default)g)"
-    )
-    parser.add_argument("--pool-images", type=int, default=3000, help="pool images for the statistics")
-    parser.add_argument("--n-prototypes", type=int, default=16)
-    parser.add_argument("--min-identities", type=int, default=20, help="people per prototype, at least")
-    parser.add_argument("--shrinkage", type=float, default=0.01)
-    parser.add_argument("--faces", type=int, default=500, help="LFW photos per split")
-    parser.add_argument("--attacked", type=int, default=200, help="faces per attack / corruption set (test)")
-    parser.add_argument(
-        "--attacked-val", type=int, default=100, help="faces per attack / corruption set (val)"
-    )
-    parser.add_argument(
-        "--cifar", type=int, default=1000, help="CIFAR images per split (each at 32/112/224 px)"
-    )
-    parser.add_argument("--skimage-crops", type=int, default=150, help="random crops per scikit-image photo")
-    parser.add_argument("--attack-eps", default="2,4,8", help="FGSM/PGD ε in grey levels (/255)")
-    parser.add_argument(
-        "--domains", default="photo,crop", help="attack the photo (through alignment), the crop"
-    )
-    parser.add_argument("--pgd-steps", type=int, default=5)
-    parser.add_argument("--adaptive-eps", type=float, default=4.0, help="adaptive PGD ε (/255), report only")
-    parser.add_argument("--adaptive-steps", type=int, default=10)
-    parser.add_argument(
-        "--adaptive-weights",
-        default="1,10",
-        help="weights of the detector term in the adaptive objective (each one is run)",
-    )
-    parser.add_argument(
-        "--no-detection-layer",
-        action="store_true",
-        help="leave the face detector's confidence out of the combiner (by default it is one more "
-        "column: non-faces that pass the detector do so with a low confidence)",
-    )
-    parser.add_argument("--seed", type=int, default=0)
-
-
-def onnx_runner(graph: Path) -> tuple[RunFn, list[str], dict]:
-    """(run, feature output names, metadata) of an exported graph on onnxruntime's CPU provider."""
-    import onnxruntime as ort
-
-    session = ort.InferenceSession(str(graph), providers=["CPUExecutionProvider"])
-    names = sorted(
-        (o.name for o in session.get_outputs() if o.name.startswith("feature_")),
-        key=lambda n: int(n.split("_")[1]),
-    )  # the service's FeatureListScorer order
-    if not names:
-        raise SystemExit(f"{graph} has no feature_* outputs: export it with features")
-    input_name = session.get_inputs()[0].name
-    meta = dict(session.get_modelmeta().custom_metadata_map)
-
-    def run(x: np.ndarray) -> tuple[list[np.ndarray], np.ndarray]:
-        *feats, emb = session.run(
-            [*names, "embedding"], {input_name: np.ascontiguousarray(x, dtype=np.float32)}
-        )
-        return feats, emb
-
-    return run, names, meta
+    options.add_arguments(parser)
 
 
 def one_sided_layers(meta: dict, n_layers: int) -> list[int]:
     """Indices of the layers the graph's metadata marks as pixel statistics (one-sided)."""
-    kinds = json.loads(meta.get("facerec.feature_kinds", "[]"))
+    kinds = feature_kinds(meta)
     if kinds and len(kinds) != n_layers:
         raise SystemExit(f"feature_kinds lists {len(kinds)} layers, the graph has {n_layers}")
     return [i for i, k in enumerate(kinds) if k == "pixel_stats"]
 
 
-def crop_features(run: RunFn, crops: np.ndarray, batch: int = 64) -> dict:
-    """Features (``f0``..) and raw embeddings of uint8 crops; ``n`` = how many."""
-    from facerec.ood.evalsets import to_input
-
-    parts = [run(to_input(crops[i : i + batch]).numpy()) for i in range(0, len(crops), batch)]
-    if not parts:
-        return {"n": np.array(0)}
-    out = {f"f{j}": np.concatenate([p[0][j] for p in parts]) for j in range(len(parts[0][0]))}
-    out["emb"] = np.concatenate([p[1] for p in parts])
-    out["n"] = np.array(len(crops))
-    return out
-
-
-def feature_list(f: dict) -> list[np.ndarray]:
-    return [f[f"f{j}"] for j in range(sum(k[0] == "f" and k[1:].isdigit() for k in f))]
-
-
 def fit_statistics(
-    run: RunFn,
+    run,
     contract_id: str,
     pool: Sequence[tuple[Path, str]],
     one_sided: Sequence[int] = (),
@@ -152,9 +67,11 @@ def fit_statistics(
     seed: int = 0,
     batch: int = 64,
 ):
-    """One streaming pass over the pool images -> the ``prototypes`` detector (no combiner yet)."""
+    """One streaming pass over the pool images -> the ``prototypes`` detector (no combiner yet);
+    ``run``: a :data:`facerec.eval.ood_study.driver.RunFn`."""
+    from facerec.eval.ood_study.driver import crop_features, feature_list
+    from facerec.eval.ood_study.splits import read_photos
     from facerec.ood import MahalanobisFitter
-    from facerec.ood.evaldata import read_photos
 
     fitter = MahalanobisFitter()
     for i in range(0, len(pool), batch):
@@ -173,16 +90,8 @@ def fit_statistics(
     return det, fitter
 
 
-def layer_scores(det, f: dict, det_scores=None) -> np.ndarray:
-    """(N, columns) detector scores of one set's features and, for the detection layer, the face
-    detector's confidence of each crop (``det_scores``)."""
-    if int(f["n"]) == 0:
-        return np.zeros((0, det.n_columns))
-    return det.layer_scores(feature_list(f), det_scores).numpy()
-
-
 def markdown(report: dict) -> str:
-    from facerec.ood.evaldata import markdown_rows
+    from facerec.eval.ood_study.scoring import markdown_rows
 
     pct = round(report["tpr_target"] * 100)
     lines = [
@@ -235,64 +144,31 @@ def markdown(report: dict) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-
-    from facerec.contract import EmbeddingContract
-    from facerec.export.torch_artifact import load_model_file
-    from facerec.ood import evalsets as ev
+    from facerec.eval.ood_study import driver
+    from facerec.eval.ood_study.scoring import evaluate
     from facerec.ood import save
-    from facerec.ood.evaldata import (
-        EvalConfig,
-        InputCache,
-        adaptive_row,
-        adaptive_sets,
-        build_split,
-        det_scores_of,
-        detection_layer,
-        evaluate,
-        lfw_splits,
-        log,
-        pool_sample,
-    )
 
     t0 = time.time()
-    folder = Path(args.model_dir)
-    graphs = [p for p in sorted(folder.glob("*.onnx")) if not p.name.endswith(".fp16.onnx")]
-    if len(graphs) != 1:
-        raise SystemExit(f"{folder}: expected one fp32 .onnx graph, found {[g.name for g in graphs]}")
-    contract = EmbeddingContract.from_json((folder / "contract.json").read_text())
-    onnx_run, names, meta = onnx_runner(graphs[0])
+    model_dir = ModelBundle(args.model_dir)
+    try:
+        graph = model_dir.graph("fp32")
+    except BundleError as err:
+        raise SystemExit(str(err)) from None
+    contract = model_dir.contract()
+    onnx_run, names, meta = driver.onnx_runner(graph)
     one_sided = one_sided_layers(meta, len(names))
-    thr_v = float(meta.get("facerec.verification_threshold", "nan"))
-    graph_id = hashlib.sha256(graphs[0].read_bytes()).hexdigest()[:12]
+    thr_v = model_dir.calibration().threshold
+    thr_v = float("nan") if thr_v is None else thr_v
+    graph_id = hashlib.sha256(graph.read_bytes()).hexdigest()[:12]
 
-    torch.manual_seed(args.seed)
-    model = load_model_file(args.checkpoint).model.eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
-    if len(getattr(model, "feature_dims", [])) != len(names):
+    source = driver.load_attack_model(args.checkpoint, args.seed)
+    if len(getattr(source.model, "feature_dims", [])) != len(names):
         raise SystemExit(
-            f"--checkpoint gives {len(model.feature_dims)} feature layers, the graph {len(names)}: "
+            f"--checkpoint gives {len(source.model.feature_dims)} feature layers, the graph {len(names)}: "
             "export the graph from these weights with this version of facerec"
         )
-    cfg = EvalConfig(
-        checkpoint=args.checkpoint,
-        faces=args.faces,
-        attacked=args.attacked,
-        attacked_val=args.attacked_val,
-        cifar=args.cifar,
-        skimage_crops=args.skimage_crops,
-        attack_eps=tuple(float(e) for e in args.attack_eps.split(",") if e),
-        domains=tuple(d for d in args.domains.split(",") if d),
-        pgd_steps=args.pgd_steps,
-        seed=args.seed,
-    )
-    cache = InputCache(args.cache, cfg.cache_key(model.feature_dims))
-    log(f"input cache {cache.dir}")
-    rng = np.random.default_rng(args.seed)
-    specs = lfw_splits(cfg, args.data, rng)
-    pool = pool_sample(args.aligned_pool, args.pool_images, rng)
-    locator = ev.ServiceLocator(contract)
+    study = driver.open_study(args, source, contract)
+    pool = study.pool
 
     det, fitter = fit_statistics(
         onnx_run,
@@ -304,48 +180,20 @@ def run(args: argparse.Namespace) -> int:
         args.shrinkage,
         args.seed,
     )
-    log(
-        f"statistics: {len(pool)} pool images of {fitter.n_identities} people, "
-        f"prototypes per layer {[len(g.means) for g in det.layers]}"
-    )
-    sets, feats = {}, {}
-    for split, spec in specs.items():
-        log(f"{split}: inputs")
-        sets[split] = build_split(split, spec, cfg, model, locator, cache)
-        feats[split] = {
-            n: cache.get(f"onnx_{graph_id}_{split}_{n}", lambda s=s: crop_features(onnx_run, s["crops"]))
-            for n, s in sets[split].items()
-        }
-    if not args.no_detection_layer:
-        det.detection = detection_layer(locator, sets["val"]["faces"])
-    sv = {n: layer_scores(det, f, sets["val"][n]["det_score"]) for n, f in feats["val"].items()}
-    st = {n: layer_scores(det, f, sets["test"][n]["det_score"]) for n, f in feats["test"].items()}
-    emb_test = {n: f.get("emb", np.zeros((0, 1))) for n, f in feats["test"].items()}
-    result = evaluate(sv, st, sets["test"], emb_test, args.tpr, thr_v)
+    driver.log(f"statistics: {len(pool)} pool images of {fitter.n_identities} people, "
+               f"prototypes per layer {[len(g.means) for g in det.layers]}")
+
+    def features(crops):
+        return driver.crop_features(onnx_run, crops)
+
+    study.build_inputs(features, f"onnx_{graph_id}")
+    study.add_detection_layer(det)
+    sv, st = study.split_scores(det, "val"), study.split_scores(det, "test")
+    result = evaluate(sv, st, study.sets["test"], study.test_embeddings(), args.tpr, thr_v)
     det.combiner, det.threshold, det.target_tpr = result["combiner"], result["threshold"], args.tpr
     rows = result["rows"]
-
-    log("adaptive attack against this detector (test faces)")
-    faces = sets["test"]["faces"]
-    for name, s in adaptive_sets(
-        model,
-        det,
-        locator,
-        faces,
-        emb_test["faces"],
-        cache,
-        cfg.domains,
-        args.adaptive_eps,
-        args.adaptive_steps,
-        [float(w) for w in args.adaptive_weights.split(",") if w],
-        args.seed + 7,
-        f"fitood_{graph_id}",
-    ).items():
-        f = crop_features(onnx_run, s["crops"])
-        s_out = det.combine(layer_scores(det, f, det_scores_of(det, s))) if len(s["crops"]) else np.zeros(0)
-        rows[name] = adaptive_row(
-            result["s_in"], s_out, det.threshold, s, f.get("emb"), faces, emb_test["faces"], args.tpr, thr_v
-        )
+    driver.log("adaptive attack against this detector (test faces)")
+    rows.update(study.adaptive_rows(det, result["s_in"], features, f"fitood_{graph_id}", thr_v))
 
     det.meta.update(
         {
@@ -353,19 +201,20 @@ def run(args: argparse.Namespace) -> int:
             "samples of every family (combiner, threshold)",
             "families": sorted(sv),
             "tpr_val": result["tpr_val"],
-            "feature_kinds": json.loads(meta.get("facerec.feature_kinds", "[]")),
+            "feature_kinds": feature_kinds(meta),
         }
     )
-    save(det, folder / "ood.npz")
+    save(det, model_dir.ood_path)
+    sets, cache = study.sets, study.cache
     report = {
         "command": "facerec fit-ood " + " ".join(shlex.quote(a) for a in sys.argv[2:]),
-        "graph": graphs[0].name,
+        "graph": graph.name,
         "graph_sha256_12": graph_id,
         "contract_id": contract.contract_id,
         "checkpoint": args.checkpoint,
         "pool_images": len(pool),
         "pool_people": fitter.n_identities,
-        "feature_dims": [int(f.shape[1]) for f in feature_list(feats["val"]["faces"])],
+        "feature_dims": [int(f.shape[1]) for f in driver.feature_list(study.feats["val"]["faces"])],
         "one_sided_layers": one_sided,
         "detection_layer": None if det.detection is None else vars(det.detection),
         "prototypes_per_layer": [len(g.means) for g in det.layers],
@@ -377,7 +226,7 @@ def run(args: argparse.Namespace) -> int:
         "tpr_test": result["tpr_test"],
         "val_faces": len(sets["val"]["faces"]["crops"]),
         "test_faces": len(sets["test"]["faces"]["crops"]),
-        "inputs": {k: v for k, v in vars(cfg).items()},
+        "inputs": {k: v for k, v in vars(study.cfg).items()},
         "adaptive": {
             "eps_255": args.adaptive_eps,
             "steps": args.adaptive_steps,
@@ -394,10 +243,11 @@ def run(args: argparse.Namespace) -> int:
         "seconds": round(time.time() - t0, 1),
         "cache": {"computed": cache.computed, "loaded": cache.loaded},
     }
-    (folder / "ood_report.json").write_text(json.dumps(report, indent=1) + "\n")
-    (folder / "ood_report.md").write_text(markdown(report))
+    json_path, md_path = model_dir.ood_report_paths
+    json_path.write_text(json.dumps(report, indent=1) + "\n")
+    md_path.write_text(markdown(report))
     print(markdown(report))
-    print(f"wrote {folder / 'ood.npz'} and ood_report.json/.md")
+    print(f"wrote {model_dir.ood_path} and {json_path.name}/{md_path.suffix}")
     return 0
 
 

@@ -1,52 +1,46 @@
-"""The detector protocol and the face-selection policies shared by every detector.
+"""Building a face detector by name, and the face-selection policies shared by every detector.
 
 A detector takes an RGB uint8 image (H, W, 3) and returns every face it finds as a
-``Detection``. Which of several faces to keep (largest, most central, all) and the minimum size
-and score are policies applied on top, so that any detector (MTCNN, a user's SCRFD) gets them.
+``Detection`` (:mod:`facerec.data.detection`). Which of several faces to keep (largest, most
+central, all) and the minimum size and score are policies applied on top, so that any detector
+(MTCNN, a user's SCRFD) gets them. The detectors are registered factories, like models and
+margins: importing this module imports the shipped ones (``mtcnn``, ``mtcnn_onnx``, ``scrfd``),
+which register themselves.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Literal, Protocol, runtime_checkable
+from typing import Literal
 
 import numpy as np
 
+# The shipped detectors register themselves on import (torch and onnxruntime load lazily).
+from facerec.data import mtcnn, mtcnn_onnx, scrfd  # noqa: F401
+from facerec.data.detection import (
+    DETECTORS,
+    Detection,
+    FaceDetector,
+    list_detectors,
+    register_detector,
+)
+
+__all__ = [
+    "DEFAULT_PAD_ATTEMPTS",
+    "Detection",
+    "FaceDetector",
+    "SelectPolicy",
+    "bounded_copy",
+    "create_detector",
+    "detect_faces",
+    "detector_name",
+    "list_detectors",
+    "map_detection",
+    "pad_image",
+    "register_detector",
+    "select_faces",
+]
+
 SelectPolicy = Literal["largest", "central", "all"]
-
-
-@dataclass
-class Detection:
-    """One face: box (x1, y1, x2, y2) in pixels, detector score in [0, 1], five landmarks.
-
-    Landmarks are (5, 2) float32 (x, y) in the ArcFace order: left eye, right eye, nose tip, left
-    mouth corner, right mouth corner, "left" meaning on the viewer's left.
-    """
-
-    box: np.ndarray
-    score: float
-    landmarks: np.ndarray
-
-    @property
-    def width(self) -> float:
-        return float(self.box[2] - self.box[0])
-
-    @property
-    def height(self) -> float:
-        return float(self.box[3] - self.box[1])
-
-    @property
-    def size(self) -> float:
-        """The shorter side of the box, the number a minimum face size is compared with."""
-        return min(self.width, self.height)
-
-
-@runtime_checkable
-class FaceDetector(Protocol):
-    def detect(self, image: np.ndarray) -> list[Detection]:
-        """All faces in an RGB uint8 (H, W, 3) image, highest score first."""
-        ...
 
 
 def select_faces(
@@ -101,43 +95,7 @@ def create_detector(
       the file. Always onnxruntime, whatever ``backend`` says. Keywords: ``input_size`` (640),
       ``score_threshold`` (0.5), ``nms_threshold`` (0.4), ``threads`` (0 = all cores).
     """
-    name = name.lower()
-    if name == "mtcnn":
-        from facerec.data.mtcnn import MTCNN
-
-        threads = kw.pop("threads", None)
-        weights_path = kw.pop("weights_path", None)
-        if backend == "torch":
-            from facerec.data.mtcnn import TorchRunner
-
-            if weights_path is None and model_dir and (Path(model_dir) / "mtcnn.npz").is_file():
-                weights_path = Path(model_dir) / "mtcnn.npz"
-            if threads:
-                import torch
-
-                torch.set_num_threads(int(threads))
-            runner = TorchRunner(device=device, weights_path=weights_path)
-        elif backend == "onnx":
-            from facerec.data.mtcnn_onnx import OnnxRunner
-
-            if weights_path:
-                raise ValueError("weights_path is for backend='torch'; the onnx backend reads model_dir")
-            threads = 1 if threads is None else int(threads)
-            runner = OnnxRunner(model_dir=model_dir, device=device, threads=threads)
-        else:
-            raise ValueError(f"unknown backend {backend!r}; use 'torch' or 'onnx'")
-        return MTCNN(runner, **kw)
-    if name == "scrfd":
-        from facerec.data.scrfd import SCRFD
-
-        if model_dir is None:
-            raise ValueError(
-                "scrfd needs model_dir: a folder with det_*.onnx (e.g. insightface buffalo_l) "
-                "or the file; "
-                "facerec does not ship SCRFD weights"
-            )
-        return SCRFD(model_dir, device=device, **kw)
-    raise ValueError(f"unknown detector {name!r}; use 'mtcnn' or 'scrfd'")
+    return DETECTORS.create(name.lower(), device=device, backend=backend, model_dir=model_dir, **kw)
 
 
 def pad_image(

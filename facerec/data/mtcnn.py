@@ -9,6 +9,9 @@ only in how the three networks are run. Sharing the cascade is what makes the tw
 to float precision rather than "roughly".
 
 Input convention of these weights: RGB, normalised as (x - 127.5) * 0.0078125.
+
+The detector is registered as ``"mtcnn"``; how its networks run is a registered MTCNN backend:
+``"torch"`` here, ``"onnx"`` in ``mtcnn_onnx``.
 """
 
 from __future__ import annotations
@@ -19,7 +22,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from facerec.data.detect import Detection
+from facerec.data.detection import Detection, register_detector
+from facerec.registry import Registry
 
 ASSET_DIR = Path(__file__).resolve().parent.parent / "assets" / "mtcnn"
 WEIGHTS_FILE = ASSET_DIR / "mtcnn.npz"
@@ -327,6 +331,33 @@ class MTCNN:
             )
             for i in keep
         ]
+
+
+# A backend factory: ``fn(device, model_dir, threads, weights_path) -> NetRunner``.
+_BACKENDS: Registry[NetRunner] = Registry("MTCNN backend")
+register_mtcnn_backend = _BACKENDS.register
+
+
+@register_mtcnn_backend(name="torch")
+def torch_runner(device: str = "cpu", model_dir=None, threads: int | None = None, weights_path=None) -> NetRunner:
+    """``threads``: if given, ``torch.set_num_threads`` (process-wide); ``weights_path``: default
+    ``model_dir/mtcnn.npz`` if that exists, else the shipped weights."""
+    if weights_path is None and model_dir and (Path(model_dir) / "mtcnn.npz").is_file():
+        weights_path = Path(model_dir) / "mtcnn.npz"
+    if threads:
+        import torch
+
+        torch.set_num_threads(int(threads))
+    return TorchRunner(device=device, weights_path=weights_path)
+
+
+@register_detector(name="mtcnn")
+def create_mtcnn(device: str = "cpu", backend: str = "torch", model_dir=None, threads: int | None = None,
+                 weights_path=None, **kw) -> MTCNN:
+    """The shipped MTCNN, its networks run by the registered MTCNN backend ``backend``."""
+    runner = _BACKENDS.create(backend, device=device, model_dir=model_dir, threads=threads,
+                              weights_path=weights_path)
+    return MTCNN(runner, **kw)
 
 
 def convert_facenet_pytorch_weights(src_dir: str | Path, out_path: str | Path = WEIGHTS_FILE) -> None:

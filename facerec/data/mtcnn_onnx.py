@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from facerec.data.mtcnn import ASSET_DIR, NetRunner
+from facerec.data.mtcnn import ASSET_DIR, NetRunner, register_mtcnn_backend
 
 NET_NAMES = ("pnet", "rnet", "onet")
 _OUTPUTS = {"pnet": ["prob", "reg"], "rnet": ["prob", "reg"], "onet": ["prob", "reg", "landmarks"]}
@@ -112,3 +112,11 @@ class OnnxRunner(NetRunner):
 
     def _run(self, name: str, x: np.ndarray):
         return tuple(self.sessions[name].run(None, {"input": np.ascontiguousarray(x, dtype=np.float32)}))
+
+
+@register_mtcnn_backend(name="onnx")
+def onnx_runner(device: str = "cpu", model_dir=None, threads: int | None = None, weights_path=None) -> OnnxRunner:
+    """``threads``: intra-op threads per session, default 1 (fastest for photo-sized images)."""
+    if weights_path:
+        raise ValueError("weights_path is for backend='torch'; the onnx backend reads model_dir")
+    return OnnxRunner(model_dir=model_dir, device=device, threads=1 if threads is None else int(threads))

@@ -22,7 +22,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from facerec.data.detect import Detection
+from facerec.data.detection import Detection, register_detector
 from facerec.data.mtcnn import nms
 
 
@@ -149,3 +149,15 @@ class SCRFD:
             Detection(box=boxes[i] / scale, score=float(scores[i]), landmarks=kps[i] / scale)
             for i in keep
         ]
+
+
+@register_detector(name="scrfd")
+def create_scrfd(device: str = "cpu", backend: str | None = None, model_dir=None, **kw) -> SCRFD:
+    """An insightface SCRFD model (always onnxruntime, whatever ``backend`` says)."""
+    if model_dir is None:
+        raise ValueError(
+            "scrfd needs model_dir: a folder with det_*.onnx (e.g. insightface buffalo_l) "
+            "or the file; "
+            "facerec does not ship SCRFD weights"
+        )
+    return SCRFD(model_dir, device=device, **kw)

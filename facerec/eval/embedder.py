@@ -1,8 +1,8 @@
 """One embedding function for any model a report can be asked about, and a cache for its output.
 
-``load_embedder(path)`` accepts a ``facerec export`` folder (its fp32 ``.onnx`` graph), an
-``.onnx`` file, or anything ``facerec.export.torch_artifact.load_model_file`` reads (a training
-checkpoint or a torch artefact). It returns a :data:`facerec.eval.calibration.EmbedFn`: a
+``load_embedder(path)`` accepts a ``facerec export`` folder (its fp32 ``.onnx`` graph, found by
+:func:`facerec.bundle.find_graph`), an ``.onnx`` file, or anything
+``facerec.export.torch_artifact.load_model_file`` reads (a training checkpoint or a torch artefact). It returns a :data:`facerec.eval.calibration.EmbedFn`: a
 normalised (N, 3, 112, 112) batch -> (raw embeddings, quality or None). Raw means *not*
 L2-normalised, so the embedding norm stays available as a quality measure.
 
@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from facerec.bundle import find_graph
 from facerec.eval.calibration import EmbedFn, load_batch
 
 
@@ -40,16 +41,6 @@ def _file_hash(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()[:16]
-
-
-def onnx_graph(path: Path) -> Path:
-    """An export folder's one fp32 graph (or the .onnx file itself)."""
-    if path.is_file():
-        return path
-    graphs = [p for p in sorted(path.glob("*.onnx")) if not p.name.endswith(".fp16.onnx")]
-    if len(graphs) != 1:
-        raise ValueError(f"{path}: expected one fp32 .onnx graph, found {[g.name for g in graphs]}")
-    return graphs[0]
 
 
 def onnx_embedder(graph: Path, threads: int = 0) -> Embedder:
@@ -102,7 +93,7 @@ def load_embedder(path: str | os.PathLike, threads: int = 0) -> Embedder:
     if not path.exists():
         raise FileNotFoundError(f"model {path} does not exist")
     if path.suffix == ".onnx" or (path.is_dir() and any(path.glob("*.onnx"))):
-        return onnx_embedder(onnx_graph(path), threads)
+        return onnx_embedder(find_graph(path), threads)
     import torch
 
     with torch.no_grad():

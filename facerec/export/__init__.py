@@ -1,17 +1,12 @@
 """Export: ONNX graphs (fp32/fp16) carrying the embedding contract, parity checks, torch artefacts.
 
 ``export_bundle`` writes everything a server loads; ``export_model`` one graph. See
-docs/export_runtime.md.
+docs/export_runtime.md. The metadata reader and writer belong to the model folder's owner,
+:mod:`facerec.bundle`; they are re-exported here because an export is where one meets them first.
 """
 
-from facerec.export.onnx import (
-    ExportResult,
-    contract_from_metadata,
-    export_bundle,
-    export_model,
-    read_metadata,
-    update_metadata,
-)
+from facerec.bundle import contract_from_metadata, read_metadata, update_metadata
+from facerec.export.onnx import ExportResult, export_bundle, export_model
 from facerec.export.parity import ParityError, ParityReport, check_parity
 from facerec.export.torch_artifact import (
     ModelSource,

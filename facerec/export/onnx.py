@@ -14,8 +14,10 @@ Metadata (``metadata_props``, read by onnxruntime as ``custom_metadata_map``), k
 ``facerec.``: ``contract`` (the contract JSON), ``contract_id``, ``model_name``, ``model_version``,
 ``model_overrides``, ``output_names``, ``feature_dims``, ``feature_kinds`` (what each ``feature_k`` is:
 ``tokens`` or ``pixel_stats``), ``input`` (the input convention as JSON),
-``precision``, ``facerec_version``, ``torch_version``, ``exporter``. Later calibration (thresholds,
-quality percentiles) is added with :func:`update_metadata` without touching the graph.
+``precision``, ``facerec_version``, ``torch_version``, ``exporter`` and, for a model exported from a
+training checkpoint, ``training_config`` (the run's resolved config.yaml). Later calibration
+(thresholds, quality percentiles) is added through :mod:`facerec.bundle` without touching the graph;
+the bundle module also names every file of the folder written here.
 
 Every export is written to a temporary file, parity-checked against torch (:mod:`.parity`) and only
 then renamed into place, so a graph that failed its check never sits where a server would load it.
@@ -24,6 +26,7 @@ then renamed into place, so a graph that failed its check never sits where a ser
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import os
 import time
@@ -34,6 +37,8 @@ import torch
 from torch import nn
 
 import facerec
+from facerec import bundle
+from facerec.bundle import METADATA_PREFIX as PREFIX
 from facerec.contract import EmbeddingContract
 from facerec.export.parity import ParityError, ParityReport, check_parity
 from facerec.export.torch_artifact import (
@@ -43,10 +48,6 @@ from facerec.export.torch_artifact import (
     save_torch_artifact,
 )
 from facerec.models.export_wrapper import ExportWrapper, export_onnx
-
-# The reader lives with the runtime, so a server needs neither torch nor the onnx package.
-from facerec.runtime.backends import METADATA_PREFIX as PREFIX
-from facerec.runtime.backends import contract_from_metadata  # noqa: F401 - re-exported
 
 INPUT_NAME = "input"
 
@@ -110,46 +111,10 @@ def build_metadata(
         "torch_version": str(torch.__version__),
         "exporter": exporter,
     }
+    if source.training_config is not None:
+        meta[bundle.TRAINING_CONFIG_KEY] = source.training_config
     meta.update({k: str(v) for k, v in (extra or {}).items()})
     return {PREFIX + k: v for k, v in meta.items()}
-
-
-def _write_metadata(path: Path, entries: dict[str, str], doc: str | None = None) -> None:
-    import onnx
-
-    proto = onnx.load(str(path))
-    kept = [p for p in proto.metadata_props if p.key not in entries]
-    del proto.metadata_props[:]
-    proto.metadata_props.extend(kept)
-    for key, value in entries.items():
-        proto.metadata_props.add(key=key, value=value)
-    if doc is not None:
-        proto.doc_string = doc
-    tmp = path.with_name(path.name + ".meta.tmp")
-    onnx.save(proto, str(tmp))
-    os.replace(tmp, path)
-
-
-def read_metadata(path: str | Path) -> dict[str, str]:
-    """All ``metadata_props`` of a graph (through onnxruntime, so serving needs no ``onnx``)."""
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-    return dict(session.get_modelmeta().custom_metadata_map)
-
-
-def update_metadata(path: str | Path, entries: dict[str, str]) -> None:
-    """Add or replace ``facerec.<key>`` entries (e.g. a calibrated threshold) in place, atomically.
-
-    The contract keys cannot be changed this way: a different contract is a different model.
-    """
-    entries = {(k if k.startswith(PREFIX) else PREFIX + k): str(v) for k, v in entries.items()}
-    frozen = {PREFIX + "contract", PREFIX + "contract_id"}
-    if frozen & set(entries):
-        raise ValueError("the embedding contract of an exported model cannot be edited; re-export it")
-    _write_metadata(Path(path), entries)
 
 
 def _doc_string(contract: EmbeddingContract, output_names: list[str], precision: str) -> str:
@@ -189,11 +154,11 @@ def export_model(
     start = time.perf_counter()
     src = resolve_model(source, model_name, overrides)
     cpu_model = copy.deepcopy(src.model).cpu().float().eval()
-    src = ModelSource(cpu_model, src.name, src.overrides, src.version, src.origin)
+    src = dataclasses.replace(src, model=cpu_model)
     contract = contract or default_contract(src, version)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.stem + ".partial.onnx")
+    tmp = bundle.partial_path(path)
     exporter = f"torch.onnx.export(dynamo={dynamo})"
     names = export_onnx(
         cpu_model,
@@ -205,13 +170,13 @@ def export_model(
         input_name=INPUT_NAME,
     )
     meta = build_metadata(src, contract, names, precision, exporter, extra_metadata)
-    _write_metadata(tmp, meta, _doc_string(contract, names, precision))
+    bundle.write_metadata(tmp, meta, _doc_string(contract, names, precision))
     report = None
     if check:
         try:
             report = check_parity(cpu_model, tmp, precision, parity_batch_sizes)
         except ParityError as err:
-            kept = path.with_name(path.stem + ".parity-failed.onnx")
+            kept = bundle.parity_failed_path(path)
             if keep_failed:
                 os.replace(tmp, kept)
             else:
@@ -241,17 +206,17 @@ def export_bundle(
     **export_kw,
 ) -> dict:
     """Everything a server needs, in ``out_dir``: ``<stem>.onnx``, ``<stem>.fp16.onnx``, ``<stem>.pt``
-    (torch artefact), ``contract.json`` and ``export_report.json`` (parity numbers, timings)."""
+    (torch artefact), ``contract.json``, ``export_report.json`` (parity numbers, timings) and, for a
+    model from a training checkpoint, ``training_config.yaml`` (file names: :mod:`facerec.bundle`)."""
     src = resolve_model(source, model_name, overrides)
     contract = default_contract(src, version)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     stem = stem or src.name
-    results = [export_model(src, out / f"{stem}.onnx", contract=contract, **export_kw)]
+    results = [export_model(src, out / bundle.graph_name(stem), contract=contract, **export_kw)]
     if fp16:
-        results.append(
-            export_model(src, out / f"{stem}.fp16.onnx", precision="fp16", contract=contract, **export_kw)
-        )
+        results.append(export_model(src, out / bundle.graph_name(stem, "fp16"), precision="fp16",
+                                    contract=contract, **export_kw))
     report = {
         "model_name": src.name,
         "origin": src.origin,
@@ -260,7 +225,10 @@ def export_bundle(
     }
     if torch_artifact:
         names = output_names_for(src.model, export_kw.get("return_features", True))
-        report["torch_artifact"] = str(save_torch_artifact(src, out / f"{stem}.pt", contract, names))
-    (out / "contract.json").write_text(contract.to_json() + "\n")
-    (out / "export_report.json").write_text(json.dumps(report, indent=1) + "\n")
+        path = out / bundle.torch_artifact_name(stem)
+        report["torch_artifact"] = str(save_torch_artifact(src, path, contract, names))
+    (out / bundle.CONTRACT_FILE).write_text(contract.to_json() + "\n")
+    if src.training_config is not None:
+        (out / bundle.TRAINING_CONFIG_FILE).write_text(src.training_config)
+    (out / bundle.EXPORT_REPORT_FILE).write_text(json.dumps(report, indent=1) + "\n")
     return report

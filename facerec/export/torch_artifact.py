@@ -12,6 +12,9 @@ The torch artefact is one file holding only tensors, strings, numbers, lists and
 with ``torch.load(weights_only=True)``: opening it can never execute pickled code. The architecture
 is rebuilt from the registry (``create_model(name, **overrides)``), not unpickled, so inference runs
 the same code as training and an artefact from an unknown model fails with the registry's error.
+
+A model from a training checkpoint brings the run's resolved ``config.yaml`` (stored beside every
+checkpoint) as ``ModelSource.training_config``; the artefact and the exported graphs carry it on.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from facerec.models import create_model
 
 ARTIFACT_FORMAT = "facerec.torch-artifact"
 ARTIFACT_VERSION = 1
+CHECKPOINT_CONFIG = "config.yaml"  # the resolved config beside a checkpoint's model.pt
 
 
 @dataclass
@@ -39,6 +43,7 @@ class ModelSource:
     overrides: dict[str, Any] = field(default_factory=dict)
     version: str = "dev"  # becomes the contract's model_version unless the caller names one
     origin: str = "object"
+    training_config: str | None = None  # the resolved training config (YAML text), when known
 
 
 def build_model(name: str, overrides: dict | None, state_dict: dict | None) -> nn.Module:
@@ -84,16 +89,19 @@ def load_model_file(path: str | Path) -> ModelSource:
         name, overrides, state = data["model_name"], data["overrides"], data["state_dict"]
         version = EmbeddingContract.from_json(data["contract"]).model_version
         origin = "torch-artifact"
+        config = data.get("training_config")
     elif "model" in data and "model_name" in data:  # training/trainer.py's model.pt
         name, overrides, state = data["model_name"], data.get("model_kwargs") or {}, data["model"]
         version = f"step{data['step']}" if "step" in data else "dev"
         origin = "checkpoint"
+        stored = file.parent / CHECKPOINT_CONFIG  # training/checkpoint.py writes it into every step
+        config = stored.read_text() if stored.is_file() else None
     else:
         raise ValueError(
             f"{file}: neither a facerec torch artefact nor a training checkpoint (keys: {sorted(data)[:8]})"
         )
     return ModelSource(
-        build_model(name, overrides, state), name, dict(overrides), version, f"{origin}:{file}"
+        build_model(name, overrides, state), name, dict(overrides), version, f"{origin}:{file}", config
     )
 
 
@@ -145,6 +153,8 @@ def save_torch_artifact(
         "facerec_version": facerec.__version__,
         "torch_version": str(torch.__version__),
     }
+    if source.training_config is not None:
+        data["training_config"] = source.training_config
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")

@@ -30,6 +30,14 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from facerec.bundle import (
+    CONTRACT_FILE,
+    MANIFEST_FILE,
+    contract_from_metadata,
+    find_graph,
+)
+from facerec.contract import EmbeddingContract
+
 # onnxruntime's element type names -> Triton's model-config DataType names.
 ORT_TO_TRITON = {
     "tensor(float)": "TYPE_FP32",
@@ -47,8 +55,6 @@ ORT_TO_TRITON = {
     "tensor(bool)": "TYPE_BOOL",
     "tensor(string)": "TYPE_STRING",
 }
-# Graph files of an export folder that are not the fp32 graph (see service/engine.py).
-_NOT_FP32 = (".fp16.onnx", ".partial.onnx", ".parity-failed.onnx")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 
 
@@ -82,26 +88,6 @@ class TritonExport:
             "inputs": [s.name for s in self.inputs],
             "outputs": [s.name for s in self.outputs],
         }
-
-
-def find_graph(source: str | Path, precision: str = "fp32") -> Path:
-    """The graph to serve: ``source`` if it is a file, else the export folder's fp32 (or fp16) graph."""
-    source = Path(source)
-    if source.is_file():
-        if source.suffix != ".onnx":
-            raise ValueError(f"{source}: Triton's onnxruntime backend needs an .onnx graph")
-        return source
-    if not source.is_dir():
-        raise FileNotFoundError(f"{source} does not exist (give a `facerec export` folder or an .onnx file)")
-    if precision == "fp16":
-        found = sorted(source.glob("*.fp16.onnx"))
-    else:
-        found = sorted(p for p in source.glob("*.onnx") if not p.name.endswith(_NOT_FP32))
-    if len(found) != 1:
-        names = ", ".join(p.name for p in found) or "none"
-        raise ValueError(f"{source}: expected one {precision} graph, found {names}; "
-                         "pass the .onnx file itself")
-    return found[0]
 
 
 def _specs(args, what: str) -> list[TensorSpec]:
@@ -201,7 +187,7 @@ def _sha256(path: Path) -> str:
 
 def _check_manifest(graph: Path) -> Path | None:
     """The export's manifest.json, after checking the graph against its recorded hash (if any)."""
-    manifest = graph.parent / "manifest.json"
+    manifest = graph.parent / MANIFEST_FILE
     if not manifest.is_file():
         return None
     recorded = json.loads(manifest.read_text()).get("files", {}).get(graph.name)
@@ -242,13 +228,10 @@ def export_triton(
     ``version`` defaults to one more than the highest present. An existing version is replaced only
     with ``force``; a model name already holding another contract is refused.
     """
-    from facerec.contract import EmbeddingContract
-    from facerec.runtime.backends import contract_from_metadata
-
     graph = find_graph(source, precision)
     manifest = _check_manifest(graph)
     inputs, outputs, meta = read_graph(graph)
-    contract: EmbeddingContract = contract_from_metadata(meta)
+    contract = contract_from_metadata(meta)
     name = name or f"facerec_{contract.model_name}"
     if not _NAME.match(name):
         raise ValueError(f"model name {name!r}: use letters, digits, '_', '.', '-' (at most 128)")
@@ -256,7 +239,7 @@ def export_triton(
     repository = Path(repository)
     model_dir = repository / name
     model_dir.mkdir(parents=True, exist_ok=True)
-    held = model_dir / "contract.json"
+    held = model_dir / CONTRACT_FILE
     if held.is_file():
         held_id = EmbeddingContract.from_json(held.read_text()).contract_id
         if held_id != contract.contract_id:
@@ -285,7 +268,7 @@ def export_triton(
 
     _write_atomic(held, contract.to_json() + "\n")
     if manifest is not None:
-        _write_atomic(model_dir / "manifest.json", manifest.read_text())
+        _write_atomic(model_dir / MANIFEST_FILE, manifest.read_text())
     parameters = {
         "facerec.contract_id": contract.contract_id,
         "facerec.model_name": contract.model_name,

@@ -12,7 +12,6 @@ per image what the gate and the search need, in arrays that can be cached as ``.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,31 +49,25 @@ class OfflineModel:
     """A model folder loaded as the service loads it, on the CPU."""
 
     def __init__(self, model_dir: str | Path, ood: bool = True, threads: int | None = 1) -> None:
-        from facerec.export.onnx import read_metadata
+        from facerec.bundle import BundleError, ModelBundle
         from facerec.runtime import FacePipeline, FeatureListScorer, OnnxRuntimeBackend
-        from facerec.runtime.backends import METADATA_PREFIX
 
-        folder = Path(model_dir)
-        graphs = [
-            p
-            for p in sorted(folder.glob("*.onnx"))
-            if not p.name.endswith((".fp16.onnx", ".partial.onnx", ".parity-failed.onnx"))
-        ]
-        if len(graphs) != 1:
-            raise SystemExit(f"{folder}: expected one fp32 .onnx graph, found {[g.name for g in graphs]}")
-        self.folder = folder
-        self.backend = OnnxRuntimeBackend(graphs[0], device="cpu", threads=threads)
+        self.bundle = ModelBundle(model_dir)
+        try:
+            graph = self.bundle.graph("fp32")
+        except BundleError as err:
+            raise SystemExit(str(err)) from None
+        self.folder = self.bundle.folder
+        self.backend = OnnxRuntimeBackend(graph, device="cpu", threads=threads)
         self.contract = self.backend.contract
-        meta = read_metadata(graphs[0])
-        p = meta.get(METADATA_PREFIX + "quality_percentiles")
-        self.percentiles = np.asarray(json.loads(p), np.float64) if p else None
+        self.calibration = self.bundle.calibration()
         self.detector = None
         scorer = None
         self.ood_threshold = None
-        if ood and (folder / "ood.npz").exists():
+        if ood and self.bundle.ood_path.exists():
             from facerec import ood as ood_mod
 
-            det = ood_mod.load(folder / "ood.npz", self.contract)
+            det = ood_mod.load(self.bundle.ood_path, self.contract)
             scorer = FeatureListScorer(det)
             self.ood_threshold = det.threshold
         from facerec.data.detect import create_detector
@@ -84,9 +77,7 @@ class OfflineModel:
 
     def quality_score(self, raw: float) -> float | None:
         """The service's 0-100 score: percentile of ``raw`` among the calibration faces."""
-        if self.percentiles is None:
-            return None
-        return float(np.interp(raw, self.percentiles, np.linspace(0.0, 100.0, len(self.percentiles))))
+        return self.calibration.quality_score(raw)
 
 
 @dataclass

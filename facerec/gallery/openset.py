@@ -33,7 +33,8 @@ from pathlib import Path
 import numpy as np
 from pydantic import BaseModel, Field
 
-OPENSET_FILE = "openset.json"
+from facerec.bundle import OPENSET_FILE  # noqa: F401 - where the model folder keeps it (re-exported)
+
 DEFAULT_SIZES = (1, 2, 5, 10, 20, 50, 100, 200, 400)
 PAIR_SIZES = (1_000, 2_000, 5_000, 10_000, 20_000, 50_000, 100_000, 1_000_000)
 DEFAULT_FPIRS = (0.1, 0.01, 0.001)

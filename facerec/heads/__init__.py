@@ -7,6 +7,7 @@ from facerec.heads.margins import (
     ElasticCosFace,
     create_margin,
     list_margins,
+    margin_is_elastic,
     register_margin,
 )
 from facerec.heads.partial_fc import CentreOutput, PartialFC, shard_bounds
@@ -20,6 +21,7 @@ __all__ = [
     "PartialFC",
     "create_margin",
     "list_margins",
+    "margin_is_elastic",
     "register_margin",
     "shard_bounds",
 ]

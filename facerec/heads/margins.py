@@ -41,6 +41,12 @@ def list_margins() -> list[str]:
     return _MARGINS.names()
 
 
+def margin_is_elastic(name: str) -> bool:
+    """Whether the registered margin ``name`` is an ElasticFace margin (draws its margins from its
+    own seeded generator, so it takes the run's seed); an unknown name is refused."""
+    return bool(_MARGINS.traits(name).get("elastic", False))
+
+
 def arc_target_logit(cos_target: Tensor, margin: Tensor) -> Tensor:
     """cos(theta + m) with the numerics described in the module docstring (unscaled).
 
@@ -206,17 +212,17 @@ def cosface(s: float = 64.0, m: float = 0.35) -> nn.Module:
     return CosFace(s=s, m=m)
 
 
-@register_margin
+@register_margin(elastic=True)
 def elastic_arcface(s: float = 64.0, m: float = 0.5, sigma: float = 0.05, seed: int = 0):
     return ElasticArcFace(s=s, m=m, sigma=sigma, plus=False, seed=seed)
 
 
-@register_margin
+@register_margin(elastic=True)
 def elastic_cosface(s: float = 64.0, m: float = 0.35, sigma: float = 0.05, seed: int = 0):
     return ElasticCosFace(s=s, m=m, sigma=sigma, plus=False, seed=seed)
 
 
-@register_margin
+@register_margin(elastic=True)
 def elastic_arcface_plus(
     s: float = 64.0, m: float = 0.5, sigma: float = 0.0175, seed: int = 0,
     official_plus_bug: bool = False,
@@ -225,7 +231,7 @@ def elastic_arcface_plus(
                           official_plus_bug=official_plus_bug)
 
 
-@register_margin
+@register_margin(elastic=True)
 def elastic_cosface_plus(
     s: float = 64.0, m: float = 0.35, sigma: float = 0.02, seed: int = 0,
     official_plus_bug: bool = False,

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from facerec.heads import PartialFC, create_margin
+from facerec.heads import PartialFC, create_margin, margin_is_elastic
 from facerec.losses.fiqa import cr_target, quality_regression_loss
 from facerec.losses.softmax import (
     replicated_scalar_grad,
@@ -51,7 +51,7 @@ class FaceRecognitionLoss(nn.Module):
     ):
         super().__init__()
         kwargs = dict(margin_kwargs or {})
-        if margin.startswith("elastic"):
+        if margin_is_elastic(margin):  # ElasticFace draws its margins from the run's seed
             kwargs.setdefault("seed", seed)
         self.centres = PartialFC(num_classes, embedding_size, sample_rate=sample_rate, seed=seed)
         self.margin = create_margin(margin, **kwargs)

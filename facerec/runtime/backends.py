@@ -21,6 +21,7 @@ from typing import Protocol, runtime_checkable
 import numpy as np
 
 import facerec
+from facerec.bundle import METADATA_PREFIX, contract_from_metadata
 from facerec.contract import EmbeddingContract
 from facerec.runtime.device import (
     DeviceChoice,
@@ -29,19 +30,6 @@ from facerec.runtime.device import (
     resolve_device,
     verify_ort_session,
 )
-
-# Keys of an exported graph's metadata_props (written by facerec.export.onnx) start with this.
-METADATA_PREFIX = "facerec."
-
-
-def contract_from_metadata(meta: dict[str, str]) -> EmbeddingContract:
-    """The embedding contract stored in a graph's metadata; refuses graphs that carry none."""
-    if METADATA_PREFIX + "contract" not in meta:
-        raise ValueError(
-            "the model carries no facerec embedding contract (metadata key 'facerec.contract'); "
-            "export it with `facerec export`"
-        )
-    return EmbeddingContract.from_json(meta[METADATA_PREFIX + "contract"])
 
 
 @runtime_checkable

@@ -1,4 +1,4 @@
-"""Evaluation inputs for the OOD detector, as the service sees them.
+"""The OOD study's input families, as the service sees them.
 
 Every input is a *photo* (RGB uint8) that goes through the service's own face location
 (``facerec.runtime.pipeline.FacePipeline.locate``: MTCNN, at most ``max_faces`` faces, the largest
