@@ -41,7 +41,6 @@ from facerec.gallery import (
     open_store,
 )
 from facerec.gallery.measure import evidence_of
-from facerec.gallery.openset import OPENSET_FILE
 from facerec.runtime import DecodeError, NoFaceError, TooManyFacesError
 from service.engine import Engine
 from service.errors import ApiError, from_exception, validation_error
@@ -72,8 +71,7 @@ class Galleries:
         self.metrics = metrics
         self._manager: GalleryManager | None = None
         self._lock = threading.Lock()
-        folder = engine.model_path if engine.model_path.is_dir() else engine.model_path.parent
-        path = folder / OPENSET_FILE
+        path = engine.bundle.openset_path
         self.calibration = OpenSetCalibration.load(path) if path.exists() else None
         contract = engine.backend.contract
         if self.calibration is not None and self.calibration.contract_id != contract.contract_id:

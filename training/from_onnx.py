@@ -181,20 +181,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--atol", type=float, default=1e-3, help="largest output difference accepted")
     args = parser.parse_args(argv)
 
+    from facerec.bundle import find_graph
     from facerec.contract import EmbeddingContract
-    from facerec.eval.embedder import onnx_graph
     from facerec.models import create_model
 
     src = Path(args.model)
-    graph = src if src.suffix == ".onnx" else onnx_graph(src)
     contract_file = (src.parent if src.suffix == ".onnx" else src) / "contract.json"
-    if not contract_file.is_file():
-        print(f"{contract_file}: missing (the architecture is read from the model's contract)", file=sys.stderr)
-        return 2
-    contract = EmbeddingContract.from_json(contract_file.read_text())
-    overrides = (contract.extra or {}).get("overrides") or {}
-    model = create_model(contract.model_name, **overrides)
     try:
+        graph = find_graph(src)
+        if not contract_file.is_file():
+            raise FileNotFoundError(f"{contract_file}: missing (the architecture is read from the model's contract)")
+        contract = EmbeddingContract.from_json(contract_file.read_text())
+        overrides = (contract.extra or {}).get("overrides") or {}
+        model = create_model(contract.model_name, **overrides)
         calib = _calibration_images(args.images, args.calibration_images, contract.input_size)
         report = rebuild(model, graph, calib)
     except (FileNotFoundError, ValueError) as err:
