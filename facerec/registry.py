@@ -2,10 +2,26 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import difflib
+from collections.abc import Callable, Iterable
 from typing import Generic, TypeVar
 
 T = TypeVar("T")
+
+
+class UnknownNameError(ValueError):
+    """A name that no registry entry (or known setting) has: a user's mistake, reported in one line."""
+
+
+def did_you_mean(name: str, known: Iterable[str]) -> str:
+    """`` (did you mean 'x'?)`` for the closest of ``known``, or '' when none is close."""
+    close = difflib.get_close_matches(name, list(known), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def unknown_name(kind: str, name: str, known: Iterable[str]) -> UnknownNameError:
+    known = sorted(known)
+    return UnknownNameError(f"unknown {kind} {name!r}{did_you_mean(name, known)}; registered: {', '.join(known)}")
 
 
 class Registry(Generic[T]):
@@ -24,9 +40,7 @@ class Registry(Generic[T]):
         try:
             factory = self._factories[name]
         except KeyError:
-            raise ValueError(
-                f"unknown {self.kind} {name!r}; registered: {', '.join(sorted(self._factories))}"
-            ) from None
+            raise unknown_name(self.kind, name, self._factories) from None
         return factory(**kwargs)
 
     def names(self) -> list[str]:

@@ -62,7 +62,7 @@ def _common(p: argparse.ArgumentParser, with_bin: bool = True) -> None:
     p.add_argument("--cache", default=None, help="npz to reuse / save the embeddings of this model and set")
     p.add_argument("--meta", default=None, help="detection cache (python -m facerec.eval.face_meta)")
     p.add_argument("--threads", type=int, default=0, help="inference threads (0 = runtime default)")
-    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--batch", type=int, default=64, help="images per inference batch (default: %(default)d)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -86,9 +86,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     q.add_argument("--pool-cache", default=None, help="npz for the pool embeddings")
     q.add_argument("--head", default=None, help="a trained CR-FIQA-style head (.npz) to load, or to save "
                    "when --pool is given")
-    q.add_argument("--fmrs", type=_floats, default=[1e-2, 1e-3])
-    q.add_argument("--resamples", type=int, default=200)
-    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--fmrs", type=_floats, default=[1e-2, 1e-3], help="FMRs of the EDC curves, e.g. 1e-2,1e-3")
+    q.add_argument("--resamples", type=int, default=200, help="identity-bootstrap resamples of the intervals")
+    q.add_argument("--seed", type=int, default=0, help="seed of the bootstrap and the head training")
     q.add_argument("--balance", choices=("none", "identity", "both"), default="both",
                    help="none: every pair counts once; identity: every person's genuine pairs and every "
                    "pair of people's impostors weigh the same (identity-balanced EDC); both (default): "
@@ -99,12 +99,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     o.add_argument("--images", required=True,
                    help="aligned faces (in-distribution): <dir>/<identity>/<image>")
     o.add_argument("--protocol", choices=("validation", "lfw-h2"), help="only these LFW people's images")
-    o.add_argument("--data", default=None)
+    o.add_argument("--data", default=None, help="shared data root for --protocol (default $FACEREC_DATA)")
     o.add_argument("--ood", action="append", default=[], help="folder of non-face images (repeatable)")
     o.add_argument("--limit", type=int, default=400, help="faces and OOD images per family")
     o.add_argument("--no-corruptions", action="store_true", help="skip blur/noise/occlusion/brightness")
-    o.add_argument("--seed", type=int, default=0)
-    o.add_argument("--out", required=True)
+    o.add_argument("--seed", type=int, default=0, help="seed of the image sample and the corruptions")
+    o.add_argument("--out", required=True, help="report folder (created)")
 
 
 # --------------------------------------------------------------------------------- inputs

@@ -60,9 +60,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--tpr", type=float, default=0.95, help="TPR on validation faces (default: %(default)g)"
     )
     parser.add_argument("--pool-images", type=int, default=3000, help="pool images for the statistics")
-    parser.add_argument("--n-prototypes", type=int, default=16)
+    parser.add_argument("--n-prototypes", type=int, default=16,
+                        help="class means are pooled into this many prototypes (no per-identity means ship)")
     parser.add_argument("--min-identities", type=int, default=20, help="people per prototype, at least")
-    parser.add_argument("--shrinkage", type=float, default=0.01)
+    parser.add_argument("--shrinkage", type=float, default=0.01,
+                        help="covariance shrinkage towards a scaled identity (> 0; default: %(default)g)")
     parser.add_argument("--faces", type=int, default=500, help="LFW photos per split")
     parser.add_argument("--attacked", type=int, default=200, help="faces per attack / corruption set (test)")
     parser.add_argument(
@@ -76,9 +78,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--domains", default="photo,crop", help="attack the photo (through alignment), the crop"
     )
-    parser.add_argument("--pgd-steps", type=int, default=5)
+    parser.add_argument("--pgd-steps", type=int, default=5, help="PGD attack steps (default: %(default)d)")
     parser.add_argument("--adaptive-eps", type=float, default=4.0, help="adaptive PGD ε (/255), report only")
-    parser.add_argument("--adaptive-steps", type=int, default=10)
+    parser.add_argument("--adaptive-steps", type=int, default=10, help="adaptive PGD steps, report only")
     parser.add_argument(
         "--adaptive-weights",
         default="1,10",
@@ -90,7 +92,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="leave the face detector's confidence out of the combiner (by default it is one more "
         "column: non-faces that pass the detector do so with a low confidence)",
     )
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="random seed of the splits, prototypes and attacks")
 
 
 def onnx_runner(graph: Path) -> tuple[RunFn, list[str], dict]:
