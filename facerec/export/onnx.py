@@ -24,6 +24,7 @@ then renamed into place, so a graph that failed its check never sits where a ser
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import os
 import time
@@ -189,7 +190,7 @@ def export_model(
     start = time.perf_counter()
     src = resolve_model(source, model_name, overrides)
     cpu_model = copy.deepcopy(src.model).cpu().float().eval()
-    src = ModelSource(cpu_model, src.name, src.overrides, src.version, src.origin)
+    src = dataclasses.replace(src, model=cpu_model)
     contract = contract or default_contract(src, version)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
