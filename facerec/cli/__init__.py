@@ -27,7 +27,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "calibrate": ("facerec.cli.calibrate",
                   "calibrate an exported model's threshold (at a FAR) and quality mapping on the validation split"),
     "eval": ("facerec.cli.eval",
-             "evaluate a model (verify, quality, ood) into a report folder: JSON, PNG plots, summary.md"),
+             "evaluate a model (verify, quality, ood, openset) into a report folder: JSON, PNG plots, summary.md"),
     "calibrate-openset": ("facerec.cli.calibrate_openset",
                           "calibrate an exported model's open-set (1:N) thresholds at FPIRs on validation"),
     "teach": ("facerec.cli.teach",
