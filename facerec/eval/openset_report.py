@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from facerec.eval.operating import probit, pyplot
+from facerec.eval.operating import percent, probit, pyplot, save_figure
 from facerec.eval.reports import write_json
 from facerec.gallery.openset import fpir_threshold, per_person_max
 
@@ -134,12 +134,7 @@ def plot_cmc(rates: list[float], path: Path, title: str) -> Path | None:
     ax.set_xlabel("rank")
     ax.set_ylabel("identification rate (mated searches)")
     ax.set_ylim(min(rates) - 0.05, 1.0)
-    ax.grid(True, alpha=0.3)
-    ax.set_title(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return save_figure(fig, ax, path, title, legend=False)
 
 
 def plot_det_fpir(curve: dict, table: list[dict], path: Path, title: str) -> Path | None:
@@ -158,17 +153,7 @@ def plot_det_fpir(curve: dict, table: list[dict], path: Path, title: str) -> Pat
     ax.set_yticks(probit(ticks), [f"{100 * t:g}%" for t in ticks], fontsize=7)
     ax.set_xlabel("false positive identification rate (FPIR)")
     ax.set_ylabel("false negative identification rate (FNIR)")
-    ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=7)
-    ax.set_title(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
-
-
-def _pct(x) -> str:
-    return "–" if x is None else f"{100 * x:.2f}%"
+    return save_figure(fig, ax, path, title)
 
 
 def openset_markdown(r: dict) -> str:
@@ -178,15 +163,15 @@ def openset_markdown(r: dict) -> str:
     lines += [(f"{r['gallery_people']:,} people enrolled with one image each (seed {r['seed']}); "
                f"{r['mated_searches']:,} mated and {r['nonmated_searches']:,} non-mated searches."), "",
               "## CMC (mated searches, no threshold)", "", "| rank | identification rate |", "|---|---|"]
-    lines += [f"| {k} | {_pct(r['cmc'][k - 1])} |" for k in (1, 5, 10, 20) if k <= len(r["cmc"])]
+    lines += [f"| {k} | {percent(r['cmc'][k - 1])} |" for k in (1, 5, 10, 20) if k <= len(r["cmc"])]
     lines += ["", "## Thresholds at FPIR (a match needs the best score >= threshold)", "",
               "| FPIR (target) | threshold | DIR | FNIR | FPIR achieved |", "|---|---|---|---|---|"]
     for row in r["fpir_table"]:
         if not row["supported"]:
             lines.append(f"| {row['fpir']:g} | unsupported ({r['nonmated_searches']:,} non-mated searches) | | | |")
             continue
-        lines.append(f"| {row['fpir']:g} | {row['threshold']:.4f} | {_pct(row['dir'])} | {_pct(row['fnir'])} "
-                     f"| {_pct(row['achieved_fpir'])} |")
+        lines.append(f"| {row['fpir']:g} | {row['threshold']:.4f} | {percent(row['dir'])} | {percent(row['fnir'])} "
+                     f"| {percent(row['achieved_fpir'])} |")
     lines.append("")
     files = r.get("files", {})
     lines += [f"![{key}]({files[key]})" for key in ("cmc_plot", "det_plot") if key in files]

@@ -77,6 +77,18 @@ def pyplot():
     return plt
 
 
+def save_figure(fig, ax, path: Path, title: str, legend: bool = True) -> Path:
+    """Grid, legend and title on ``ax``; write ``fig`` to ``path`` and close it."""
+    ax.grid(True, alpha=0.3)
+    if legend:
+        ax.legend(fontsize=7)
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path)
+    pyplot().close(fig)
+    return path
+
+
 def probit(p) -> np.ndarray:
     """The normal deviate of probabilities (a DET axis), clipped inside (0, 1)."""
     normal = NormalDist()
@@ -106,13 +118,7 @@ def plot_det(curves: Mapping[str, dict], operating: Mapping[str, dict], path: Pa
     ax.set_ylim(probit([1e-4])[0], probit([0.9])[0])
     ax.set_xlabel("false match rate (FAR)")
     ax.set_ylabel("false non-match rate (FRR)")
-    ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=7)
-    ax.set_title(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return save_figure(fig, ax, path, title)
 
 
 def plot_scores(histograms: Mapping[str, dict], operating: Mapping[str, dict], path: Path,
@@ -144,7 +150,7 @@ def plot_scores(histograms: Mapping[str, dict], operating: Mapping[str, dict], p
     return path
 
 
-def _rate(x) -> str:
+def percent(x) -> str:
     return "–" if x is None else f"{100 * x:.2f}%"
 
 
@@ -155,10 +161,10 @@ def operating_markdown(section: dict) -> list[str]:
         if not row["supported"]:
             lines.append(f"| {row['far']:g} | unsupported ({section['impostors']:,} impostors) | | | |")
             continue
-        lines.append(f"| {row['far']:g} | {row['threshold']:.4f} | {_rate(row['tar'])} | {_rate(row['frr'])} "
-                     f"| {_rate(row['achieved_far'])} |")
+        lines.append(f"| {row['far']:g} | {row['threshold']:.4f} | {percent(row['tar'])} | {percent(row['frr'])} "
+                     f"| {percent(row['achieved_far'])} |")
     op = section.get("operating_point")
     if op and op["threshold"] is not None:
         lines += ["", (f"Operating threshold {op['threshold']:.4f} ({op['source']}; accept score {op['rule']} "
-                       f"threshold): TAR {_rate(op['tar'])}, FAR {_rate(op['far'])}.")]
+                       f"threshold): TAR {percent(op['tar'])}, FAR {percent(op['far'])}.")]
     return lines + [""]
