@@ -1,8 +1,8 @@
 """The comparison that justifies the methods: every margin, with and without UNPG, same pool, same budget.
 
     python benchmarks/method_comparison.py train  --protocol cpu --pool ALIGNED_POOL --lfw ALIGNED_LFW \\
-        --runs /work/runs/compare [--max-minutes 170] [--seeds 1] [--rows arcface,arcface+unpg]
-    python benchmarks/method_comparison.py report --protocol cpu --lfw ALIGNED_LFW --runs /work/runs/compare
+        --runs runs/compare [--max-minutes 170] [--seeds 1] [--rows arcface,arcface+unpg]
+    python benchmarks/method_comparison.py report --protocol cpu --lfw ALIGNED_LFW --runs runs/compare
     python benchmarks/method_comparison.py list   --protocol cpu        # rows, configs and commands
 
 Rows: ArcFace, CosFace, ElasticFace-Arc/Cos and their "+" variants (official defaults from

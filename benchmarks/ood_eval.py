@@ -26,8 +26,8 @@ chosen on validation (``--ceiling-candidates``; ``none`` = the plain linear comb
 Inputs and features are cached under ``--cache`` (delete it to recompute; ``facerec fit-ood`` with
 the same settings shares it). Writes ``benchmarks/results/ood_eval_<model>[_<tag>].{json,md}``.
 
-    OMP_NUM_THREADS=2 python benchmarks/ood_eval.py --checkpoint /work/runs/gpu_vit/model.pt \\
-        --aligned-pool /work/aligned/pool --cache /work/cache/ood_eval
+    OMP_NUM_THREADS=2 python benchmarks/ood_eval.py --checkpoint runs/gpu_vit/model.pt \\
+        --aligned-pool /data/pool112 --cache /data/cache/ood_eval
     # the previous detector's recipe on the same inputs: pooled ViT tokens only, no ceiling
     ... --layers 0,1,2,3 --ceiling-candidates none --variants prototypes --tag tokens_only
 """

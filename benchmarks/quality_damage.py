@@ -1,6 +1,6 @@
 """Does the quality score fall when a face is damaged? Clean against damaged copies of validation faces.
 
-    python benchmarks/quality_damage.py [--model models/default] [--data /work/shared/data]
+    python benchmarks/quality_damage.py [--model models/default] [--data ../shared/data]
         [--limit 400] [--tag v11]
 
 A quality score is only useful if a damaged copy of a face scores below the face itself. For each

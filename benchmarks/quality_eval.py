@@ -1,7 +1,7 @@
 """EDC / pAUC comparison of face-image quality measures on LFW-H2, on one model's embeddings.
 
-    python benchmarks/quality_eval.py [--model models/default] [--aligned-lfw /work/aligned/lfw]
-        [--data /work/shared/data] [--meta LFW_META.npz] [--pool /work/aligned/pool]
+    python benchmarks/quality_eval.py [--model models/default] [--aligned-lfw /data/lfw112]
+        [--data ../shared/data] [--meta LFW_META.npz] [--pool /data/pool112]
         [--resamples 200] [--tag NAME] [--cache E.npz] [--pool-cache P.npz]
         [--balance none|identity|both]
 
@@ -52,7 +52,7 @@ from facerec.eval.quality_report import quality_report, standard_quality_measure
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="models/default", help="export folder, .onnx or checkpoint")
-    ap.add_argument("--aligned-lfw", default="/work/aligned/lfw")
+    ap.add_argument("--aligned-lfw", default="/data/lfw112")
     ap.add_argument("--data", default=None, help="shared data root (default FACEREC_DATA or ../shared/data)")
     ap.add_argument("--meta", default=None, help="detection cache of the original LFW photos")
     ap.add_argument("--pool", default=None, help="aligned training pool: trains the CR-FIQA-style head")

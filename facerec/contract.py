@@ -16,6 +16,16 @@ from dataclasses import asdict, dataclass, field
 ARCFACE_TEMPLATE_112 = "arcface-5pt-112-v1"
 
 
+def training_alignment(config: dict | None) -> str:
+    """The alignment a model was trained on, from its resolved training config (a plain dict of
+    the stored config.yaml; ``facerec/`` does not import ``training/``): a ``data.center_crop``
+    means centre crops of unaligned photos (``center-crop-<N>``: the central N x N pixels, resized
+    to the input size), which the ArcFace-template pipeline does not produce; otherwise, or with
+    no config, the ArcFace template."""
+    crop = ((config or {}).get("data") or {}).get("center_crop")
+    return f"center-crop-{int(crop)}" if crop else ARCFACE_TEMPLATE_112
+
+
 class ContractMismatchError(ValueError):
     """Two artifacts were made for different embedding contracts."""
 

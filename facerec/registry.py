@@ -7,10 +7,26 @@ registry (:meth:`Registry.traits`) replaces tests on the name's spelling.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import difflib
+from collections.abc import Callable, Iterable
 from typing import Any, Generic, TypeVar
 
 T = TypeVar("T")
+
+
+class UnknownNameError(ValueError):
+    """A name that no registry entry (or known setting) has: a user's mistake, reported in one line."""
+
+
+def did_you_mean(name: str, known: Iterable[str]) -> str:
+    """`` (did you mean 'x'?)`` for the closest of ``known``, or '' when none is close."""
+    close = difflib.get_close_matches(name, list(known), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def unknown_name(kind: str, name: str, known: Iterable[str]) -> UnknownNameError:
+    known = sorted(known)
+    return UnknownNameError(f"unknown {kind} {name!r}{did_you_mean(name, known)}; registered: {', '.join(known)}")
 
 
 class Registry(Generic[T]):
@@ -35,7 +51,7 @@ class Registry(Generic[T]):
 
     def _check(self, name: str) -> None:
         if name not in self._factories:
-            raise ValueError(f"unknown {self.kind} {name!r}; registered: {', '.join(sorted(self._factories))}")
+            raise unknown_name(self.kind, name, self._factories)
 
     def create(self, name: str, **kwargs) -> T:
         self._check(name)

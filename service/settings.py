@@ -8,6 +8,7 @@ weak protection. There is deliberately no switch that turns authentication off: 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -150,6 +151,46 @@ class Settings(BaseSettings):
                 f"smoke-test model, then set FACEREC_MODEL to that folder."
             )
         return path
+
+
+# FACEREC_* variables that are not settings of the service but that other parts of the project
+# read, so facerec-serve accepts them in its environment (a shell that trains and serves, the
+# container, CI). tests/test_service_env.py fails when a FACEREC_* name appears in the repository
+# that is neither a setting nor listed here.
+OTHER_VARIABLES = {
+    "FACEREC_DATA": "the shared data root (facerec.data.protocol, tests, benchmarks)",
+    "FACEREC_PINS": "the Pins folder of the training pool (data.pins)",
+    "FACEREC_CACHE": "where MTCNN's ONNX files are cached (facerec.data.mtcnn_onnx)",
+    "FACEREC_API_KEYS_FILE": "a file of API keys, read by the container entrypoint",
+    "FACEREC_REQUIRE_PGVECTOR": "tests: a PostgreSQL + pgvector server must start",
+    "FACEREC_ACCURACY_REPORT": "tests: where the service accuracy check writes its figures",
+    "FACEREC_ACCURACY_PAIRS": "tests: how many pairs the service accuracy check uses",
+    "FACEREC_SCREENSHOT": "tests: where the demo-page test saves its screenshot",
+    "FACEREC_TEST_KILL_AT_STEP": "tests: the trainer kills itself after this step",
+    "FACEREC_TEST_KILL_IN_CHECKPOINT_WRITE": "tests: a checkpoint write kills the process",
+    "FACEREC_TEST_NODE": "tests: the name of a simulated training node",
+    "FACEREC_TEST_PROBE_DIR": "tests: where training processes record their environment",
+    # docker compose substitutes these into deploy/compose.yaml from the shell
+    "FACEREC_IMAGE": "compose: the image", "FACEREC_MODELS_DIR": "compose: the models folder",
+    "FACEREC_MODEL_NAME": "compose: the model folder's name", "FACEREC_BIND": "compose: the host address",
+    "FACEREC_HOST_PORT": "compose: the host port", "FACEREC_API_KEYS_PATH": "compose: the API key file",
+}
+
+
+def setting_variables() -> set[str]:
+    """The environment variable of every setting (FACEREC_ + the field name in capitals)."""
+    return {f"FACEREC_{name.upper()}" for name in Settings.model_fields}
+
+
+def unknown_variables(environ: Mapping[str, str]) -> list[str]:
+    """A message for each FACEREC_* variable of ``environ`` that nothing in facerec reads (a
+    misspelt setting would otherwise be ignored without a word); empty when there is none."""
+    from facerec.registry import did_you_mean
+
+    settings = setting_variables()
+    known = settings | set(OTHER_VARIABLES)
+    return [f"{name} is not a facerec setting{did_you_mean(name.upper(), settings)}"
+            for name in sorted(environ) if name.upper().startswith("FACEREC_") and name.upper() not in known]
 
 
 class ModelNotFoundError(RuntimeError):

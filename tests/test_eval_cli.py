@@ -198,3 +198,37 @@ def test_clear_errors(sample, capsys):
         main(["eval", "verify", str(MODEL), "--images", str(sample / "aligned"), "--fars", "a,b",
               "--out", "o"])
     assert "expected comma-separated numbers" in capsys.readouterr().err
+
+
+def test_verify_writes_det_histograms_and_the_threshold_table(sample):
+    out = sample / "verify_operating"
+    rc = main(["eval", "verify", str(MODEL), "--images", str(sample / "aligned"), "--cache", str(sample / "emb1.npz"),
+               "--threshold", "0.3", "--out", str(out), "--no-progress"])
+    assert rc == 0
+    m = json.loads((out / "metrics.json").read_text())
+    op = m["all_pairs"]["operating_point"]
+    e = _normalised(sample / "emb1.npz", flip=False)
+    names = np.repeat(np.arange(12), 5)
+    iu = np.triu_indices(60, 1)
+    sims, same = (e @ e.T)[iu], names[iu[0]] == names[iu[1]]
+    assert op["source"] == "given" and op["tar"] == pytest.approx(np.mean(sims[same] >= 0.3), abs=1e-6)
+    assert op["far"] == pytest.approx(np.mean(sims[~same] >= 0.3), abs=1e-6)
+    summary = (out / "summary.md").read_text()
+    assert "| FAR (target) | threshold | TAR | FRR | FAR achieved |" in summary
+    for f in ("det.png", "scores.png", "scores.json"):
+        assert (out / f).exists(), f
+
+
+def test_openset_cmc_and_det_at_fpir(sample):
+    out = sample / "openset"
+    rc = main(["eval", "openset", str(MODEL), "--images", str(sample / "aligned"), "--cache", str(sample / "emb1.npz"),
+               "--fpirs", "0.1", "--ranks", "5", "--out", str(out), "--no-progress"])
+    assert rc == 0
+    r = json.loads((out / "openset.json").read_text())
+    assert r["gallery_people"] == 6 and r["mated_searches"] == 6 * 4 and r["nonmated_searches"] == 6 * 5
+    assert len(r["cmc"]) == 5 and r["cmc"] == sorted(r["cmc"]) and r["cmc"][-1] <= 1.0
+    for f in ("summary.md", "det_fpir.json", "cmc.png", "det_fpir.png"):
+        assert (out / f).exists(), f
+    with pytest.raises(SystemExit, match="drop --pairs"):
+        main(["eval", "openset", str(MODEL), "--images", str(sample / "aligned"), "--pairs",
+              str(sample / "pairs.txt"), "--out", str(out)])

@@ -25,18 +25,49 @@ DEFAULT_CONFIG = "tiny_cpu"
 
 
 def config_path(name: str) -> Path:
+    """A config file: the path as given, else a shipped config of that name, resolved against the
+    installed package (so `training/configs/x.yaml` also works outside the repository root)."""
     path = Path(name)
     if path.exists():
         return path
-    for candidate in (CONFIG_DIR / name, CONFIG_DIR / f"{name}.yaml"):
+    candidates = [CONFIG_DIR / name, CONFIG_DIR / f"{name}.yaml"]
+    if path.parent.parts[-2:] == ("training", "configs"):
+        candidates.append(CONFIG_DIR / path.name)
+    for candidate in candidates:
         if candidate.exists():
             return candidate
-    raise SystemExit(f"config {name!r} not found (looked in . and {CONFIG_DIR})")
+    shipped = ", ".join(sorted(p.stem for p in CONFIG_DIR.glob("*.yaml")))
+    raise SystemExit(f"facerec-train: config {name!r} not found (neither a file nor one of the shipped "
+                     f"configs: {shipped})")
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="facerec-train", description="Train a face recognition model.",
-                                     epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+# Config fields that name files or folders, checked before training starts.
+PATH_FIELDS = ("data.path", "data.manifest", "data.pins", "data.exclude", "val.path", "val.data_root",
+               "model.init_from", "loss.distill.cache")
+
+
+def check_paths(config) -> None:
+    """Refuse, in one line, a config whose files or folders do not exist (before any work starts)."""
+    tree = config.model_dump()
+    for field in PATH_FIELDS:
+        value = tree
+        for part in field.split("."):
+            value = value.get(part) if isinstance(value, dict) else None
+        if value and not Path(value).exists():
+            where = "" if Path(value).is_absolute() else (
+                f" (relative to the working directory {Path.cwd()}; run from the folder it is relative to, "
+                "e.g. the repository root, or give an absolute path)")
+            raise SystemExit(f"facerec-train: {field} {value} does not exist{where}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    import facerec
+    from facerec.cli.usage import OneLineParser
+
+    parser = OneLineParser(prog="facerec-train", description="Train a face recognition model.",
+                           epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"facerec-train {facerec.__version__}",
+                        help="print the version and exit")
     parser.add_argument("--config", "-c", default=None,
                         help=f"YAML config (path or name); default: {DEFAULT_CONFIG}, or with --resume the "
                              "config stored with the checkpoint")
@@ -48,7 +79,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="with --resume and --config: resume even where the config differs from the "
                              "checkpoint's stored config in fields that change what is computed")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
-    return parser.parse_args(argv)
+    return parser
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
 
 
 def _run_dir_override(overrides: list[str]) -> str | None:
@@ -132,16 +167,26 @@ def resolve_config(args: argparse.Namespace):
 
 def main(argv=None, callbacks=()) -> int:
     """``callbacks``: run with the trainer after every step (``Trainer``); the crash tests use one."""
+    import yaml
+
+    from facerec.cli.usage import user_errors
+
     args = parse_args(argv)
-    config = resolve_config(args)
+    # While the config is read, a ValueError can only be a mistake in it (an override that is not
+    # key=value, a section that is a value); yaml's errors are mistakes in a file.
+    with user_errors("facerec-train", ValueError, yaml.YAMLError):
+        config = resolve_config(args)
     if args.print_config:
         print(config.to_yaml(), end="")
         return 0
+    with user_errors("facerec-train"):
+        check_paths(config)
     from training.dist import close_distributed
     from training.trainer import NonFiniteError, Trainer
 
     try:
-        trainer = Trainer(config, resume=args.resume, callbacks=callbacks)
+        with user_errors("facerec-train"):  # a missing file found while the run is set up
+            trainer = Trainer(config, resume=args.resume, callbacks=callbacks)
         summary = trainer.fit()
     except NonFiniteError as e:
         print(f"facerec-train: {e}", file=sys.stderr)

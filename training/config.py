@@ -206,10 +206,32 @@ class Config(_Strict):
                              "below data.min_images_per_identity); a .rec keeps all its identities")
         if self.data.exclude and self.data.kind not in ("folder", "pool"):
             raise ValueError(f"data.exclude applies to data.kind folder or pool (image files), not {self.data.kind!r}")
+        _check_registered(self.model, self.loss.margin)
         return self
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def _check_registered(model: ModelConfig, margin: str) -> None:
+    """model.name and loss.margin must be registered names (after importing model.imports, whose
+    plugins may register more), so a misspelt name fails when the config loads, not after the
+    dataset has been scanned."""
+    import importlib
+
+    from facerec.heads import list_margins
+    from facerec.models import list_models
+    from facerec.registry import unknown_name
+
+    for module in model.imports:
+        try:
+            importlib.import_module(module)
+        except ImportError as err:
+            raise ValueError(f"model.imports: cannot import {module!r} ({err})") from None
+    if model.name not in list_models():
+        raise ValueError(f"model.name: {unknown_name('model', model.name, list_models())}")
+    if margin not in list_margins():
+        raise ValueError(f"loss.margin: {unknown_name('margin', margin, list_margins())}")
 
 
 # Fields a resumed run may change without changing what it computes: where and how often it

@@ -2,7 +2,8 @@
 
 Each sub-command module defines ``add_arguments(parser)`` and ``run(args) -> int``. Modules are
 imported only when their sub-command runs, so ``facerec --help`` stays fast and a sub-command's
-heavy imports (torch, cv2) do not slow the others.
+heavy imports (torch, cv2) do not slow the others. A user's mistake is answered in one line with
+exit code 2 (``facerec.cli.usage``).
 """
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+
+from facerec.cli.usage import OneLineParser, user_errors
 
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -24,7 +27,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "calibrate": ("facerec.cli.calibrate",
                   "calibrate an exported model's threshold (at a FAR) and quality mapping on the validation split"),
     "eval": ("facerec.cli.eval",
-             "evaluate a model (verify, quality, ood) into a report folder: JSON, PNG plots, summary.md"),
+             "evaluate a model (verify, quality, ood, openset) into a report folder: JSON, PNG plots, summary.md"),
     "calibrate-openset": ("facerec.cli.calibrate_openset",
                           "calibrate an exported model's open-set (1:N) thresholds at FPIRs on validation"),
     "teach": ("facerec.cli.teach",
@@ -35,27 +38,39 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
+def build_parser(commands: tuple[str, ...] = ()) -> argparse.ArgumentParser:
+    """The ``facerec`` parser; the sub-commands in ``commands`` get their full arguments (their
+    modules are imported), the others only their name and help."""
+    import facerec
+
+    parser = OneLineParser(
         prog="facerec",
         description="facerec: train, evaluate, export and serve face recognition models.",
     )
+    parser.add_argument("--version", action="version", version=f"facerec {facerec.__version__}",
+                        help="print the version and exit")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name, (_, help_text) in COMMANDS.items():
-        sub.add_parser(name, help=help_text, description=help_text)
+    for name, (module, help_text) in COMMANDS.items():
+        command = sub.add_parser(name, help=help_text, description=help_text)
+        if name in commands:
+            importlib.import_module(module).add_arguments(command)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     # The sub-command is the first bare word; only its module is imported, and it adds its own
     # arguments before parsing (so `facerec align --help` shows align's options).
     command = next((a for a in argv if not a.startswith("-")), None)
-    module = None
-    if command in COMMANDS:
-        module = importlib.import_module(COMMANDS[command][0])
-        module.add_arguments(sub.choices[command])
+    known = command if command in COMMANDS else None
+    parser = build_parser((known,) if known else ())
     args = parser.parse_args(argv)
-    if module is None:
+    if known is None:
         parser.print_help()
         return 2
-    return int(module.run(args) or 0)
+    module = importlib.import_module(COMMANDS[known][0])
+    with user_errors(f"facerec {known}"):
+        return int(module.run(args) or 0)
 
 
 if __name__ == "__main__":

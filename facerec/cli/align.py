@@ -68,29 +68,17 @@ class AlignJob:
 
 
 def decode_rgb(path: str | os.PathLike) -> np.ndarray:
-    """A file -> RGB uint8 (H, W, 3), through the hardened decoder when it is available."""
-    try:
-        from facerec.data.image_io import load_image  # size limits, EXIF, alpha, 16-bit
-    except ImportError:
-        load_image = None
-    if load_image is not None:
-        return ensure_three_channels(load_image(path))
-    image = cv2.imdecode(np.fromfile(str(path), np.uint8), cv2.IMREAD_COLOR)
-    if image is None:
-        raise ValueError("not a decodable image")
-    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+    """A file -> RGB uint8 (H, W, 3), through the hardened decoder (size limits, EXIF, alpha, 16-bit)."""
+    from facerec.data.image_io import load_image
+
+    return ensure_three_channels(load_image(path))
 
 
 def find_faces(detector, image: np.ndarray, opts: AlignOptions) -> list:
     """Faces kept by the options' policy; 'single' keeps all so that a crowd can be refused."""
-    policy = "all" if opts.policy == "single" else opts.policy
-    try:
-        from facerec.data.detect import detect_faces
-    except ImportError:  # older detect.py: plain detection, no padded retry
-        from facerec.data.detect import select_faces
+    from facerec.data.detect import detect_faces
 
-        found = detector.detect(image)
-        return select_faces(found, image.shape, policy, opts.min_size, opts.min_score)
+    policy = "all" if opts.policy == "single" else opts.policy
     return detect_faces(
         detector, image, policy, opts.min_size, opts.min_score, pad_retry=opts.pad_retry
     )
@@ -343,9 +331,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="do not retry detection on a padded image (tight crops need it)",
     )
-    parser.add_argument("--detector", default="mtcnn", help="detector name")
-    parser.add_argument("--backend", choices=("torch", "onnx"), default="torch")
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--detector", default="mtcnn", help="face detector: mtcnn (shipped) or scrfd "
+                        "(needs --model-dir)")
+    parser.add_argument("--backend", choices=("torch", "onnx"), default="torch",
+                        help="what runs the MTCNN nets: torch or onnxruntime (default: torch)")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
     parser.add_argument("--model-dir", help="detector weights/ONNX folder")
     parser.add_argument(
         "--workers",
@@ -354,7 +344,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="processes (one torch thread each); 0 = in this process",
     )
     parser.add_argument("--limit", type=int, help="align only the first N images (a dry run)")
-    parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def build_jobs(args) -> tuple[list[AlignJob], list]:
@@ -362,6 +352,12 @@ def build_jobs(args) -> tuple[list[AlignJob], list]:
     from facerec.data import protocol
     from facerec.data.verification import parse_pairs
 
+    for flag, path in (("--pins", args.pins), ("--pairs", args.pairs)):
+        if path and not Path(path).exists():
+            raise SystemExit(f"facerec align: {flag} {path} does not exist")
+    if args.preset in ("lfw", "pool") and not protocol.has_lfw(args.data):
+        raise SystemExit(f"facerec align: --preset {args.preset} needs the shared data's lfw/people.txt and "
+                         f"pairs.txt under {protocol.data_root(args.data)} (give --data or set FACEREC_DATA)")
     if args.preset in ("pool", "pins"):
         if args.preset == "pins" or args.pins:
             if not args.pins:
@@ -377,6 +373,8 @@ def build_jobs(args) -> tuple[list[AlignJob], list]:
         return folder_jobs(root / protocol.LFW_IMAGES), []
     if not args.input:
         raise SystemExit("facerec align: give an input folder or --preset")
+    if not Path(args.input).is_dir():
+        raise SystemExit(f"facerec align: the input folder {args.input} does not exist")
     if args.pairs:
         pairs = parse_pairs(args.pairs)
         return pair_jobs(pairs, args.input), pairs
@@ -403,16 +401,21 @@ def run(args) -> int:
     tree = out / "aligned" if args.format == "rec" else out
     if args.prune and args.limit:
         raise SystemExit("facerec align: --prune with --limit would delete the images beyond the limit")
-    if args.prune:
-        removed = prune_tree(tree, jobs)
-        print(f"pruned {removed} aligned images that no job produces")
     factory = functools.partial(
         make_detector, args.detector, args.device, args.backend, args.model_dir
     )
+    try:  # here, not first in a pool worker, where a failing initializer is restarted for ever
+        detector = factory()
+    except (ValueError, FileNotFoundError) as err:
+        raise SystemExit(f"facerec align: cannot build the detector: {err}") from None
+    if args.prune:
+        removed = prune_tree(tree, jobs)
+        print(f"pruned {removed} aligned images that no job produces")
     report = align_jobs(
         jobs,
         tree,
         opts,
+        detector=detector if args.workers == 0 else None,
         detector_factory=factory,
         workers=args.workers,
         progress=not args.no_progress,

@@ -50,7 +50,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--repeats", type=int, default=20, help="random galleries per size (default: %(default)d)"
     )
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random galleries")
     parser.add_argument("--threads", type=int, default=1, help="onnxruntime threads (default: %(default)d)")
     parser.add_argument(
         "--cache", default=None, help="an .npz to keep the measured validation faces in (reused when present)"

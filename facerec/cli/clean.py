@@ -29,9 +29,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="tau is the (1 - far) quantile of random different-identity cosines (1e-3)")
     parser.add_argument("--min-images", type=int, default=3, help="identities with fewer are not judged (3)")
     parser.add_argument("--pairs", type=int, default=200_000, help="random different-identity pairs for tau")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random impostor pairs")
     parser.add_argument("--sheet-rows", type=int, default=24, help="flagged images on the contact sheet")
-    parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def run(args: argparse.Namespace) -> int:

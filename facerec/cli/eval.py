@@ -1,4 +1,4 @@
-"""``facerec eval verify|quality|ood``: evaluate a model and write a report folder.
+"""``facerec eval verify|quality|ood|openset``: evaluate a model and write a report folder.
 
 Every sub-command writes JSON numbers, PNG plots and a short ``summary.md`` into ``--out``.
 The numbers come from ``facerec.eval`` (``reports.verify_report`` / ``reports.quality_report``)
@@ -34,6 +34,7 @@ examples:
       --pool /data/pool112 --out reports/quality
   facerec eval ood models/default --images /data/lfw112 --protocol lfw-h2 \\
       --ood ../shared/data/cifar10_ood --out reports/ood
+  facerec eval openset models/default --images /data/lfw112 --protocol lfw-h2 --out reports/openset
 
 --meta is a detection cache made by `python -m facerec.eval.face_meta ORIGINALS --out FILE` on the
 original (unaligned) photos, keyed identity/file: it gives the yaw (pose bins), the detector
@@ -62,14 +63,16 @@ def _common(p: argparse.ArgumentParser, with_bin: bool = True) -> None:
     p.add_argument("--cache", default=None, help="npz to reuse / save the embeddings of this model and set")
     p.add_argument("--meta", default=None, help="detection cache (python -m facerec.eval.face_meta)")
     p.add_argument("--threads", type=int, default=0, help="inference threads (0 = runtime default)")
-    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--batch", type=int, default=64, help="images per inference batch (default: %(default)d)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.epilog = EPILOG
-    sub = parser.add_subparsers(dest="eval_command", metavar="{verify,quality,ood}", required=True)
+    from facerec.cli import eval_openset
+
+    sub = parser.add_subparsers(dest="eval_command", metavar="{verify,quality,ood,openset}", required=True)
     v = sub.add_parser("verify", help="k-fold accuracy, ROC, EER, TAR@FAR (pair list and all pairs), by pose",
                        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     _common(v)
@@ -78,6 +81,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     v.add_argument("--fars", type=_floats, default=[1e-2, 1e-3, 1e-4], help="e.g. 1e-2,1e-3,1e-4")
     v.add_argument("--yaw-edges", type=_floats, default=[15.0, 30.0], help="|yaw| bin edges, degrees")
     v.add_argument("--folds", type=int, default=10, help="folds for a .bin (contiguous)")
+    v.add_argument("--threshold", type=float, default=None,
+                   help="the operating threshold to mark and report (e.g. the model's calibrated one; "
+                   "accept score >= it); default: the threshold at --operating-far on the evaluated impostors")
+    v.add_argument("--operating-far", type=float, default=1e-3,
+                   help="FAR that sets the operating threshold when --threshold is not given (default: %(default)g)")
     q = sub.add_parser("quality", help="EDC / pAUC of quality measures with identity-bootstrap intervals",
                        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     _common(q, with_bin=False)
@@ -86,9 +94,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     q.add_argument("--pool-cache", default=None, help="npz for the pool embeddings")
     q.add_argument("--head", default=None, help="a trained CR-FIQA-style head (.npz) to load, or to save "
                    "when --pool is given")
-    q.add_argument("--fmrs", type=_floats, default=[1e-2, 1e-3])
-    q.add_argument("--resamples", type=int, default=200)
-    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--fmrs", type=_floats, default=[1e-2, 1e-3], help="FMRs of the EDC curves, e.g. 1e-2,1e-3")
+    q.add_argument("--resamples", type=int, default=200, help="identity-bootstrap resamples of the intervals")
+    q.add_argument("--seed", type=int, default=0, help="seed of the bootstrap and the head training")
     q.add_argument("--balance", choices=("none", "identity", "both"), default="both",
                    help="none: every pair counts once; identity: every person's genuine pairs and every "
                    "pair of people's impostors weigh the same (identity-balanced EDC); both (default): "
@@ -99,12 +107,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     o.add_argument("--images", required=True,
                    help="aligned faces (in-distribution): <dir>/<identity>/<image>")
     o.add_argument("--protocol", choices=("validation", "lfw-h2"), help="only these LFW people's images")
-    o.add_argument("--data", default=None)
+    o.add_argument("--data", default=None, help="shared data root for --protocol (default $FACEREC_DATA)")
     o.add_argument("--ood", action="append", default=[], help="folder of non-face images (repeatable)")
     o.add_argument("--limit", type=int, default=400, help="faces and OOD images per family")
     o.add_argument("--no-corruptions", action="store_true", help="skip blur/noise/occlusion/brightness")
-    o.add_argument("--seed", type=int, default=0)
-    o.add_argument("--out", required=True)
+    o.add_argument("--seed", type=int, default=0, help="seed of the image sample and the corruptions")
+    o.add_argument("--out", required=True, help="report folder (created)")
+    eval_openset.add_parser(sub, EPILOG)
 
 
 # --------------------------------------------------------------------------------- inputs
@@ -244,6 +253,7 @@ def run_verify(args) -> int:
     report = verify_report(
         es.normalised(args.flip), args.out, names=ds.names, pairs=ds.pairs, yaw=yaw,
         all_pairs=not args.no_all_pairs, fars=args.fars, yaw_edges=args.yaw_edges,
+        operating_threshold=args.threshold, operating_far=args.operating_far,
         title=f"Verification: {ds.description}", command=_command(),
         meta={"model": embedder.name, "data": ds.description,
               "embeddings": ("L2-normalised sum of the image's and its mirror's normalised embeddings"
@@ -441,4 +451,7 @@ def _plot_ood(s_in, scores_out, threshold, path: Path) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    return {"verify": run_verify, "quality": run_quality, "ood": run_ood}[args.eval_command](args)
+    from facerec.cli import eval_openset
+
+    commands = {"verify": run_verify, "quality": run_quality, "ood": run_ood, "openset": eval_openset.run}
+    return commands[args.eval_command](args)

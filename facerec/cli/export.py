@@ -56,9 +56,18 @@ def run(args) -> int:
     if args.random_init:
         if not args.model:
             raise SystemExit("facerec export: --random-init needs --model")
-        overrides = json.loads(args.overrides)
+        try:
+            overrides = json.loads(args.overrides)
+        except json.JSONDecodeError as err:
+            raise SystemExit(f"facerec export: --overrides is not JSON ({err}): {args.overrides}") from None
+        if not isinstance(overrides, dict):
+            raise SystemExit(f"facerec export: --overrides must be a JSON object, got {args.overrides}")
         torch.manual_seed(0)
-        source = ModelSource(create_model(args.model, **overrides), args.model, overrides, "random-init")
+        try:
+            model = create_model(args.model, **overrides)
+        except TypeError as err:  # an override the model does not take
+            raise SystemExit(f"facerec export: --overrides {args.overrides}: {err}") from None
+        source = ModelSource(model, args.model, overrides, "random-init")
     elif args.checkpoint:
         source = resolve_model(args.checkpoint)
         if args.model and args.model != source.name:

@@ -44,7 +44,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data-root", help="shared data root (default $FACEREC_DATA or ../shared/data)")
     parser.add_argument("--out", help="the cache folder (one teacher per folder)")
     parser.add_argument("--workers", type=int, default=1, help="processes, one thread each")
-    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--batch-size", type=int, default=16, help="images per teacher call (default: %(default)d)")
     parser.add_argument("--limit", type=int, help="only the first N images (a dry run)")
     parser.add_argument("--stop-after", type=int,
                         help="stop after about N new images (whole batches); rerun to go on")
@@ -52,7 +52,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="print the teacher's accuracy on LFW fold 5's 600 pairs (the validation split)")
     parser.add_argument("--val-aligned", help="aligned LFW tree for --val (aligned teachers; default: "
                         "align the original photos on the fly)")
-    parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def parse_options(pairs: list[str]) -> dict:

@@ -5,8 +5,9 @@ already computed (``facerec eval``, ``benchmarks/evaluate_lfw.py``, ``benchmarks
 all use them, so a number means the same everywhere) and write:
 
 - verify: ``metrics.json`` (pair-list k-fold accuracy, EER and TAR at FAR; all-pairs TAR at FAR
-  and EER; the same split by pose bin), ``roc.json`` (down-sampled ROC arrays), ``roc.png``,
-  ``pose.png``, ``summary.md``;
+  and EER; the same split by pose bin; per protocol a threshold table and the operating point,
+  :mod:`facerec.eval.operating`), ``roc.json`` (down-sampled ROC arrays), ``scores.json`` (genuine /
+  impostor score histograms), ``roc.png``, ``det.png``, ``scores.png``, ``pose.png``, ``summary.md``;
 - quality: ``quality.json`` (EDC curves, pAUC with bootstrap intervals, differences to the
   reference measure; the plain view under ``fmr``, the identity-balanced one under
   ``balanced.fmr``), ``edc_fmr<FMR>.png`` (plain), ``edc_balanced_fmr<FMR>.png`` (balanced),
@@ -30,6 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
+from facerec.eval import operating as op
 from facerec.eval.allpairs import (
     genuine_pairs,
     identity_ids,
@@ -148,8 +150,14 @@ def verify_report(
     title: str = "verification",
     command: str = "",
     meta: dict | None = None,
+    operating_threshold: float | None = None,
+    operating_far: float = 1e-3,
 ) -> dict:
-    """Verification numbers for L2-normalised ``emb`` (rows = images) -> ``out`` folder."""
+    """Verification numbers for L2-normalised ``emb`` (rows = images) -> ``out`` folder.
+
+    The operating threshold marked in the plots and summarised per protocol is
+    ``operating_threshold`` (e.g. the model's calibrated one), else the threshold at
+    ``operating_far`` on that protocol's impostors."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     emb = np.asarray(emb, dtype=np.float32)
@@ -161,8 +169,17 @@ def verify_report(
                               "images_per_bin": {labels[int(k)]: int(c) for k, c in
                                                  zip(*np.unique(img_bin, return_counts=True))},
                               "rule": "pair bin = bin of max(|yaw_a|, |yaw_b|); unknown if either is"}
-    curves = {}
+    curves, histograms, points = {}, {}, {}
     pose_rows: dict[int, dict] = {}
+
+    def operating_section(sec: dict, name: str, genuine, impostor) -> None:
+        table = op.threshold_table(genuine, impostor, (*op.TABLE_FARS, *fars, operating_far))
+        sec["threshold_table"] = table
+        sec["operating_point"] = points[name] = op.operating_point(genuine, impostor, operating_threshold,
+                                                                   operating_far, table)
+        histograms[name] = op.score_histogram(genuine, impostor)
+        curves[name] = roc_points(genuine, impostor)
+
     if pairs is not None:
         scores = np.sum(emb[pairs.a] * emb[pairs.b], axis=1).astype(np.float64)
         same = np.asarray(pairs.same, dtype=bool)
@@ -180,7 +197,7 @@ def verify_report(
                 pose_rows.setdefault(g, {})["accuracy"] = v["accuracy"]
                 pose_rows[g]["pairs"] = v["pairs"]
         report["pair_list"] = sec
-        curves[f"{pairs.name} ({scores.size:,} pairs)"] = roc_points(scores[same], scores[~same])
+        operating_section(sec, f"{pairs.name} ({scores.size:,} pairs)", scores[same], scores[~same])
     if names is not None and all_pairs:
         ids = identity_ids(names)
         a, b = genuine_pairs(ids)
@@ -204,14 +221,19 @@ def verify_report(
                 for e in v["at_global"]:
                     row[f"tar_global_{e['far']:g}"] = None if math.isnan(e["tar"]) else e["tar"]
         report["all_pairs"] = sec
-        curves[f"all pairs ({imp.scores.size:,} impostors)"] = roc_points(genuine, imp.scores)
+        operating_section(sec, f"all pairs ({imp.scores.size:,} impostors)", genuine, imp.scores)
         del imp
     if not curves:
         raise ValueError("nothing to evaluate: give pairs, or identities with all_pairs")
     write_json(out / "roc.json", curves)
-    files = {"metrics": "metrics.json", "roc_arrays": "roc.json"}
+    write_json(out / "scores.json", histograms)
+    files = {"metrics": "metrics.json", "roc_arrays": "roc.json", "score_histograms": "scores.json"}
     if plot_roc(curves, out / "roc.png", title):
         files["roc_plot"] = "roc.png"
+    if op.plot_det(curves, points, out / "det.png", title):
+        files["det_plot"] = "det.png"
+    if op.plot_scores(histograms, points, out / "scores.png", title):
+        files["score_plot"] = "scores.png"
     rows = []
     if img_bin is not None:
         counts = dict(zip(*np.unique(img_bin, return_counts=True)))
@@ -247,12 +269,16 @@ def verify_markdown(r: dict) -> str:
                    f"**{_pct(p['accuracy_mean'])} ± {100 * p['accuracy_std']:.2f}**"),
                   f"- EER: {_pct(p['eer']['eer'])}",
                   "- TAR at FAR: " + ", ".join(f"{t['far']:g}: {_tar_text(t)}" for t in p["tar_at_far"]), ""]
+        if "threshold_table" in p:
+            lines += op.operating_markdown(p)
     if "all_pairs" in r:
         a = r["all_pairs"]
         lines += [(f"## All pairs: {a['genuine']:,} genuine, {a['impostors']:,} impostor pairs "
                    f"({a['identities']:,} identities)"), "",
                   f"- EER: {_pct(a['eer']['eer'])}",
                   "- TAR at FAR: " + ", ".join(f"{t['far']:g}: {_tar_text(t)}" for t in a["tar_at_far"]), ""]
+        if "threshold_table" in a:
+            lines += op.operating_markdown(a)
     if r.get("pose_table"):
         yb = r["yaw_bins"]
         lines += ["## By head pose", "",
@@ -282,7 +308,7 @@ def verify_markdown(r: dict) -> str:
                        "genuine pairs against the bin's own impostors; unsupported when the bin has fewer "
                        "than 1/FAR impostors."), ""]
     files = r.get("files", {})
-    for key in ("roc_plot", "pose_plot"):
+    for key in ("roc_plot", "det_plot", "score_plot", "pose_plot"):
         if key in files:
             lines.append(f"![{key}]({files[key]})")
     if "roc_plot" not in files:

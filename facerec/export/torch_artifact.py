@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 import facerec
-from facerec.contract import EmbeddingContract
+from facerec.contract import ARCFACE_TEMPLATE_112, EmbeddingContract, training_alignment
 from facerec.models import create_model
 
 ARTIFACT_FORMAT = "facerec.torch-artifact"
@@ -44,6 +44,7 @@ class ModelSource:
     version: str = "dev"  # becomes the contract's model_version unless the caller names one
     origin: str = "object"
     training_config: str | None = None  # the resolved training config (YAML text), when known
+    alignment: str = ARCFACE_TEMPLATE_112  # what the model was trained on: the contract's alignment
 
 
 def build_model(name: str, overrides: dict | None, state_dict: dict | None) -> nn.Module:
@@ -79,6 +80,18 @@ def _checkpoint_file(path: Path) -> Path:
     raise FileNotFoundError(f"{path}: no model.pt, best.json or step_* checkpoint found")
 
 
+def checkpoint_alignment(file: Path) -> str:
+    """The alignment a training checkpoint's model was trained on, from the resolved config stored
+    beside its ``model.pt`` (else the run folder's): centre crops when ``data.center_crop`` is set."""
+    import yaml
+
+    candidates = [file.parent / CHECKPOINT_CONFIG]
+    if file.parent.parent.name == "checkpoints":
+        candidates.append(file.parent.parent.parent / CHECKPOINT_CONFIG)
+    stored = next((c for c in candidates if c.is_file()), None)
+    return training_alignment(yaml.safe_load(stored.read_text()) if stored else None)
+
+
 def load_model_file(path: str | Path) -> ModelSource:
     """A training checkpoint or a torch artefact -> :class:`ModelSource` (weights_only loading)."""
     file = _checkpoint_file(Path(path))
@@ -87,12 +100,14 @@ def load_model_file(path: str | Path) -> ModelSource:
         raise ValueError(f"{file}: expected a dict of weights and metadata, got {type(data).__name__}")
     if data.get("format") == ARTIFACT_FORMAT:
         name, overrides, state = data["model_name"], data["overrides"], data["state_dict"]
-        version = EmbeddingContract.from_json(data["contract"]).model_version
+        stored = EmbeddingContract.from_json(data["contract"])
+        version, alignment = stored.model_version, stored.alignment
         origin = "torch-artifact"
         config = data.get("training_config")
     elif "model" in data and "model_name" in data:  # training/trainer.py's model.pt
         name, overrides, state = data["model_name"], data.get("model_kwargs") or {}, data["model"]
         version = f"step{data['step']}" if "step" in data else "dev"
+        alignment = checkpoint_alignment(file)
         origin = "checkpoint"
         stored = file.parent / CHECKPOINT_CONFIG  # training/checkpoint.py writes it into every step
         config = stored.read_text() if stored.is_file() else None
@@ -101,7 +116,8 @@ def load_model_file(path: str | Path) -> ModelSource:
             f"{file}: neither a facerec torch artefact nor a training checkpoint (keys: {sorted(data)[:8]})"
         )
     return ModelSource(
-        build_model(name, overrides, state), name, dict(overrides), version, f"{origin}:{file}", config
+        build_model(name, overrides, state), name, dict(overrides), version, f"{origin}:{file}",
+        training_config=config, alignment=alignment,
     )
 
 
@@ -126,13 +142,15 @@ def resolve_model(
 def default_contract(
     source: ModelSource, version: str | None = None, extra: dict | None = None
 ) -> EmbeddingContract:
-    """The contract of a facerec backbone: RGB, (x - 127.5) / 127.5, ArcFace 5-point alignment."""
+    """The contract of a facerec backbone: RGB, (x - 127.5) / 127.5, and the alignment it was
+    trained on (the ArcFace 5-point template unless its training config says centre crops)."""
     model = source.model
     return EmbeddingContract(
         model_name=source.name,
         model_version=version or source.version,
         embedding_size=int(model.embedding_size),
         input_size=int(model.input_size),
+        alignment=source.alignment,
         extra={"overrides": source.overrides, **(extra or {})},
     )
 
