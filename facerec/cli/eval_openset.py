@@ -7,7 +7,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from facerec.cli.eval import _command, _common, _embed, _floats, load_dataset
+from facerec.cli.eval_data import _command, _common, _embed, _floats, load_dataset
 
 HELP = "CMC, DET at FPIR and thresholds at FPIR: half the people enrolled, all their other images searched"
 
