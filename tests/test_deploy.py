@@ -785,6 +785,9 @@ def test_operations_metrics_reference_is_complete():
     m.decisions.labels(decision="match").inc()
     m.ood.labels(flagged="false").inc()
     m.errors.labels(code="overloaded").inc()
+    m.gallery_searches.labels(decision="unknown").inc()
+    m.gallery_samples.labels(outcome="enrolled").inc()
+    m.gallery_refusals.labels(reason="no_face").inc()
     exported = {}
     for family in text_string_to_metric_families(m.render().decode()):
         if family.name.endswith("_created"):  # prometheus_client's creation timestamps (documented)
