@@ -131,3 +131,18 @@ def test_every_option_of_every_command_has_help():
     assert len(options) > 150  # the walk reaches the sub-commands' own options
     assert "facerec eval verify --fars" in dict(options)
     assert [name for name, text in options if not text or text == argparse.SUPPRESS] == []
+
+
+def test_paths_of_an_unused_section_are_not_checked(tmp_path):
+    """val.kind=none reads no validation files, synthetic data no data folder: their paths are not
+    checked (the multi-node test runs from a temporary folder with val.kind=none); used ones are."""
+    import training.__main__ as cli
+    from training.config import Config
+
+    cfg = Config.model_validate({"data": {"kind": "synthetic", "path": "nowhere"},
+                                 "val": {"kind": "none", "path": "nowhere"}})
+    cli.check_paths(cfg)  # nothing to refuse
+    used = Config.model_validate({"data": {"kind": "folder", "path": str(tmp_path)},
+                                  "val": {"kind": "lfw_fold", "path": "nowhere"}})
+    with pytest.raises(SystemExit, match="val.path nowhere does not exist"):
+        cli.check_paths(used)

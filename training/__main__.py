@@ -49,7 +49,10 @@ PATH_FIELDS = ("data.path", "data.manifest", "data.pins", "data.exclude", "val.p
 def check_paths(config) -> None:
     """Refuse, in one line, a config whose files or folders do not exist (before any work starts)."""
     tree = config.model_dump()
+    unused = {"val": tree["val"]["kind"] == "none", "data": tree["data"]["kind"] == "synthetic"}
     for field in PATH_FIELDS:
+        if unused.get(field.split(".")[0]) and field != "data.exclude":
+            continue  # a section that reads no files (val.kind=none, synthetic data): its paths are unused
         value = tree
         for part in field.split("."):
             value = value.get(part) if isinstance(value, dict) else None
