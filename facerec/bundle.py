@@ -6,6 +6,8 @@ A ``facerec export`` folder holds::
     <stem>.onnx              fp32 graph; its metadata carries the contract, the calibration and
                              the training config (keys prefixed ``facerec.``)
     <stem>.fp16.onnx         fp16 graph (same metadata, no calibration)
+    <stem>.insightface.onnx  the embedding alone, for insightface's ``model_zoo.get_model`` (it takes a
+                             graph of 5 or more outputs for a face detector); never served by facerec
     <stem>.pt                torch artefact (facerec.export.torch_artifact)
     contract.json            the embedding contract, readable without onnxruntime
     export_report.json       parity numbers and timings of the export
@@ -50,7 +52,8 @@ MANIFEST_FILE = "manifest.json"
 FP16_SUFFIX = ".fp16.onnx"
 PARTIAL_SUFFIX = ".partial.onnx"
 PARITY_FAILED_SUFFIX = ".parity-failed.onnx"
-NOT_FP32 = (FP16_SUFFIX, PARTIAL_SUFFIX, PARITY_FAILED_SUFFIX)
+INTEROP_SUFFIX = ".insightface.onnx"
+NOT_FP32 = (FP16_SUFFIX, INTEROP_SUFFIX, PARTIAL_SUFFIX, PARITY_FAILED_SUFFIX)
 TORCH_SUFFIXES = (".pt", ".pth")
 
 TRAINING_CONFIG_KEY = "training_config"
@@ -63,6 +66,11 @@ class BundleError(ValueError):
 # ----------------------------------------------------------------------------------- file names
 def graph_name(stem: str, precision: str = "fp32") -> str:
     return f"{stem}{FP16_SUFFIX}" if precision == "fp16" else f"{stem}.onnx"
+
+
+def interop_graph_name(stem: str) -> str:
+    """The single-output embedding graph insightface loads (:mod:`facerec.export.interop`)."""
+    return f"{stem}{INTEROP_SUFFIX}"
 
 
 def torch_artifact_name(stem: str) -> str:
@@ -175,6 +183,11 @@ def _float(meta: dict[str, str], key: str) -> float | None:
 
 
 # ---------------------------------------------------------------------------------- calibration
+# The metadata keys (unprefixed) that hold a calibration; they belong to the fp32 graph alone.
+CALIBRATION_KEYS = ("verification_threshold", "verification_far", "verification_calibrated_on",
+                    "quality_percentiles", "quality_calibrated_on")
+
+
 @dataclass
 class Calibration:
     """The verification operating point and the raw-quality -> 0-100 mapping of a model."""
@@ -256,6 +269,12 @@ class ModelBundle:
         if self.path.is_file() and is_fp32_graph(self.path):
             return self.path
         found = graphs(self.folder)
+        return found[0] if len(found) == 1 else None
+
+    @property
+    def interop_graph(self) -> Path | None:
+        """The folder's insightface graph, or None when it has none."""
+        found = sorted(self.folder.glob(f"*{INTEROP_SUFFIX}"))
         return found[0] if len(found) == 1 else None
 
     def metadata(self) -> dict[str, str]:

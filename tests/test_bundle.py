@@ -55,8 +55,10 @@ def _touch(folder: Path, *names: str) -> None:
 
 # ----------------------------------------------------------------------------------- file names
 def test_one_graph_finder_for_every_reader(tmp_path):
-    _touch(tmp_path, "m.onnx", "m.fp16.onnx", "m.partial.onnx", "m.parity-failed.onnx", "m.pt")
+    _touch(tmp_path, "m.onnx", "m.fp16.onnx", "m.insightface.onnx", "m.partial.onnx", "m.parity-failed.onnx",
+           "m.insightface.partial.onnx", "m.pt")
     assert find_graph(tmp_path) == tmp_path / "m.onnx"
+    assert ModelBundle(tmp_path).interop_graph == tmp_path / "m.insightface.onnx"
     assert find_graph(tmp_path, "fp16") == tmp_path / "m.fp16.onnx"
     assert find_graph(tmp_path / "m.fp16.onnx") == tmp_path / "m.fp16.onnx"  # a file is taken as given
     assert graphs(tmp_path) == [tmp_path / "m.onnx"]
@@ -74,7 +76,7 @@ def test_one_graph_finder_for_every_reader(tmp_path):
 
 
 def test_the_file_a_server_runs(tmp_path):
-    _touch(tmp_path, "m.onnx", "m.fp16.onnx", "m.pt")
+    _touch(tmp_path, "m.onnx", "m.fp16.onnx", "m.insightface.onnx", "m.pt")
     b = ModelBundle(tmp_path)
     assert b.serving_file() == (tmp_path / "m.onnx", "onnxruntime")
     assert b.serving_file(cuda=True) == (tmp_path / "m.pt", "torch")  # the GPU is served through torch

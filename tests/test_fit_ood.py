@@ -10,6 +10,8 @@ import cv2
 import numpy as np
 import pytest
 
+from facerec.bundle import find_graph
+
 pytestmark = pytest.mark.timeout(300)
 
 SAMPLE = Path(__file__).parent / "data" / "lfw_sample"
@@ -54,7 +56,7 @@ def fitted(tmp_path_factory):
         dynamo=False,
     )
     contract = EmbeddingContract.from_json((tmp / "export" / "contract.json").read_text())
-    graph = next((tmp / "export").glob("*.onnx"))
+    graph = find_graph(tmp / "export")
     run, names, meta = driver.onnx_runner(graph)
     one_sided = fit_ood.one_sided_layers(meta, len(names))
 
@@ -241,7 +243,7 @@ def test_shipped_detector_scores_service_faces_with_their_mtcnn_confidence():
     assert det.detection is not None and det.detection.detector == DEFAULT_FACE_DETECTOR == "mtcnn"
     assert len(det.combiner.weights) == det.n_columns == len(det.layers) + 1
     assert det.combiner.weights[-1] > 0  # a more confident detection can only look more face-like
-    backend = load_backend(next(p for p in folder.glob("*.onnx") if not p.name.endswith(".fp16.onnx")))
+    backend = load_backend(find_graph(folder))
     pipeline = FacePipeline(backend, ood_scorer=FeatureListScorer(det, DEFAULT_FACE_DETECTOR), keep_features=True)
     face = pipeline.process(next(SAMPLE.glob("*/*.jpg")).read_bytes()).faces[0]
     feats = [face.features[f"feature_{i}"][None] for i in range(len(det.layers))]

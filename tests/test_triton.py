@@ -21,6 +21,7 @@ onnx = pytest.importorskip("onnx")
 text_format = pytest.importorskip("google.protobuf.text_format")
 model_config_pb2 = pytest.importorskip("tritonclient.grpc.model_config_pb2")
 
+from facerec.bundle import find_graph
 from facerec.contract import EmbeddingContract
 from facerec.export.triton import export_triton, model_config
 
@@ -200,7 +201,7 @@ def test_refusals(tmp_path):
     # A graph that no longer matches its manifest's hash is not exported.
     copy = tmp_path / "copy"
     shutil.copytree(DEFAULT, copy, ignore=shutil.ignore_patterns("*.npz", "*.jsonl"))
-    graph = next(p for p in copy.glob("*.onnx"))
+    graph = find_graph(copy)
     with open(graph, "r+b") as f:
         f.seek(-1, 2)
         last = f.read(1)

@@ -12,9 +12,11 @@ examples:
   facerec export runs/vit/checkpoints --out models/vit_tiny_fiqa          # best (or latest) step
   facerec export runs/vit/checkpoints/step_00020000 --out models/v2 --version 2.0
   facerec export --model mobilefacenet --random-init --out /tmp/mfn        # a smoke test, no weights
+  facerec export --interop-only --out models/default    # add the insightface graph to a model folder
 
 Writes <out>/<stem>.onnx, <stem>.fp16.onnx, <stem>.pt (torch artefact, loads with
-weights_only=True), contract.json and export_report.json. Every graph is compared with torch on
+weights_only=True), <stem>.insightface.onnx (the embedding alone: what insightface's
+model_zoo.get_model loads as its recognition model), contract.json and export_report.json. Every graph is compared with torch on
 export (cosine >= 0.9999 fp32, >= 0.999 fp16; fp16 also against autocast on the GPU if there is
 one); a failed check exits non-zero and leaves no graph behind. The graph's input is 'input',
 (N, 3, 112, 112) float32 RGB, (x - 127.5) / 127.5, as insightface's recognition models.
@@ -40,6 +42,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--stem", help="file name stem (default: the model name)")
     parser.add_argument("--no-fp16", action="store_true", help="skip the fp16 graph")
     parser.add_argument("--no-torch", action="store_true", help="skip the torch artefact")
+    parser.add_argument("--no-interop", action="store_true", help="skip the insightface graph")
+    parser.add_argument("--interop-only", action="store_true",
+                        help="only add <stem>.insightface.onnx to the export folder --out (from its fp32 graph)")
     parser.add_argument("--no-features", action="store_true", help="no feature_* outputs (no OOD scoring)")
     parser.add_argument("--opset", type=int, help="ONNX opset (default 18, or 17 with --legacy-exporter)")
     parser.add_argument("--legacy-exporter", action="store_true", help="TorchScript exporter (dynamo=False)")
@@ -53,6 +58,8 @@ def run(args) -> int:
     from facerec.export.torch_artifact import ModelSource, resolve_model
     from facerec.models import create_model
 
+    if args.interop_only:
+        return _interop_only(args)
     if args.random_init:
         if not args.model:
             raise SystemExit("facerec export: --random-init needs --model")
@@ -83,6 +90,7 @@ def run(args) -> int:
             version=args.version,
             fp16=not args.no_fp16,
             torch_artifact=not args.no_torch,
+            interop=not args.no_interop,
             stem=args.stem,
             return_features=not args.no_features,
             opset=args.opset,
@@ -98,8 +106,24 @@ def run(args) -> int:
         print(f"wrote {graph['path']} ({graph['precision']}; embedding cosine >= {worst:.6f})")
         for note in parity["notes"]:
             print(f"  note: {note}")
+    if "insightface" in report:
+        print(f"wrote {report['insightface']['path']} (insightface model zoo; embedding only)")
     if "torch_artifact" in report:
         print(f"wrote {report['torch_artifact']}")
     contract = report["contract"]
     print(f"contract {contract['contract_id']}: {report['model_name']} {contract['model_version']}")
+    return 0
+
+
+def _interop_only(args) -> int:
+    from facerec.bundle import BundleError
+    from facerec.export import ParityError, write_interop_graph
+
+    if args.checkpoint or args.random_init:
+        raise SystemExit("facerec export: --interop-only reads the folder --out; give no checkpoint")
+    try:
+        path, cosine = write_interop_graph(args.out)
+    except (BundleError, ParityError) as err:
+        raise SystemExit(f"facerec export: {err}") from None
+    print(f"wrote {path} (insightface model zoo; embedding cosine vs the full graph >= {cosine:.6f})")
     return 0

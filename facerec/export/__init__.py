@@ -6,6 +6,7 @@ docs/export_runtime.md. The metadata reader and writer belong to the model folde
 """
 
 from facerec.bundle import contract_from_metadata, read_metadata, update_metadata
+from facerec.export.interop import write_interop_graph
 from facerec.export.onnx import ExportResult, export_bundle, export_model
 from facerec.export.parity import ParityError, ParityReport, check_parity
 from facerec.export.torch_artifact import (
@@ -31,4 +32,5 @@ __all__ = [
     "resolve_model",
     "save_torch_artifact",
     "update_metadata",
+    "write_interop_graph",
 ]

@@ -40,6 +40,7 @@ import facerec
 from facerec import bundle
 from facerec.bundle import METADATA_PREFIX as PREFIX
 from facerec.contract import EmbeddingContract
+from facerec.export.interop import write_interop_graph
 from facerec.export.parity import ParityError, ParityReport, check_parity
 from facerec.export.torch_artifact import (
     ModelSource,
@@ -202,12 +203,14 @@ def export_bundle(
     version: str | None = None,
     fp16: bool = True,
     torch_artifact: bool = True,
+    interop: bool = True,
     stem: str | None = None,
     **export_kw,
 ) -> dict:
     """Everything a server needs, in ``out_dir``: ``<stem>.onnx``, ``<stem>.fp16.onnx``, ``<stem>.pt``
     (torch artefact), ``contract.json``, ``export_report.json`` (parity numbers, timings) and, for a
-    model from a training checkpoint, ``training_config.yaml`` (file names: :mod:`facerec.bundle`)."""
+    model from a training checkpoint, ``training_config.yaml``; with ``interop``, also
+    ``<stem>.insightface.onnx`` for insightface's model zoo (file names: :mod:`facerec.bundle`)."""
     src = resolve_model(source, model_name, overrides)
     contract = default_contract(src, version)
     out = Path(out_dir)
@@ -223,6 +226,9 @@ def export_bundle(
         "contract": json.loads(contract.to_json()),
         "onnx": [r.to_dict() for r in results],
     }
+    if interop:
+        path, cosine = write_interop_graph(results[0].path)
+        report["insightface"] = {"path": str(path), "embedding_cosine_vs_fp32_graph": round(cosine, 7)}
     if torch_artifact:
         names = output_names_for(src.model, export_kw.get("return_features", True))
         path = out / bundle.torch_artifact_name(stem)

@@ -107,7 +107,8 @@ def normalise(faces_uint8: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray((x - 127.5) / 127.5, dtype=np.float32)
 
 
-def _row_cosine(a: np.ndarray, b: np.ndarray) -> float:
+def row_cosine(a: np.ndarray, b: np.ndarray) -> float:
+    """The smallest per-row cosine of two batches (nan if any is not finite)."""
     a = a.reshape(len(a), -1).astype(np.float64)
     b = b.reshape(len(b), -1).astype(np.float64)
     num = (a * b).sum(1)
@@ -144,7 +145,7 @@ def _compare(
             report.comparisons.append(Comparison(reference, name, "max_abs_diff", diff, q_tol))
         else:
             report.comparisons.append(
-                Comparison(reference, name, "min_cosine", _row_cosine(value, ref[name]), cos_min)
+                Comparison(reference, name, "min_cosine", row_cosine(value, ref[name]), cos_min)
             )
 
 

@@ -1,0 +1,48 @@
+"""``facerec import``: a recognition model made elsewhere -> a facerec model folder."""
+
+from __future__ import annotations
+
+import argparse
+
+HELP = "import an insightface-style ONNX recognition graph into a model folder that facerec serves"
+
+EPILOG = """\
+examples:
+  facerec import ~/.insightface/models/buffalo_l/w600k_r50.onnx --out models/w600k_r50
+  facerec import my_bgr_model.onnx --out models/mine --bgr
+
+The source takes one input (N, 3, S, S) and gives the embedding as its first output. How it is fed
+is detected as insightface's ArcFaceONNX does: Sub and Mul nodes first mean the graph normalises
+inside (fed 0-255), otherwise it is fed (x - 127.5) / 127.5; RGB unless --bgr. The folder holds the
+graph wrapped to facerec's input convention (checked against the source), contract.json,
+export_report.json and the insightface graph. It has no calibration until `facerec calibrate DIR`:
+until then the service asks every verify request for its threshold.
+"""
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.epilog = EPILOG
+    parser.add_argument("source", help="an ONNX recognition graph (insightface model-zoo conventions)")
+    parser.add_argument("--out", required=True, help="the model folder to write")
+    parser.add_argument("--bgr", action="store_true", help="the graph takes BGR input (nothing in a graph says so)")
+    parser.add_argument("--name", help="model name and file stem (default: the source's file name)")
+    parser.add_argument("--version", help="model version in the contract (default: imported-<source hash>[-bgr])")
+
+
+def run(args) -> int:
+    from facerec.export.onnx_import import GraphImportError, import_onnx
+    from facerec.export.parity import ParityError
+
+    try:
+        report = import_onnx(args.source, args.out, bgr=args.bgr, name=args.name, version=args.version)
+    except (GraphImportError, ParityError) as err:
+        raise SystemExit(f"facerec import: {err}") from None
+    print(f"detected: {report['detected_text']}")
+    graph = report["onnx"][0]
+    print(f"wrote {graph['path']} (embedding cosine vs the source >= {graph['embedding_cosine_vs_source']:.6f})")
+    print(f"wrote {report['insightface']['path']} (insightface model zoo)")
+    contract = report["contract"]
+    print(f"contract {contract['contract_id']}: {report['model_name']} {contract['model_version']}; "
+          f"not calibrated: run `facerec calibrate {args.out} ...`")
+    return 0
