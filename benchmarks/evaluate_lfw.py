@@ -46,6 +46,17 @@ from facerec.eval.verification import best_threshold, kfold_accuracy, tar_at_far
 FARS = (1e-2, 1e-3, 1e-4)
 
 
+def shipped_threshold(model: str) -> float | None:
+    """The verification threshold written into an exported graph by `facerec calibrate`, if any."""
+    from facerec.bundle import Calibration, find_graph, read_metadata
+
+    try:
+        graph = find_graph(model)
+    except (ValueError, FileNotFoundError):
+        return None  # a checkpoint: no shipped threshold
+    return Calibration.from_metadata(read_metadata(graph)).threshold
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -159,6 +170,18 @@ def main(argv=None) -> int:
         "eer_pairs": pl["eer"]["eer"], "report_folder": str(folder),
         "pose_table": h2.get("pose_table"), "yaw_bins": h2.get("yaw_bins"),
     }
+    shipped = shipped_threshold(args.model)
+    if shipped is not None:
+        # What the service answers: one embedding per image (no flip), the threshold in the graph.
+        emb = t_set.normalised(False)
+        h2_pairs = pair_list(protocol.lfw_h2_pairs(args.data), t_keys, "LFW-H2")
+        cos = np.sum(emb[h2_pairs.a] * emb[h2_pairs.b], axis=1)
+        right = (cos >= shipped) == np.asarray(h2_pairs.same, dtype=bool)
+        report["lfw_h2"]["shipped_threshold"] = {
+            "threshold": shipped, "embeddings": "one per image, no flip (as the service)",
+            "decision_accuracy": float(right.mean()),
+            "genuine_accepted": float(right[h2_pairs.same].mean()),
+            "impostors_rejected": float(right[~np.asarray(h2_pairs.same, dtype=bool)].mean())}
     report["seconds"] = round(time.time() - t0, 1)
     out.mkdir(parents=True, exist_ok=True)
     (out / f"eval_lfw_{args.tag}.json").write_text(json.dumps(report, indent=1, default=float))
@@ -184,6 +207,12 @@ def main(argv=None) -> int:
            f"{100 * t['accuracy_std']:.2f} | {t['images']} | {t['impostors']:,} | {tars(t)} | "
            f"{100 * t['eer_all_pairs']:.2f}% |"),
           "", f"Verification threshold at FAR 1e-3 on validation: {v['threshold_far_1e-3']:.4f}.",
+          *([f"The graph's shipped threshold {t['shipped_threshold']['threshold']:.4f} (one embedding per "
+             f"image, as the service): the match decision is right on "
+             f"{100 * t['shipped_threshold']['decision_accuracy']:.2f}% of the LFW-H2 pairs (genuine "
+             f"accepted {100 * t['shipped_threshold']['genuine_accepted']:.2f}%, impostors rejected "
+             f"{100 * t['shipped_threshold']['impostors_rejected']:.2f}%)."]
+            if "shipped_threshold" in t else []),
           f"LFW-H2 details (ROC, EER on the pair list, results by head pose): `{folder.name}/summary.md`."]
     (out / f"eval_lfw_{args.tag}.md").write_text("\n".join(md) + "\n")
     print("\n".join(md))
