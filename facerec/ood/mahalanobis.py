@@ -31,6 +31,10 @@ a very confident detection cannot vouch for an otherwise atypical input).
 Only O(L·d²) statistics plus one d-vector per identity are held while fitting, never the features.
 Sums are shifted by the first batch's mean before accumulating, which keeps the float64
 "scatter minus n·mean·meanᵀ" subtraction well conditioned.
+
+The module stays whole (about 450 lines) on purpose: the fitter, the per-layer Gaussian and the
+detector share one set of statistics and one scoring formula, and are read together when checking
+the detector against the paper.
 """
 
 from __future__ import annotations
