@@ -26,6 +26,7 @@ def _missing(stored: dict, resolved: dict, prefix: str = "") -> list[str]:
 
 
 @pytest.mark.parametrize("name,quality_min_images", [("training_config_stage1.yaml", 1),
+                                                      ("training_config_stage2.yaml", 2),
                                                       ("training_config.yaml", 2)])
 def test_shipped_training_configs_name_every_field_of_the_schema(name, quality_min_images):
     """A field added to the schema later must not silently change the recipe of the shipped model
