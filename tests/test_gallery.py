@@ -318,6 +318,21 @@ def test_fpir_threshold_hand_computed():
         fpir_threshold(scores, 0.01)
 
 
+def test_identification_metrics_keep_the_fpir_they_set_on_float32_scores():
+    """The FPIR threshold sits one float64 step above a float32 score; compared in float32 (NumPy 2
+    casts a Python float down) that search would count as a false positive: 2/11 instead of 1/11."""
+    rng = np.random.default_rng(0)
+    gallery = np.eye(12, 16, dtype=np.float32)[:1]  # one enrolled person, "A"
+    angles = rng.uniform(0.2, 1.2, 11)
+    probes = np.zeros((11, 16), np.float32)
+    probes[:, 0], probes[:, 1] = np.cos(angles), np.sin(angles)  # non-mated: 11 other people
+    out = identification_metrics(gallery, ["A"], probes, [f"p{i}" for i in range(11)], fpirs=(0.1,))
+    assert out["dir_at_fpir"]["0.1"] is not None
+    t = out["dir_at_fpir"]["0.1"]["threshold"]
+    out2 = identification_metrics(gallery, ["A"], probes, [f"p{i}" for i in range(11)], thresholds={"t": t})
+    assert out2["at_threshold"]["t"]["fpir"] == pytest.approx(1 / 11)
+
+
 def test_pair_model_threshold_hand_computed():
     desc = np.linspace(1.0, 0.0, 1000)  # impostor pair scores, highest first
     t = pair_model_threshold(desc, 0.1, 1)  # one sample: FAR = FPIR = 0.1, 100 pairs may pass

@@ -224,7 +224,9 @@ def identification_metrics(
     scores = np.asarray(probes, np.float32) @ np.asarray(gallery, np.float32).T
     best, people = per_person_max(scores, np.asarray(gallery_labels))
     top = best.argmax(axis=1)
-    top_score = best[np.arange(len(best)), top]
+    # float64: a threshold just above a float32 score (fpir_threshold's nextafter) must stay above it;
+    # compared with float32 scores, NumPy 2 would round the threshold down onto the score.
+    top_score = best[np.arange(len(best)), top].astype(np.float64)
     probe_labels = np.asarray(probe_labels)
     mated = np.isin(probe_labels, people)
     correct = people[top] == probe_labels
