@@ -212,3 +212,18 @@ def test_unexpected_keys_are_one_line_exit_2(tmp_path, capsys):
     assert err.startswith("facerec import: not an arcface_torch r18 state dict: unexpected keys head.weight")
     with pytest.raises(StateDictImportError, match="no 2-d 'fc.weight'"):
         build_from_state_dict({"x": torch.zeros(1)}, "r18")
+
+
+def test_r50_graph_is_arcface_torch(tmp_path):
+    from facerec.bundle import find_graph
+    from facerec.export.arcface_torch import import_arcface_torch
+
+    ref = reference("r50", seed=5)
+    torch.save(ref.state_dict(), tmp_path / "backbone.pth")
+    import_arcface_torch(tmp_path / "backbone.pth", tmp_path / "model", "r50", fp16=False, torch_artifact=False)
+    faces = _faces(2, seed=13)
+    with torch.no_grad():
+        want = ref(torch.from_numpy(normalise(faces))).numpy()
+    session = ort.InferenceSession(str(find_graph(tmp_path / "model")), providers=["CPUExecutionProvider"])
+    got = session.run(["embedding"], {"input": normalise(faces)})[0]
+    assert row_cosine(want, got) >= 0.9999
