@@ -21,7 +21,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "export": ("facerec.cli.export",
                "export a checkpoint to parity-checked ONNX (fp32/fp16) and a torch artefact for serving"),
     "import": ("facerec.cli.import_model",
-               "import an insightface-style ONNX recognition graph into a model folder that facerec serves"),
+               "import an insightface-style ONNX recognition graph or an arcface_torch backbone.pth into a "
+               "model folder that facerec serves"),
     "export-triton": ("facerec.cli.export_triton",
                       "write a Triton model repository (config.pbtxt, dynamic batching, versions) for a model"),
     "fit-ood": ("facerec.cli.fit_ood",

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import argparse
 
-HELP = "import an insightface-style ONNX recognition graph into a model folder that facerec serves"
+HELP = ("import an insightface-style ONNX recognition graph or an arcface_torch backbone.pth into a model "
+        "folder that facerec serves")
 
 EPILOG = """\
 examples:
   facerec import ~/.insightface/models/buffalo_l/w600k_r50.onnx --out models/w600k_r50
   facerec import my_bgr_model.onnx --out models/mine --bgr
+  facerec import ms1mv3_arcface_r50/backbone.pth --arch r50 --out models/ms1mv3_r50
 
 The source takes one input (N, 3, S, S) and gives the embedding as its first output. How it is fed
 is detected as insightface's ArcFaceONNX does: Sub and Mul nodes first mean the graph normalises
@@ -17,13 +19,21 @@ inside (fed 0-255), otherwise it is fed (x - 127.5) / 127.5; RGB unless --bgr. T
 graph wrapped to facerec's input convention (checked against the source), contract.json,
 export_report.json and the insightface graph. It has no calibration until `facerec calibrate DIR`:
 until then the service asks every verify request for its threshold.
+
+A .pth source is an arcface_torch IResNet state dict (--arch r18|r34|r50|r100, as its --network): its
+layers are mapped onto facerec's iresnet and the model is exported as `facerec export` does (fp32 and
+fp16 graphs, torch artefact, insightface graph); a key too many or too few is refused.
 """
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.epilog = EPILOG
-    parser.add_argument("source", help="an ONNX recognition graph (insightface model-zoo conventions)")
+    from facerec.export.arcface_torch import ARCHS
+
+    parser.add_argument("source", help="an ONNX recognition graph (insightface model-zoo conventions) "
+                                       "or an arcface_torch backbone.pth")
+    parser.add_argument("--arch", choices=sorted(ARCHS), help="the arcface_torch network of a .pth source")
     parser.add_argument("--out", required=True, help="the model folder to write")
     parser.add_argument("--bgr", action="store_true", help="the graph takes BGR input (nothing in a graph says so)")
     parser.add_argument("--name", help="model name and file stem (default: the source's file name)")
@@ -34,6 +44,8 @@ def run(args) -> int:
     from facerec.export.onnx_import import GraphImportError, import_onnx
     from facerec.export.parity import ParityError
 
+    if args.arch is not None or not args.source.endswith(".onnx"):
+        return _run_state_dict(args)
     try:
         report = import_onnx(args.source, args.out, bgr=args.bgr, name=args.name, version=args.version)
     except (GraphImportError, ParityError) as err:
@@ -45,4 +57,28 @@ def run(args) -> int:
     contract = report["contract"]
     print(f"contract {contract['contract_id']}: {report['model_name']} {contract['model_version']}; "
           f"not calibrated: run `facerec calibrate {args.out} ...`")
+    return 0
+
+
+def _run_state_dict(args) -> int:
+    from facerec.export.arcface_torch import StateDictImportError, import_arcface_torch
+    from facerec.export.parity import ParityError
+
+    if args.arch is None:
+        raise SystemExit(f"facerec import: {args.source}: not an .onnx graph; an arcface_torch backbone.pth "
+                         "needs --arch r18|r34|r50|r100")
+    if args.source.endswith(".onnx"):
+        raise SystemExit("facerec import: --arch is for an arcface_torch .pth state dict, not an .onnx graph")
+    if args.bgr:
+        raise SystemExit("facerec import: --bgr is for an .onnx graph; arcface_torch models take RGB")
+    try:
+        report = import_arcface_torch(args.source, args.out, args.arch, name=args.name, version=args.version)
+    except (StateDictImportError, ParityError) as err:
+        raise SystemExit(f"facerec import: {err}") from None
+    for graph in report["onnx"]:
+        print(f"wrote {graph['path']} ({graph['precision']})")
+    print(f"wrote {report['insightface']['path']} (insightface model zoo)")
+    contract = report["contract"]
+    print(f"contract {contract['contract_id']}: {report['model_name']} {contract['model_version']} "
+          f"(arcface_torch {args.arch}); not calibrated: run `facerec calibrate {args.out} ...`")
     return 0
