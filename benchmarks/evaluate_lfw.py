@@ -47,14 +47,11 @@ FARS = (1e-2, 1e-3, 1e-4)
 
 
 def shipped_threshold(model: str) -> float | None:
-    """The verification threshold written into an exported graph by `facerec calibrate`, if any."""
-    from facerec.bundle import Calibration, find_graph, read_metadata
+    """The verification threshold written into an exported graph by `facerec calibrate`, if any
+    (None for a checkpoint or an uncalibrated graph)."""
+    from facerec.bundle import ModelBundle
 
-    try:
-        graph = find_graph(model)
-    except (ValueError, FileNotFoundError):
-        return None  # a checkpoint: no shipped threshold
-    return Calibration.from_metadata(read_metadata(graph)).threshold
+    return ModelBundle(model).calibration().threshold
 
 
 def main(argv=None) -> int:

@@ -181,17 +181,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--atol", type=float, default=1e-3, help="largest output difference accepted")
     args = parser.parse_args(argv)
 
-    from facerec.bundle import find_graph
-    from facerec.contract import EmbeddingContract
+    from facerec.bundle import ModelBundle
     from facerec.models import create_model
 
-    src = Path(args.model)
-    contract_file = (src.parent if src.suffix == ".onnx" else src) / "contract.json"
+    bundle = ModelBundle(args.model)  # the folder's owner: which graph, which contract
     try:
-        graph = find_graph(src)
-        if not contract_file.is_file():
-            raise FileNotFoundError(f"{contract_file}: missing (the architecture is read from the model's contract)")
-        contract = EmbeddingContract.from_json(contract_file.read_text())
+        graph = bundle.graph()
+        contract = bundle.contract()  # contract.json, else the graph's metadata
         overrides = (contract.extra or {}).get("overrides") or {}
         model = create_model(contract.model_name, **overrides)
         calib = _calibration_images(args.images, args.calibration_images, contract.input_size)

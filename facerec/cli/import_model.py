@@ -53,11 +53,7 @@ def run(args) -> int:
     print(f"detected: {report['detected_text']}")
     graph = report["onnx"][0]
     print(f"wrote {graph['path']} (embedding cosine vs the source >= {graph['embedding_cosine_vs_source']:.6f})")
-    print(f"wrote {report['insightface']['path']} (insightface model zoo)")
-    contract = report["contract"]
-    print(f"contract {contract['contract_id']}: {report['model_name']} {contract['model_version']}; "
-          f"not calibrated: run `facerec calibrate {args.out} ...`")
-    return 0
+    return _written(report, args.out)
 
 
 def _run_state_dict(args) -> int:
@@ -77,8 +73,13 @@ def _run_state_dict(args) -> int:
         raise SystemExit(f"facerec import: {err}") from None
     for graph in report["onnx"]:
         print(f"wrote {graph['path']} ({graph['precision']})")
+    return _written(report, args.out, f" (arcface_torch {args.arch})")
+
+
+def _written(report: dict, out: str, origin: str = "") -> int:
+    """The lines both import paths end with: the insightface graph, the contract, the next step."""
     print(f"wrote {report['insightface']['path']} (insightface model zoo)")
     contract = report["contract"]
-    print(f"contract {contract['contract_id']}: {report['model_name']} {contract['model_version']} "
-          f"(arcface_torch {args.arch}); not calibrated: run `facerec calibrate {args.out} ...`")
+    print(f"contract {contract['contract_id']}: {report['model_name']} {contract['model_version']}{origin}; "
+          f"not calibrated: run `facerec calibrate {out} ...`")
     return 0
