@@ -74,8 +74,7 @@ def _stats(latencies: list[float], statuses: dict, wall: float, units: int, cpu:
     }
 
 
-async def _level(server: Server, clients: int, total: int, make, units_per_request: int, warmup: int,
-                 **extra) -> dict:
+async def _level(server: Server, clients: int, total: int, make, units_per_request: int, warmup: int) -> dict:
     """``total`` requests from ``clients`` concurrent clients; ``make(client, i)`` sends request i."""
     import httpx
 
@@ -102,8 +101,8 @@ async def _level(server: Server, clients: int, total: int, make, units_per_reque
         cpu0, start = _cpu_s(server.proc.pid), time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(clients)))
         wall, cpu = time.perf_counter() - start, _cpu_s(server.proc.pid) - cpu0
-    return _stats(latencies, statuses, wall, len(latencies) * units_per_request, cpu, clients=clients,
-                  requests=total, **extra)
+    return _stats(latencies, statuses, wall, len(latencies) * units_per_request, cpu, server=server.name,
+                  clients=clients, requests=total)
 
 
 def _verify(photos):
@@ -229,13 +228,12 @@ def main() -> int:
         for c in (int(v) for v in args.clients.split(",") if v):
             for server in servers:
                 verify.append(asyncio.run(_level(server, c, max(args.requests, 4 * c), _verify(photos), 1,
-                                                 args.warmup, server=server.name)))
+                                                 args.warmup)))
                 print(json.dumps(verify[-1]), flush=True)
         for c in (int(v) for v in args.batch_clients.split(",") if v):
             for server in (s for s in servers if s.has_batch):
                 batch.append(asyncio.run(_level(server, c, max(args.batch_requests, 2 * c),
-                                                _batch(photos, args.batch_images), args.batch_images, 1,
-                                                server=server.name)))
+                                                _batch(photos, args.batch_images), args.batch_images, 1)))
                 print(json.dumps(batch[-1]), flush=True)
     finally:
         for server in servers:

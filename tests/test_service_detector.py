@@ -93,6 +93,7 @@ def test_service_serves_with_an_scrfd_model_and_reports_it(tmp_path):
         wait_ready(c.get)
         models = c.get("/v1/models", headers=H).json()
         assert models["detector"] == {"name": "scrfd", "backend": "onnxruntime", "device": "cpu", "max_side": 1200}
+        assert c.app.state.engine.pipeline.detect_max_side == 1200
         r = c.post("/v1/detect", files={"image": A1}, headers=H)
         assert r.status_code == 200, r.text
         face = r.json()["faces"][0]["face"]
