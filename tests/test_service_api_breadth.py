@@ -8,7 +8,6 @@ told apart by a trained model rather than by a random one.
 
 from __future__ import annotations
 
-import base64
 import io
 import json
 import math
@@ -25,6 +24,9 @@ from facerec.data.align import norm_crop
 from service.app import create_app
 from service.settings import DEFAULT_MODEL_DIR, Settings
 from service.testing import SAMPLES, wait_ready
+from test_service_gallery import _envelope
+from test_service_gallery import b64 as _b64
+from test_service_gallery import png as _png
 
 pytestmark = pytest.mark.timeout(600)
 KEY = "breadth-key-0123456789abcdef"
@@ -34,16 +36,6 @@ LEFT, RIGHT = "Al_Sharpton", "David_Beckham"
 
 def _photo(name: str) -> np.ndarray:
     return np.asarray(Image.open(SAMPLES / name / f"{name}_0001.jpg").convert("RGB"))
-
-
-def _png(array: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(array).save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def _b64(data: bytes) -> str:
-    return base64.b64encode(data).decode()
 
 
 # Two LFW faces side by side: the left photo at full size (250 px), the right one shrunk to 180 px,
@@ -76,14 +68,6 @@ def client():
 def _ok(r) -> dict:
     assert r.status_code == 200, r.text
     return r.json()
-
-
-def _envelope(r, status: int, code: str) -> dict:
-    assert r.status_code == status, r.text
-    body = r.json()
-    assert set(body) == {"error", "request_id"} and body["error"]["code"] == code, body
-    assert body["error"]["message"] and body["request_id"] == r.headers["X-Request-ID"]
-    return body
 
 
 def _cos(a, b) -> float:
