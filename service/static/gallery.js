@@ -5,18 +5,6 @@
 "use strict";
 
 (function () {
-  // The gate's reason codes (facerec.gallery.Reason, stable API) in a few words; the service's own
-  // message, which gives the numbers and the limit, follows them.
-  const REASONS = {
-    no_face: "no face found",
-    multiple_faces: "several faces",
-    face_too_small: "face too small",
-    low_quality: "low quality",
-    extreme_pose: "head turned too far",
-    ood_flagged: "flagged as out of distribution",
-    duplicate_of_other_person: "already enrolled as someone else",
-  };
-
   if (document.readyState === "loading") {
     document.addEventListener("DOMContentLoaded", start);
   } else {
@@ -226,13 +214,13 @@
         for (const reason of r.reasons || []) {
           const li = document.createElement("li");
           li.dataset.code = reason.code;
-          li.textContent = `${REASONS[reason.code] || reason.code}: ${reason.message}`;
+          li.textContent = `${reason.message} (${reason.code})`; // the service's sentence and the stable code
           reasons.append(li);
         }
         if (r.error) {
           const li = document.createElement("li");
           li.dataset.code = r.error.code;
-          li.textContent = `the image cannot be used (${r.error.code}): ${r.error.message}`;
+          li.textContent = `${r.error.message} (${r.error.code})`;
           reasons.append(li);
         }
         if (reasons.children.length) item.append(reasons);
