@@ -46,6 +46,16 @@ class Settings(BaseSettings):
         None, ge=-1.0, le=1.0, description="operator threshold; replaces the model's calibrated one"
     )
 
+    # ---- face detector (service/detector.py)
+    detector: Literal["mtcnn", "scrfd"] = Field(
+        "mtcnn", description="mtcnn: the shipped MTCNN (onnxruntime on a CPU, torch on CUDA); scrfd: an "
+        "insightface SCRFD model from FACEREC_DETECTOR_MODEL (facerec ships no SCRFD weights)")
+    detector_model: Path | None = Field(
+        None, description="scrfd: a folder holding det_*.onnx (e.g. insightface buffalo_l) or the file")
+    # The longest side the detector sees: a larger image is detected on a shrunken copy, boxes and
+    # landmarks mapped back (facerec.runtime.pipeline.DETECT_MAX_SIDE says what it costs and finds).
+    detect_max_side: int = Field(1600, ge=160, le=8192)
+
     # ---- network
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
@@ -60,6 +70,9 @@ class Settings(BaseSettings):
     max_faces: int = Field(10, ge=1, le=100)
     min_face_size: float = Field(20.0, ge=8.0, le=1000.0)
     max_batch_size: int = Field(32, ge=1, le=256)
+    # Images of one POST /v1/embed/batch; more: 413. Their faces are queued at once, so the limit in
+    # force is the smaller of this and max_pending.
+    max_batch_images: int = Field(32, ge=1, le=256)
     max_wait_ms: float = Field(5.0, ge=0.0, le=1000.0)
     max_pending: int = Field(256, ge=1, le=10_000)  # faces queued for the model
     max_concurrent_requests: int = Field(64, ge=1, le=10_000)  # requests being decoded/detected/embedded
@@ -135,6 +148,9 @@ class Settings(BaseSettings):
             raise ValueError("max_request_bytes must be at least max_image_bytes")
         if self.torch_compile and self.backend == "onnxruntime":
             raise ValueError("torch_compile needs the torch backend")
+        if self.detector == "scrfd" and self.detector_model is None:
+            raise ValueError("FACEREC_DETECTOR=scrfd needs FACEREC_DETECTOR_MODEL: a folder with det_*.onnx "
+                             "(e.g. insightface buffalo_l) or the file; facerec ships no SCRFD weights")
         if self.gallery_backend == "pgvector" and not self.gallery_dsn:
             raise ValueError("FACEREC_GALLERY_BACKEND=pgvector needs FACEREC_GALLERY_DSN (a PostgreSQL DSN)")
         return self

@@ -10,14 +10,14 @@ from __future__ import annotations
 from typing import Annotated, Any, Literal
 
 from fastapi import Path as PathParam
-from pydantic import BaseModel, ConfigDict, Field, create_model
+from pydantic import BaseModel, ConfigDict, Field, create_model, model_validator
 
 from facerec.gallery import EnrollmentPolicy, MetadataLimits, Reason
 from facerec.gallery.metadata import DEFAULT_LIMITS
 from facerec.gallery.policy import JsonInt
 from facerec.gallery.store import ID_PATTERN, MAX_NAME, NAME_PATTERN
 from service.inputs import B64_PATTERN
-from service.schemas import ImageReport
+from service.schemas import CONTRACT_IN, EmbeddingIn, ImageReport
 
 MAX_IMAGES_PER_REQUEST = 32
 _B64 = "image file (JPEG, PNG, WebP, ...), base64 encoded; a data: URI prefix is accepted"
@@ -231,8 +231,24 @@ class BatchEnrollResponse(BaseModel):
 
 
 class SearchJSON(_Strict):
-    image: B64Image
-    model_config = ConfigDict(json_schema_extra={"not": BOTH_THRESHOLD_AND_FPIR})
+    image: B64Image | None = None
+    embedding: EmbeddingIn | None = Field(None, description="search with an embedding the client kept "
+                                          "(from /v1/embed or /v1/detect) instead of an image; needs "
+                                          "`contract_id`")
+    contract_id: str | None = Field(None, max_length=64, description=CONTRACT_IN)
+    model_config = ConfigDict(json_schema_extra={
+        "not": BOTH_THRESHOLD_AND_FPIR,
+        "oneOf": [{"required": ["image"]}, {"required": ["embedding"]}],
+        "dependentRequired": {"embedding": ["contract_id"]},
+    })
+
+    @model_validator(mode="after")
+    def _one_input(self) -> SearchJSON:
+        if (self.image is None) == (self.embedding is None):
+            raise ValueError("give `image` or `embedding` (exactly one)")
+        if self.embedding is not None and self.contract_id is None:
+            raise ValueError("`contract_id` is required with `embedding`")
+        return self
 
     top_k: JsonInt = Field(5, ge=1, le=50)
     threshold: float | None = Field(None, ge=-1, le=1, description="cosine threshold for this request")
@@ -255,7 +271,7 @@ class SearchResponse(BaseModel):
     operating_point: OperatingPointOut
     candidates: list[CandidateOut] = Field(..., description="top-k persons, best first")
     contract_id: str
-    image: ImageReport
+    image: ImageReport | None = Field(..., description="the searched face (null for a search by embedding)")
 
 
 # ============================================================================ path parameters
