@@ -182,6 +182,7 @@ OTHER_VARIABLES = {
     "FACEREC_ACCURACY_REPORT": "tests: where the service accuracy check writes its figures",
     "FACEREC_ACCURACY_PAIRS": "tests: how many pairs the service accuracy check uses",
     "FACEREC_SCREENSHOT": "tests: where the demo-page test saves its screenshot",
+    "FACEREC_GALLERY_SCREENSHOT": "tests: where the demo page's gallery-tab test saves its screenshot",
     "FACEREC_TEST_KILL_AT_STEP": "tests: the trainer kills itself after this step",
     "FACEREC_TEST_KILL_IN_CHECKPOINT_WRITE": "tests: a checkpoint write kills the process",
     "FACEREC_TEST_NODE": "tests: the name of a simulated training node",
