@@ -1,0 +1,172 @@
+"""The approximate gallery index (faiss HNSW, exact re-ranking) and bulk import, on small synthetic
+galleries with fixed seeds: re-ranked scores are the exact ones, deleted people are never returned
+(in memory, after a reload, and their vectors leave the index file), the switch from exact to
+approximate at the configured size, the index file's reconcile with writes of another process,
+rebuilds after deletions, a clear refusal without faiss, and `facerec gallery import`."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from facerec.gallery import IndexPolicy, NewSample
+from facerec.gallery import ann as ann_mod
+from facerec.gallery import ann_file
+from facerec.gallery.sqlite_store import SQLiteStore
+from facerec.gallery.store import check_embedding
+
+faiss = pytest.importorskip("faiss")
+pytestmark = pytest.mark.timeout(180)
+D = 32
+
+
+def clustered(rng, n, d=D, clusters=20, spread=0.6):
+    """Unit vectors around a few centres (face embeddings are clustered, not uniform)."""
+    centres = rng.normal(size=(clusters, d))
+    v = centres[rng.integers(0, clusters, n)] + spread * rng.normal(size=(n, d))
+    return (v / np.linalg.norm(v, axis=1, keepdims=True)).astype(np.float32)
+
+
+def brute_force(vecs, owners, q, k, exclude=None):
+    """(person, best-sample cosine) of the k best persons."""
+    best: dict = {}
+    for o, s in zip(owners, vecs @ q):
+        if o != exclude and s > best.get(o, -2):
+            best[o] = float(s)
+    return sorted(best.items(), key=lambda x: -x[1])[:k]
+
+
+def approx(tmp_path, **kw) -> IndexPolicy:
+    return IndexPolicy(kind="approximate", ef_search=128, recall_queries=64, **kw)
+
+
+def test_candidates_are_scored_exactly_and_top1_matches_exact():
+    rng = np.random.default_rng(0)
+    vecs = clustered(rng, 3000)
+    owners = [f"p{i // 3}" for i in range(3000)]  # three samples per person
+    idx = ann_mod.ApproxIndex(D, IndexPolicy(kind="approximate", ef_search=128))
+    idx.add([f"s{i}" for i in range(3000)], owners, vecs)
+    queries = clustered(rng, 60)
+    agree = 0
+    for q in queries:
+        got = idx.search(q, 5)
+        want = brute_force(vecs, owners, q / np.linalg.norm(q), 5)
+        exact = dict(brute_force(vecs, owners, q / np.linalg.norm(q), 10**6))
+        for c in got:  # every returned score is the person's exact best-sample cosine
+            assert c.similarity == pytest.approx(exact[c.person_id], abs=1e-5)
+        assert len({c.person_id for c in got}) == len(got) == 5
+        agree += got[0].person_id == want[0][0]
+        if want[0][0] in {c.person_id for c in got}:  # then the open-set decision is the exact one
+            assert got[0].similarity == pytest.approx(want[0][1], abs=1e-5)
+    assert agree >= 0.95 * len(queries)
+    recall = idx.measure_recall(queries=200)
+    assert recall["queries"] == 200 and recall["recall_at_1"] >= 0.95
+
+
+def test_deleted_people_are_never_returned_nor_kept_in_the_file(tmp_path):
+    rng = np.random.default_rng(1)
+    path = tmp_path / "g.sqlite3"
+    s = SQLiteStore(path, index=approx(tmp_path))
+    g = s.create_gallery("g", "c", D, "m", {})
+    vecs = clustered(rng, 600)
+    ids = s.import_persons(g.id, [(f"p{i}", {}, [NewSample(v, {})]) for i, v in enumerate(vecs)])
+    assert s.index(g.id).kind == "hnsw"
+    s.close()  # saves the index file
+    s = SQLiteStore(path, index=approx(tmp_path))
+    gone = [0, 7, 300]
+    for i in gone:
+        s.delete_person(g.id, ids[i])
+    for i in gone:
+        assert ids[i] not in {c.person_id for c in s.search(g.id, vecs[i], 50)}
+    assert s.search(g.id, vecs[1], 1)[0].person_id == ids[1]
+
+    def in_files(vec) -> bool:
+        data = b"".join(f.read_bytes() for f in tmp_path.iterdir() if f.name.startswith("g.sqlite3"))
+        return np.asarray(check_embedding(vec, D), "<f4").tobytes() in data
+
+    assert in_files(vecs[1]) and not any(in_files(vecs[i]) for i in gone)
+    header, loaded = ann_file.load(ann_file.ann_path(path, g.id), IndexPolicy())
+    codes, state = loaded.storage_codes(), loaded.state()
+
+    def labels(i):
+        return np.flatnonzero(state["codes"] == state["persons"].index(ids[i]))
+
+    assert header["generation"] == s.get_gallery(g.id).generation  # scrubs kept the file current
+    assert codes[labels(1)].any()
+    for i in gone:  # the quantised copies are zero too, and the labels dead
+        assert not codes[labels(i)].any() and not state["alive"][labels(i)].any()
+    s.close()
+    s = SQLiteStore(path, index=approx(tmp_path))  # after a restart: still gone
+    for i in gone:
+        assert ids[i] not in {c.person_id for c in s.search(g.id, vecs[i], 50)}
+    s.delete_gallery(g.id)
+    assert not [f for f in tmp_path.iterdir() if "-ann-" in f.name]
+    s.close()
+
+
+def test_exact_below_the_size_then_approximate_built_in_the_background(tmp_path):
+    rng = np.random.default_rng(2)
+    policy = IndexPolicy(kind="auto", min_samples=400, ef_search=128, recall_queries=64)
+    s = SQLiteStore(tmp_path / "g.sqlite3", index=policy)
+    g = s.create_gallery("g", "c", D, "m", {})
+    vecs = clustered(rng, 700)
+    ids = s.import_persons(g.id, [(f"p{i}", {}, [NewSample(v, {})]) for i, v in enumerate(vecs[:300])])
+    assert s.index(g.id).kind == "exact" and s.index_info(g.id)["kind"] == "exact"
+    ids += s.import_persons(g.id, [(f"p{i}", {}, [NewSample(v, {})]) for i, v in enumerate(vecs[300:600])])
+    s.indexes.wait()
+    more, _ = s.create_person(g.id, "late", {}, [NewSample(vecs[600], {})])
+    index = s.index(g.id)
+    assert index.kind == "hnsw" and len(index) == 601
+    info = s.index_info(g.id)
+    assert info["recall"]["queries"] == 64 and info["recall"]["recall_at_1"] >= 0.9
+    for i in range(0, 600, 37):
+        assert s.search(g.id, vecs[i], 1)[0].person_id == ids[i]
+    assert s.search(g.id, vecs[600], 1)[0].person_id == more.id
+    s.close()
+
+
+def test_another_process_writes_are_reconciled(tmp_path):
+    rng = np.random.default_rng(3)
+    path = tmp_path / "g.sqlite3"
+    a, b = SQLiteStore(path, index=approx(tmp_path)), SQLiteStore(path, index=approx(tmp_path))
+    g = a.create_gallery("g", "c", D, "m", {})
+    vecs = clustered(rng, 500)
+    ids = a.import_persons(g.id, [(f"p{i}", {}, [NewSample(v, {})]) for i, v in enumerate(vecs[:400])])
+    assert a.search(g.id, vecs[3], 1)[0].person_id == ids[3]  # a builds and saves its index
+    assert b.search(g.id, vecs[4], 1)[0].person_id == ids[4]  # b loads a's file
+    new = b.import_persons(g.id, [(f"q{i}", {}, [NewSample(v, {})]) for i, v in enumerate(vecs[400:])])
+    b.delete_person(g.id, ids[5])
+    assert a.search(g.id, vecs[450], 1)[0].person_id == new[50]  # a reconciles with the file
+    assert ids[5] not in {c.person_id for c in a.search(g.id, vecs[5], 20)}
+    a.close()
+    b.close()
+
+
+def test_rebuild_after_deletions(tmp_path):
+    rng = np.random.default_rng(4)
+    s = SQLiteStore(tmp_path / "g.sqlite3", index=approx(tmp_path, rebuild_dead_fraction=0.2))
+    g = s.create_gallery("g", "c", D, "m", {})
+    vecs = clustered(rng, 300)
+    ids = s.import_persons(g.id, [(f"p{i}", {}, [NewSample(v, {})]) for i, v in enumerate(vecs)])
+    s.index(g.id)
+    for i in range(0, 300, 4):  # a quarter of them
+        s.delete_person(g.id, ids[i])
+    s.indexes.wait()
+    index = s.index(g.id)
+    # rebuilt once a fifth was dead (deletions during the build are tombstones in the new graph)
+    assert len(index) == 225 and index.labels < 300 and index.dead_fraction() <= 0.2
+    assert s.search(g.id, vecs[1], 1)[0].person_id == ids[1]
+    assert ids[4] not in {c.person_id for c in s.search(g.id, vecs[4], 20)}
+    s.close()
+
+
+def test_without_faiss_exact_search_or_a_clear_refusal(tmp_path, monkeypatch):
+    monkeypatch.setattr(ann_mod, "faiss_module", lambda: None)
+    with pytest.raises(RuntimeError, match=r"needs faiss.*facerec\[search\]"):
+        IndexPolicy(kind="approximate")
+    s = SQLiteStore(tmp_path / "g.sqlite3", index=IndexPolicy(kind="auto", min_samples=10))
+    g = s.create_gallery("g", "c", D, "m", {})
+    vecs = clustered(np.random.default_rng(5), 50)
+    ids = s.import_persons(g.id, [(f"p{i}", {}, [NewSample(v, {})]) for i, v in enumerate(vecs)])
+    assert s.index(g.id).kind == "exact" and s.search(g.id, vecs[9], 1)[0].person_id == ids[9]
+    s.close()
