@@ -170,3 +170,55 @@ def test_without_faiss_exact_search_or_a_clear_refusal(tmp_path, monkeypatch):
     ids = s.import_persons(g.id, [(f"p{i}", {}, [NewSample(v, {})]) for i, v in enumerate(vecs)])
     assert s.index(g.id).kind == "exact" and s.search(g.id, vecs[9], 1)[0].person_id == ids[9]
     s.close()
+
+
+def test_gallery_import_command(tmp_path, capsys):
+    from facerec.cli import main
+    from facerec.cli.usage import CommandError
+    from facerec.gallery.bulk import write_embeddings
+
+    vecs = clustered(np.random.default_rng(6), 500)
+    names = [f"person {i // 2}" for i in range(500)]  # two samples each
+    source = write_embeddings(tmp_path / "people.npz", vecs, names, "c1", "m 1")
+    db = tmp_path / "g.sqlite3"
+    args = ["gallery", "import", str(source), "--gallery", "g", "--db", str(db), "--min-samples", "100"]
+    with pytest.raises(CommandError, match="no gallery 'g' .pass --create"):
+        main(args)
+    assert main([*args, "--create"]) == 0
+    out = capsys.readouterr().out
+    assert "imported 250 persons, 500 samples" in out and '"kind": "hnsw"' in out  # index built after it
+    s = SQLiteStore(db, index=IndexPolicy(min_samples=100))
+    g = s.list_galleries()[0]
+    assert (g.name, g.contract_id, g.persons, g.samples) == ("g", "c1", 250, 500)
+    assert ann_file.read_header(ann_file.ann_path(db, g.id))["generation"] == g.generation
+    top = s.search(g.id, vecs[6], 1)[0]
+    assert s.get_person(g.id, top.person_id).name == "person 3" and top.similarity == pytest.approx(1.0)
+    s.close()
+    other = write_embeddings(tmp_path / "other.npz", vecs[:3], names[:3], "c2")
+    with pytest.raises(CommandError, match="contract c1.*contract c2.*not comparable"):
+        main(["gallery", "import", str(other), "--gallery", "g", "--db", str(db)])
+    np.savez(tmp_path / "bad.npz", embeddings=vecs[:3], names=np.array(names[:3]))
+    with pytest.raises(CommandError, match="missing contract_id"):
+        main(["gallery", "import", str(tmp_path / "bad.npz"), "--gallery", "g", "--db", str(db)])
+
+
+def test_gallery_import_of_a_photo_tree(tmp_path, capsys):
+    import shutil
+    from pathlib import Path
+
+    from facerec.cli import main
+
+    root = Path(__file__).parent / "data" / "lfw_sample"
+    people = ["Al_Sharpton", "David_Beckham", "Boris_Becker"]
+    for name in people:
+        shutil.copytree(root / name, tmp_path / "photos" / name)
+    model = Path(__file__).parents[1] / "models" / "default"
+    db = tmp_path / "g.sqlite3"
+    assert main(["gallery", "import", str(tmp_path / "photos"), "--gallery", "g", "--create", "--db", str(db),
+                 "--model", str(model), "--no-gate"]) == 0
+    s = SQLiteStore(db)
+    g = s.list_galleries()[0]
+    photos = sum(len(list((tmp_path / "photos" / n).iterdir())) for n in people)
+    assert sorted(p.name for p in s.list_persons(g.id)) == sorted(people) and g.samples == photos
+    assert "imported 3 persons" in capsys.readouterr().out
+    s.close()
