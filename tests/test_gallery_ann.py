@@ -222,3 +222,22 @@ def test_gallery_import_of_a_photo_tree(tmp_path, capsys):
     assert sorted(p.name for p in s.list_persons(g.id)) == sorted(people) and g.samples == photos
     assert "imported 3 persons" in capsys.readouterr().out
     s.close()
+
+
+def test_a_gallery_enrolled_one_by_one_is_retrained_as_it_grows(tmp_path):
+    """sq8 learns its ranges from the first vectors: from one vector every code would be alike."""
+    rng = np.random.default_rng(7)
+    s = SQLiteStore(tmp_path / "g.sqlite3", index=approx(tmp_path))
+    g = s.create_gallery("g", "c", D, "m", {})
+    vecs = clustered(rng, 201)
+    ids = []
+    for i, v in enumerate(vecs[:200]):
+        ids.append(s.create_person(g.id, f"p{i}", {}, [NewSample(v, {})])[0].id)
+        s.index(g.id)  # the index exists from the first person on
+    s.indexes.wait()  # the rebuilds that ran while enrolling have finished; one more write
+    ids.append(s.create_person(g.id, "p200", {}, [NewSample(vecs[200], {})])[0].id)  # starts any still due
+    s.indexes.wait()
+    index = s.index(g.id)
+    assert index.kind == "hnsw" and index.trained_on >= 100
+    assert sum(s.search(g.id, vecs[i], 1)[0].person_id == ids[i] for i in range(200)) >= 198
+    s.close()

@@ -29,6 +29,9 @@ import numpy as np
 from facerec.gallery.index import Candidate, normalise, top_persons
 
 INSTALL_HINT = "pip install 'facerec[search]' (faiss-cpu)"
+#: sq8 learns each dimension's range from the first vectors added; an index trained on fewer is
+#: rebuilt (and so retrained) each time it doubles, until it was trained on this many.
+TRAIN_ENOUGH = 10_000
 
 
 def faiss_module():
@@ -154,6 +157,9 @@ class ApproxIndex:
         self._n = 0
         self._lock = ReadWriteLock()
         self.recall: dict | None = None  # what measure_recall found
+        self.build: dict | None = None  # how long the graph took to build (wall, CPU seconds, threads)
+        # vectors the quantiser learnt its ranges from (a loaded index: its file says)
+        self.trained_on = 0 if policy.storage == "sq8" else TRAIN_ENOUGH
 
     # ------------------------------------------------------------------ size
     def __len__(self) -> int:
@@ -170,6 +176,11 @@ class ApproxIndex:
 
     def dead_fraction(self) -> float:
         return 0.0 if self._n == 0 else 1.0 - len(self._label_of) / self._n
+
+    def needs_rebuild(self) -> bool:
+        """Too many dead labels, or quantiser ranges learnt from too few vectors."""
+        undertrained = self.trained_on < TRAIN_ENOUGH and len(self) >= 2 * max(1, self.trained_on)
+        return undertrained or self.dead_fraction() > self.policy.rebuild_dead_fraction
 
     def contents(self, sample_ids: set[str] | None = None) -> tuple[list[str], list[str], np.ndarray]:
         """(sample ids, person ids, float32 vectors) of the live samples (or of those in
@@ -243,6 +254,7 @@ class ApproxIndex:
         """Scalar quantisers learn each dimension's range (sq8); a no-op for the others."""
         if not self.graph.is_trained:
             self.graph.train(normalise(vectors))
+            self.trained_on = len(vectors)
 
     def add(self, sample_ids: list[str], person_ids: list[str], vectors: np.ndarray) -> None:
         vectors = normalise(np.asarray(vectors, np.float32).reshape(-1, self.dim))
@@ -373,5 +385,5 @@ class ApproxIndex:
         return self.recall
 
     def info(self) -> dict:
-        return {"kind": self.kind, "samples": len(self), "dead_labels": self._n - len(self), **self.policy.params(),
-                **({"recall": self.recall} if self.recall else {})}
+        return {"kind": self.kind, "loaded": True, "samples": len(self), "dead_labels": self._n - len(self),
+                **self.policy.params(), "recall": self.recall, "build": self.build}

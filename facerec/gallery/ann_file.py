@@ -106,6 +106,8 @@ def save(index: ApproxIndex, path: Path, gallery_id: str, generation: int) -> No
         "code_size": int(storage.code_size),
         "policy": index.policy.params(),
         "recall": index.recall,
+        "build": index.build,
+        "trained_on": index.trained_on,
         "offsets": offsets,
     }
     tmp = path.with_name(path.name + ".tmp")
@@ -149,7 +151,8 @@ def load(path: Path, policy: IndexPolicy) -> tuple[dict, ApproxIndex] | None:
         del reader
     index = ApproxIndex(dim, policy, graph=graph, capacity=max(1024, n))
     index.restore(samples, codes, persons, vectors, alive)
-    index.recall = header.get("recall")
+    index.recall, index.build = header.get("recall"), header.get("build")
+    index.trained_on = int(header.get("trained_on", 0))
     return header, index
 
 

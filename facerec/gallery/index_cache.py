@@ -12,7 +12,8 @@ or ``kind="exact"``) the exact index; from there on the approximate one
   and reconciled with the database when the file is older (samples added since are added, samples
   gone are dropped); built from the database when there is none, then saved;
 - built in a background thread when enrollments carry an exact index past ``min_samples``, or
-  when deletions leave ``rebuild_dead_fraction`` of an approximate index's labels dead; searches use
+  when deletions leave ``rebuild_dead_fraction`` of an approximate index's labels dead (or, for a
+  gallery that started small, when it has doubled since its quantiser was trained); searches use
   the current index meanwhile and the new one replaces it when it is ready (with the writes made
   during the build applied first). :meth:`IndexCache.wait` waits for running builds;
 - saved after a build or a reconcile, and at :meth:`IndexCache.close` when it is current;
@@ -27,6 +28,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from pathlib import Path
 from typing import Protocol
 
@@ -39,6 +41,19 @@ log = logging.getLogger("facerec.gallery")
 
 STALE = -1  # an approximate index whose gallery changed elsewhere: reconcile before use
 CHUNK = 20_000
+
+
+def _add_all(index: ApproxIndex, chunks) -> None:
+    """Add (sample ids, person ids, vectors) chunks to a new ``index``, recording the build's wall
+    and CPU seconds (the process's: other threads' work during the build counts too)."""
+    wall = cpu = 0.0
+    for sids, pids, vecs in chunks:
+        t, c = time.perf_counter(), time.process_time()
+        index.add(sids, pids, vecs)
+        wall += time.perf_counter() - t
+        cpu += time.process_time() - c
+    index.build = {"seconds": round(wall, 2), "cpu_seconds": round(cpu, 2),
+                   "threads": index.faiss.omp_get_max_threads()}
 
 
 class Source(Protocol):
@@ -122,11 +137,15 @@ class IndexCache:
 
     def _build_from_database(self, gallery_id: str, dim: int):
         log.info("gallery %s: building the approximate index", gallery_id)
-        index, gen = ApproxIndex(dim, self.policy), None
-        for gen, sids, pids, vecs in self.source.sample_rows(gallery_id):
-            index.add(sids, pids, vecs)
-        if gen is None:
-            gen = self.source.gallery_state(gallery_id)[0]
+        index, generations = ApproxIndex(dim, self.policy), []
+
+        def chunks():
+            for gen, sids, pids, vecs in self.source.sample_rows(gallery_id):
+                generations.append(gen)  # the same for every chunk: one read snapshot
+                yield sids, pids, vecs
+
+        _add_all(index, chunks())
+        gen = generations[0] if generations else self.source.gallery_state(gallery_id)[0]
         index.measure_recall()
         return gen, index
 
@@ -163,7 +182,7 @@ class IndexCache:
             index = cached[1]
         if isinstance(index, ExactIndex) and self.policy.approximate(len(index)):
             self._start_build(gallery_id, index)
-        elif isinstance(index, ApproxIndex) and index.dead_fraction() > self.policy.rebuild_dead_fraction:
+        elif isinstance(index, ApproxIndex) and index.needs_rebuild():
             self._start_build(gallery_id, index)
 
     def removed(self, gallery_id: str, before: int, sample_ids=(), person_id: str | None = None) -> None:
@@ -196,8 +215,8 @@ class IndexCache:
         try:
             sids, pids, vecs = source_index.contents()
             index = ApproxIndex(source_index.dim, self.policy)
-            for lo in range(0, len(sids), CHUNK):
-                index.add(sids[lo : lo + CHUNK], pids[lo : lo + CHUNK], vecs[lo : lo + CHUNK])
+            _add_all(index, ((sids[lo : lo + CHUNK], pids[lo : lo + CHUNK], vecs[lo : lo + CHUNK])
+                             for lo in range(0, len(sids), CHUNK)))
             del vecs
             index.measure_recall()
             self._save(gallery_id, index, generation=STALE)  # content of no one generation: reconciled at load
