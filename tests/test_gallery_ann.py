@@ -241,3 +241,24 @@ def test_a_gallery_enrolled_one_by_one_is_retrained_as_it_grows(tmp_path):
     assert index.kind == "hnsw" and index.trained_on >= 100
     assert sum(s.search(g.id, vecs[i], 1)[0].person_id == ids[i] for i in range(200)) >= 198
     s.close()
+
+
+def test_open_set_metrics_through_the_index_equal_exact_ones():
+    """openset_eval --index hnsw: DIR at FPIR and rank-1 as the approximate index answers them."""
+    from facerec.gallery import identification_metrics
+    from facerec.gallery.ann import approximate_top1
+
+    rng = np.random.default_rng(8)
+    centres = clustered(rng, 400)  # 400 people; 200 enrolled
+    photos = centres[np.repeat(np.arange(400), 3)] + 0.08 * rng.normal(size=(1200, D)).astype(np.float32)
+    photos /= np.linalg.norm(photos, axis=1, keepdims=True)
+    names = np.repeat([f"n{i}" for i in range(400)], 3)
+    enrolled = np.arange(0, 600, 3)  # the first photo of the first 200 people
+    probes = np.setdiff1d(np.arange(1200), enrolled)
+    args = (photos[enrolled], names[enrolled], photos[probes], names[probes], (0.1, 0.01), {"t": 0.8})
+    exact = identification_metrics(*args)
+    approx = identification_metrics(*args, top1=approximate_top1(photos[enrolled], names[enrolled]))
+    assert approx["rank1"] == pytest.approx(exact["rank1"], abs=0.003)
+    for f in ("0.1", "0.01"):
+        assert approx["dir_at_fpir"][f]["dir"] == pytest.approx(exact["dir_at_fpir"][f]["dir"], abs=0.005)
+    assert approx["at_threshold"]["t"] == pytest.approx(exact["at_threshold"]["t"], abs=0.005)

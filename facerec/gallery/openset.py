@@ -218,18 +218,26 @@ def identification_metrics(
     probe_labels,
     fpirs=(0.1, 0.01),
     thresholds: dict[str, float] | None = None,
+    top1=None,
 ) -> dict:
     """Rank-1, DIR at FPIR (threshold set on these non-mated searches), and the FPIR / DIR reached
-    at given ``thresholds`` (e.g. the validation-calibrated ones)."""
-    scores = np.asarray(probes, np.float32) @ np.asarray(gallery, np.float32).T
-    best, people = per_person_max(scores, np.asarray(gallery_labels))
-    top = best.argmax(axis=1)
+    at given ``thresholds`` (e.g. the validation-calibrated ones). ``top1(probes)`` gives each
+    probe's best gallery label and its score (e.g. through the approximate index,
+    :func:`facerec.gallery.ann.approximate_top1`); default: exact, by brute force."""
+    people = np.unique(np.asarray(gallery_labels))
+    if top1 is None:
+        scores = np.asarray(probes, np.float32) @ np.asarray(gallery, np.float32).T
+        best, people = per_person_max(scores, np.asarray(gallery_labels))
+        top = best.argmax(axis=1)
+        top_label, top_score = people[top], best[np.arange(len(best)), top]
+    else:
+        top_label, top_score = top1(probes)
     # float64: a threshold just above a float32 score (fpir_threshold's nextafter) must stay above it;
     # compared with float32 scores, NumPy 2 would round the threshold down onto the score.
-    top_score = best[np.arange(len(best)), top].astype(np.float64)
+    top_score = np.asarray(top_score).astype(np.float64)
     probe_labels = np.asarray(probe_labels)
     mated = np.isin(probe_labels, people)
-    correct = people[top] == probe_labels
+    correct = np.asarray(top_label) == probe_labels
     out = {
         "gallery_persons": len(people),
         "gallery_samples": len(gallery),
