@@ -262,3 +262,28 @@ def test_open_set_metrics_through_the_index_equal_exact_ones():
     for f in ("0.1", "0.01"):
         assert approx["dir_at_fpir"][f]["dir"] == pytest.approx(exact["dir_at_fpir"][f]["dir"], abs=0.005)
     assert approx["at_threshold"]["t"] == pytest.approx(exact["at_threshold"]["t"], abs=0.005)
+
+
+def test_low_rank_embeddings_get_a_pca_graph_that_saves_loads_and_scrubs(tmp_path):
+    """Face embeddings hold their variance in a fraction of the dimensions: the graph then works on
+    the principal components (L2, so the projection's centring does not bias the order)."""
+    rng = np.random.default_rng(9)
+    basis = np.linalg.qr(rng.normal(size=(64, 12)))[0].T  # a 12-dimensional subspace of 64
+    vecs = (0.5 + clustered(rng, 3000, d=12)) @ basis + 0.001 * rng.normal(size=(3000, 64))
+    vecs = (vecs / np.linalg.norm(vecs, axis=1, keepdims=True)).astype(np.float32)
+    owners = [f"{10**6 + i:032x}" for i in range(3000)]  # the file keeps ids as 16 bytes: hex ones
+    idx = ann_mod.ApproxIndex(64, IndexPolicy(kind="approximate", ef_search=128))
+    idx.add([f"{i:032x}" for i in range(3000)], owners, vecs)
+    assert idx.pca_dims() == 16
+    queries = vecs[:100] + 0.05 * rng.normal(size=(100, 64)).astype(np.float32)
+    hits = sum(idx.search(q, 1)[0].person_id == brute_force(vecs, owners, q / np.linalg.norm(q), 1)[0][0]
+               for q in queries)
+    assert hits >= 97
+    path = tmp_path / "index"
+    ann_file.save(idx, path, "g", generation=3)
+    assert ann_file.scrub(path, [f"{5:032x}"], before=3) == 1
+    header, loaded = ann_file.load(path, IndexPolicy(ef_search=128))
+    assert header["generation"] == 4 and loaded.pca_dims() == 16 and len(loaded) == 2999
+    assert not loaded.storage_codes()[5].any() and loaded.storage_codes()[6].any()
+    assert owners[5] not in {c.person_id for c in loaded.search(vecs[5], 20)}
+    assert loaded.search(vecs[6], 1)[0].person_id == owners[6]

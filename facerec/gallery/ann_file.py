@@ -96,7 +96,7 @@ def save(index: ApproxIndex, path: Path, gallery_id: str, generation: int) -> No
         offsets[name] = at
         at += block.nbytes
     offsets["faiss"] = at
-    storage = faiss.downcast_index(index.graph.storage)
+    storage = faiss.downcast_index(index.hnsw().storage)
     header = {
         "gallery_id": gallery_id,
         "generation": int(generation),

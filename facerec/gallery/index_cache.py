@@ -256,6 +256,8 @@ class IndexCache:
     def _save(self, gallery_id: str, index: ApproxIndex, generation: int) -> None:
         """Write the index file; first drop what the database no longer holds (under the lock that
         deletions scrub under, so no deleted sample reaches the file)."""
+        if index.graph is None:  # nothing added yet: nothing to keep
+            return
         path = self.path(gallery_id)
         with ann_file.locked(path):
             _, live = self.source.live_samples(gallery_id)
