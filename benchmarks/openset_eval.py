@@ -40,9 +40,9 @@ from facerec.gallery import (
     assess,
     identification_metrics,
 )
-from facerec.gallery.ann import IndexPolicy, approximate_top1
+from facerec.gallery.ann import IndexPolicy
 from facerec.gallery.measure import Measured, OfflineModel, measure
-from facerec.gallery.openset import OPENSET_FILE
+from facerec.gallery.openset import OPENSET_FILE, approximate_top1
 
 FPIRS = (0.1, 0.01)
 MODES = {

@@ -246,7 +246,7 @@ def test_a_gallery_enrolled_one_by_one_is_retrained_as_it_grows(tmp_path):
 def test_open_set_metrics_through_the_index_equal_exact_ones():
     """openset_eval --index hnsw: DIR at FPIR and rank-1 as the approximate index answers them."""
     from facerec.gallery import identification_metrics
-    from facerec.gallery.ann import approximate_top1
+    from facerec.gallery.openset import approximate_top1
 
     rng = np.random.default_rng(8)
     centres = clustered(rng, 400)  # 400 people; 200 enrolled

@@ -427,18 +427,3 @@ class ApproxIndex:
                 **self.policy.params(), "pca_dims": None if self.graph is None else self.pca_dims(),
                 "recall": self.recall, "build": self.build}
 
-
-def approximate_top1(gallery: np.ndarray, labels, policy: IndexPolicy | None = None):
-    """``top1(probes) -> (best label, its score)`` through an approximate index of ``gallery``
-    (one sample per row, ``labels`` its persons): what :func:`~facerec.gallery.openset.identification_metrics`
-    takes to evaluate open-set identification as the approximate index answers it."""
-    labels = np.asarray(labels)
-    names = {str(x): x for x in labels}
-    index = ApproxIndex(gallery.shape[1], policy or IndexPolicy(kind="approximate"))
-    index.add([str(i) for i in range(len(gallery))], [str(x) for x in labels], gallery)
-
-    def top1(probes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        found = [index.search(q, 1)[0] for q in np.asarray(probes, np.float32)]
-        return np.array([names[c.person_id] for c in found]), np.array([c.similarity for c in found])
-
-    return top1

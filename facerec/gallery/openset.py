@@ -223,7 +223,7 @@ def identification_metrics(
     """Rank-1, DIR at FPIR (threshold set on these non-mated searches), and the FPIR / DIR reached
     at given ``thresholds`` (e.g. the validation-calibrated ones). ``top1(probes)`` gives each
     probe's best gallery label and its score (e.g. through the approximate index,
-    :func:`facerec.gallery.ann.approximate_top1`); default: exact, by brute force."""
+    :func:`approximate_top1`); default: exact, by brute force."""
     people = np.unique(np.asarray(gallery_labels))
     if top1 is None:
         scores = np.asarray(probes, np.float32) @ np.asarray(gallery, np.float32).T
@@ -264,3 +264,21 @@ def identification_metrics(
             "dir": float((correct & (top_score >= t))[mated].mean()),
         }
     return out
+
+
+def approximate_top1(gallery: np.ndarray, labels, policy=None):
+    """``top1(probes) -> (best label, its score)`` through an approximate index of ``gallery``
+    (one sample per row, ``labels`` its persons): what :func:`identification_metrics` takes to evaluate open-set identification as the approximate index answers it (``policy``: an
+    :class:`~facerec.gallery.ann.IndexPolicy`, default approximate with its defaults)."""
+    from facerec.gallery.ann import ApproxIndex, IndexPolicy  # faiss: only when asked for
+
+    labels = np.asarray(labels)
+    names = {str(x): x for x in labels}
+    index = ApproxIndex(gallery.shape[1], policy or IndexPolicy(kind="approximate"))
+    index.add([str(i) for i in range(len(gallery))], [str(x) for x in labels], gallery)
+
+    def top1(probes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        found = [index.search(q, 1)[0] for q in np.asarray(probes, np.float32)]
+        return np.array([names[c.person_id] for c in found]), np.array([c.similarity for c in found])
+
+    return top1
