@@ -287,3 +287,34 @@ def test_low_rank_embeddings_get_a_pca_graph_that_saves_loads_and_scrubs(tmp_pat
     assert not loaded.storage_codes()[5].any() and loaded.storage_codes()[6].any()
     assert owners[5] not in {c.person_id for c in loaded.search(vecs[5], 20)}
     assert loaded.search(vecs[6], 1)[0].person_id == owners[6]
+
+
+def test_pgvector_import_builds_its_hnsw_index_after_the_rows(tmp_path, capsys):
+    from facerec.cli import main
+    from facerec.gallery.bulk import write_embeddings
+    from facerec.gallery.pgvector_store import HNSW_EF_SEARCH, HNSW_M, PgVectorStore
+    from facerec.gallery.testing import PgUnavailable, fresh_database, pg_required, pg_server
+
+    try:
+        dsn = fresh_database(pg_server())
+    except PgUnavailable as exc:
+        if pg_required():
+            raise
+        pytest.skip(f"no PostgreSQL + pgvector server on this platform: {exc}")
+    vecs = clustered(np.random.default_rng(10), 300)
+    source = write_embeddings(tmp_path / "p.npz", vecs, [f"n{i}" for i in range(300)], "c1")
+    args = ["gallery", "import", str(source), "--gallery", "g", "--dsn", dsn, "--pg-work-mem", "64MB"]
+    assert main([*args, "--create", "--pg-hnsw"]) == 0
+    assert '"kind": "pgvector_hnsw"' in capsys.readouterr().out
+    assert main(args) == 0  # the second import drops the index and builds it again after its rows
+    s = PgVectorStore(dsn)
+    g = s.list_galleries()[0]
+    assert g.samples == 600
+    info = s.index_info(g.id)
+    assert (info["kind"], info["m"], info["ef_search"]) == ("pgvector_hnsw", HNSW_M, HNSW_EF_SEARCH)
+    assert s.get_person(g.id, s.search(g.id, vecs[7], 1)[0].person_id).name == "n7"
+    s.drop_hnsw_index(g.id)
+    assert s.index_info(g.id) == {"kind": "exact"}
+    with pytest.raises(ValueError, match="maintenance_work_mem"):
+        s.create_hnsw_index(g.id, maintenance_work_mem="1GB; DROP TABLE x")
+    s.close()

@@ -62,7 +62,10 @@ def _store_arguments(p: argparse.ArgumentParser) -> None:
                    help="auto: approximate index from this many samples (default: "
                    "FACEREC_GALLERY_INDEX_MIN_SAMPLES or 50000)")
     p.add_argument("--pg-hnsw", action="store_true",
-                   help="pgvector: build the HNSW index (m, ef_construction as docs/gallery.md chose them)")
+                   help="pgvector: build the HNSW index (m, ef_construction as docs/gallery.md chose them); "
+                   "an import rebuilds an index the gallery had anyway")
+    p.add_argument("--pg-work-mem", default="1GB",
+                   help="pgvector: maintenance_work_mem for the HNSW build (default: %(default)s)")
 
 
 def _open(args):
@@ -154,8 +157,9 @@ def _import(args, store) -> int:
             print("left out: " + ", ".join(f"{k} {v}" for k, v in sorted(refused.items())))
     else:
         emb, names, infos = data.embeddings, data.names, None
-    if args.dsn or store.backend == "pgvector":
-        store.drop_hnsw_index(gallery.id)  # an index is built after the rows, not row by row
+    had_hnsw = store.backend == "pgvector" and store.index_info(gallery.id)["kind"] == "pgvector_hnsw"
+    if had_hnsw:
+        store.drop_hnsw_index(gallery.id)  # built again after the rows: one build, not row by row
     t0 = time.perf_counter()
     try:
         persons = bulk.import_embeddings(store, gallery.id, emb, names, infos, batch_rows=args.batch)
@@ -164,20 +168,20 @@ def _import(args, store) -> int:
     seconds = time.perf_counter() - t0
     print(f"imported {persons:,} persons, {len(emb):,} samples in {seconds:.1f} s "
           f"({len(emb) / max(seconds, 1e-9):,.0f} rows/s)")
-    if not args.no_index:
-        _index(args, store, gallery)
+    if not args.no_index or had_hnsw:
+        _index(args, store, gallery, pg_hnsw=had_hnsw)
     return 0
 
 
-def _index(args, store, gallery=None) -> int:
+def _index(args, store, gallery=None, pg_hnsw: bool = False) -> int:
     gallery = gallery or _find(store, args.gallery)
     if gallery is None:
         raise SystemExit(f"no gallery {args.gallery!r}")
     gallery = store.get_gallery(gallery.id)
     t0 = time.perf_counter()
     if store.backend == "pgvector":
-        if args.pg_hnsw:
-            store.create_hnsw_index(gallery.id)
+        if args.pg_hnsw or pg_hnsw:
+            store.create_hnsw_index(gallery.id, maintenance_work_mem=args.pg_work_mem)
     elif gallery.samples:
         if getattr(args, "rebuild", False):
             store.indexes.rebuild(gallery.id)
