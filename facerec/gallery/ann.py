@@ -20,6 +20,7 @@ the write lock. FAISS releases the GIL while it searches or builds.
 
 from __future__ import annotations
 
+import os
 import threading
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -45,6 +46,15 @@ def faiss_module():
     return faiss
 
 
+def build_threads() -> int:
+    """OpenMP threads for adding to a graph: ``OMP_NUM_THREADS``, else every core. Set per call,
+    since a thread that searched was left at ``search_threads``."""
+    try:
+        return max(1, int(os.environ.get("OMP_NUM_THREADS", "")))
+    except ValueError:
+        return os.cpu_count() or 1
+
+
 def require_faiss():
     faiss = faiss_module()
     if faiss is None:
@@ -65,6 +75,9 @@ class IndexPolicy:
     # The graph works in the principal components holding this share of the variance, when they are
     # at most half the dimensions (face embeddings: ~160 of 512); 0: never.
     pca_variance: float = 0.995
+    # OpenMP threads of one search: 1, since a search is one query (concurrent requests are the
+    # parallelism) and on busy cores threads that wait for each other cost far more than they give
+    search_threads: int = 1
     recall_queries: int = 256  # leave-one-out searches that measure recall@1 at build
     rebuild_dead_fraction: float = 0.2  # deleted share of the labels that triggers a rebuild
 
@@ -301,6 +314,7 @@ class ApproxIndex:
                 self._label_of[sid] = n + i
             self._sample_ids.extend(sample_ids)
             self._vecs[n : n + m] = vectors
+            self.faiss.omp_set_num_threads(build_threads())  # this thread's OpenMP setting
             self.graph.add(vectors)  # labels n .. n+m-1: FAISS numbers in insertion order
             self._alive[n : n + m] = True
             self._n = n + m
@@ -363,6 +377,7 @@ class ApproxIndex:
         if isinstance(self.graph, self.faiss.IndexPreTransform):
             outer = self.faiss.SearchParametersPreTransform()
             outer.index_params = params  # ``params`` stays referenced until the search returns
+        self.faiss.omp_set_num_threads(self.policy.search_threads)  # this thread's OpenMP setting
         _, found = self.graph.search(q[None], want, params=outer)
         labels = found[0][found[0] >= 0]
         return labels[self._alive[labels]]  # the selector already filtered; a deletion never slips by

@@ -34,7 +34,7 @@ from typing import Protocol
 
 
 from facerec.gallery import ann_file
-from facerec.gallery.ann import ApproxIndex, IndexPolicy
+from facerec.gallery.ann import ApproxIndex, IndexPolicy, build_threads
 from facerec.gallery.index import ExactIndex
 
 log = logging.getLogger("facerec.gallery")
@@ -52,8 +52,7 @@ def _add_all(index: ApproxIndex, chunks) -> None:
         index.add(sids, pids, vecs)
         wall += time.perf_counter() - t
         cpu += time.process_time() - c
-    index.build = {"seconds": round(wall, 2), "cpu_seconds": round(cpu, 2),
-                   "threads": index.faiss.omp_get_max_threads()}
+    index.build = {"seconds": round(wall, 2), "cpu_seconds": round(cpu, 2), "threads": build_threads()}
 
 
 class Source(Protocol):
