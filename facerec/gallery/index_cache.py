@@ -192,7 +192,8 @@ class IndexCache:
             with ann_file.locked(path):
                 ann_file.scrub(path, sample_ids, person_id, before)
 
-    def gallery_deleted(self, gallery_id: str) -> None:
+    def forget(self, gallery_id: str) -> None:
+        """Drop the gallery's index and its file (zeroed first): the next search starts afresh."""
         with self._lock:
             self._entries.pop(gallery_id, None)
         path = self.path(gallery_id)
@@ -236,13 +237,9 @@ class IndexCache:
             log.exception("gallery %s: building the approximate index failed", gallery_id)
 
     def rebuild(self, gallery_id: str) -> None:
-        """Forget the gallery's approximate index and its file: the next search builds it afresh."""
+        """Build the gallery's approximate index afresh at its next search (new parameters)."""
         self.wait()
-        with self._lock:
-            self._entries.pop(gallery_id, None)
-        path = self.path(gallery_id)
-        with ann_file.locked(path):
-            ann_file.remove(path)
+        self.forget(gallery_id)
 
     def wait(self, timeout: float | None = None) -> None:
         """Wait for the running builds (tests, the import command, shutdown)."""

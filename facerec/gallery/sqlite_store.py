@@ -202,7 +202,7 @@ class SQLiteStore(SQLGalleryStore):
         self.indexes.removed(gallery_id, token, [sample_id] if sample_id else [], person_id)
 
     def _gallery_deleted(self, gallery_id: str) -> None:
-        self.indexes.gallery_deleted(gallery_id)
+        self.indexes.forget(gallery_id)
 
     # what the index cache reads (facerec.gallery.index_cache.Source)
     def gallery_state(self, gallery_id: str) -> tuple[int, int, int]:
