@@ -99,6 +99,13 @@ class Settings(BaseSettings):
         None, description="SQLite gallery file; default $XDG_DATA_HOME/facerec/galleries.sqlite3")
     gallery_dsn: str | None = Field(None, repr=False, description="PostgreSQL DSN (pgvector backend)")
     gallery_pg_purge: Literal["none", "vacuum", "full"] = "vacuum"  # after deletions (pgvector)
+    # The SQLite backend's in-process index (docs/gallery.md, "Search at scale"): exact below
+    # gallery_index_min_samples samples, approximate (faiss HNSW, exact re-ranking) from there on.
+    gallery_index: Literal["auto", "exact", "approximate"] = Field(
+        "auto", description="auto: approximate from gallery_index_min_samples on when faiss is installed; "
+        "approximate: always (faiss required)")
+    gallery_index_min_samples: int = Field(50_000, ge=0, le=10**9)
+    gallery_index_ef_search: int = Field(64, ge=8, le=4096)  # HNSW candidates explored per search
 
     # ---- person metadata (docs/gallery.md): refused with 422 invalid_metadata above these limits.
     # The upper bounds are the stores' own hard caps (facerec.gallery.metadata.STORE_LIMITS).
@@ -153,6 +160,12 @@ class Settings(BaseSettings):
                              "(e.g. insightface buffalo_l) or the file; facerec ships no SCRFD weights")
         if self.gallery_backend == "pgvector" and not self.gallery_dsn:
             raise ValueError("FACEREC_GALLERY_BACKEND=pgvector needs FACEREC_GALLERY_DSN (a PostgreSQL DSN)")
+        if self.gallery_index == "approximate":
+            from facerec.gallery.ann import INSTALL_HINT, faiss_module
+
+            if faiss_module() is None:
+                raise ValueError(f"FACEREC_GALLERY_INDEX=approximate needs faiss, which is not installed: "
+                                 f"{INSTALL_HINT}")
         return self
 
     def model_path(self) -> Path:

@@ -163,7 +163,9 @@ def test_gallery_create_list_get_update_delete(client):
         client.post("/v1/galleries", json={"name": "x", "unknown": 1}, headers=H), 422, "validation_error"
     )
     assert g["id"] in [x["id"] for x in client.get("/v1/galleries", headers=H).json()["galleries"]]
-    assert client.get(f"/v1/galleries/{g['id']}", headers=H).json()["name"] == "office"
+    got = client.get(f"/v1/galleries/{g['id']}", headers=H).json()
+    assert got["name"] == "office" and g["index"] is None
+    assert got["index"]["kind"] == "exact"  # a small gallery; how searches run is in GET of one gallery
     r = client.patch(
         f"/v1/galleries/{g['id']}",
         json={"name": "office-2", "policy": {"max_yaw": 30}, "match_threshold": 0.5},
@@ -693,10 +695,16 @@ def test_metrics_and_no_embeddings_in_logs(client, caplog):
     )
 
 
-def test_gallery_settings_and_unreachable_database_stop_the_start(tmp_path):
+def test_gallery_settings_and_unreachable_database_stop_the_start(tmp_path, monkeypatch):
     from pydantic import ValidationError
 
     from facerec.gallery import StoreUnavailable
+    from facerec.gallery import ann
+
+    with monkeypatch.context() as m:
+        m.setattr(ann, "faiss_module", lambda: None)
+        with pytest.raises(ValidationError, match=r"FACEREC_GALLERY_INDEX=approximate needs faiss"):
+            Settings(model=DEFAULT_MODEL_DIR, api_keys=[KEY], gallery_index="approximate")
 
     with pytest.raises(ValidationError, match="FACEREC_GALLERY_DSN"):
         Settings(model=DEFAULT_MODEL_DIR, api_keys=[KEY], gallery_backend="pgvector")

@@ -120,6 +120,36 @@ class OperatingPointOut(BaseModel):
     )
 
 
+class IndexRecallOut(BaseModel):
+    recall_at_1: float | None = Field(
+        ..., description="share of the measuring searches whose best person is exact search's best person")
+    queries: int = Field(..., description="searches measured")
+    samples: int = Field(..., description="samples in the index when it was measured")
+    how: str = Field(..., description="what the searches were")
+
+
+class IndexOut(BaseModel):
+    """How searches of the gallery run (docs/gallery.md, "Search at scale")."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    kind: Literal["exact", "hnsw", "pgvector_hnsw"] = Field(
+        ..., description="exact: every sample compared; hnsw: the in-process FAISS HNSW index (its candidates "
+        "re-ranked exactly); pgvector_hnsw: PostgreSQL's HNSW index")
+    loaded: bool | None = Field(None, description="the in-process index is in memory (false: read at the next "
+                                "search)")
+    building: bool | None = Field(None, description="an approximate index is being built (searches use the "
+                                  "current one meanwhile)")
+    samples: int | None = Field(None, description="samples the loaded index holds")
+    m: int | None = Field(None, description="HNSW graph degree")
+    ef_construction: int | None = Field(None, description="HNSW candidates explored per insertion at build")
+    ef_search: int | None = Field(None, description="HNSW candidates explored per search")
+    storage: str | None = Field(None, description="what the HNSW graph compares: sq8 (8-bit), fp16 or flat "
+                                "(float32); results are re-ranked on the float32 embeddings")
+    recall: IndexRecallOut | None = Field(None, description="recall@1 against exact search, measured when the "
+                                          "index was built; null where not measured (see the docs)")
+
+
 class GalleryOut(BaseModel):
     id: str
     name: str
@@ -134,6 +164,8 @@ class GalleryOut(BaseModel):
     match_threshold: float | None
     usable: bool = Field(..., description="false when the service runs another model than the gallery's")
     operating_point: OperatingPointOut | None = Field(..., description="the match threshold now in force")
+    index: IndexOut | None = Field(None, description="how searches run and their measured recall@1 (in `GET` "
+                                   "of one gallery; null in the other answers)")
 
 
 class GalleryList(BaseModel):
