@@ -13,6 +13,9 @@ A ``facerec export`` folder holds::
     export_report.json       parity numbers and timings of the export
     training_config.yaml     the resolved training config of the checkpoint (when it had one)
     ood.npz, ood_report.*    the OOD detector (``facerec fit-ood``)
+    quality.npz              the quality measure of a model without a quality output, chosen on
+                             validation (``facerec fit-quality``; facerec.runtime.quality)
+    quality_report.json      how it was chosen: every candidate's EDC on the validation split
     openset.json             the open-set calibration (``facerec calibrate-openset``)
     manifest.json            a release's file hashes (written by hand for shipped models)
 
@@ -47,6 +50,8 @@ TRAINING_CONFIG_FILE = "training_config.yaml"
 OOD_FILE = "ood.npz"
 OOD_REPORT_FILES = ("ood_report.json", "ood_report.md")
 OPENSET_FILE = "openset.json"
+QUALITY_FILE = "quality.npz"
+QUALITY_REPORT_FILE = "quality_report.json"
 MANIFEST_FILE = "manifest.json"
 
 FP16_SUFFIX = ".fp16.onnx"
@@ -177,6 +182,13 @@ def feature_kinds(meta: dict[str, str]) -> list[str]:
     return json.loads(meta.get(METADATA_PREFIX + "feature_kinds", "[]"))
 
 
+def ood_layer_outputs(output_names) -> list[str]:
+    """The graph outputs an OOD detector reads, in layer order: the ``feature_k`` outputs by index
+    or, for a graph without any (an imported model exposes its embedding alone), the embedding."""
+    features = sorted((n for n in output_names if n.startswith("feature_")), key=lambda n: int(n.split("_")[1]))
+    return features or ["embedding"]
+
+
 def _float(meta: dict[str, str], key: str) -> float | None:
     value = meta.get(METADATA_PREFIX + key)
     return None if value in (None, "", "null", "None") else float(value)
@@ -255,6 +267,8 @@ class ModelBundle:
     ood_path = property(lambda self: self.folder / OOD_FILE)
     ood_report_paths = property(lambda self: tuple(self.folder / n for n in OOD_REPORT_FILES))
     openset_path = property(lambda self: self.folder / OPENSET_FILE)
+    quality_path = property(lambda self: self.folder / QUALITY_FILE)
+    quality_report_path = property(lambda self: self.folder / QUALITY_REPORT_FILE)
     manifest_path = property(lambda self: self.folder / MANIFEST_FILE)
 
     def graph(self, precision: str = "fp32") -> Path:

@@ -1,5 +1,6 @@
 """The inference engine behind the routes: the model folder, device policy, pipeline, batcher,
-calibration (threshold, quality percentiles), OOD detector, warm-up and admission control.
+calibration (threshold, quality percentiles), quality measure, OOD detector, warm-up and admission
+control.
 
 Everything that can make the service unusable (no model, a GPU that cannot be used under the
 strict device policy, an OOD detector fitted on another model) fails in ``Engine.load``, i.e. at
@@ -34,6 +35,7 @@ from facerec.runtime import (
     resolve_device,
 )
 from facerec.runtime.admission import ImageAdmission
+from facerec.runtime.quality import HEAD_OUTPUT, QualityFallback
 from service.detector import build_detector, plan_detector
 from service.errors import from_exception
 from service.settings import ModelNotFoundError, Settings
@@ -89,6 +91,10 @@ class Engine:
         self.backend = load_backend(path, backend=backend_name, device=self.device, **kw)
         # ContractMismatchError when the calibrated graph and the file run are different models.
         cal = self.bundle.calibration(self.backend.contract.contract_id)
+        self.quality_fallback = self._load_quality_fallback()
+        if self.quality_fallback is not None:  # its 0-100 mapping travels with the measure
+            cal = dataclasses.replace(cal, quality_percentiles=self.quality_fallback.percentiles,
+                                      quality_calibrated_on=self.quality_fallback.calibrated_on)
         self.calibration = with_operator_threshold(cal, s)
         self.ood = self._load_ood()
         if self.ood is not None and not (backend_name == "torch" and not self.device.is_cuda):
@@ -102,7 +108,8 @@ class Engine:
             on_batch=self.metrics.on_batch if self.metrics is not None else None,
         )
         self.pipeline = FacePipeline(
-            self.backend, detector=detector, batcher=self.batcher, ood_scorer=scorer, max_faces=s.max_faces,
+            self.backend, detector=detector, batcher=self.batcher, ood_scorer=scorer,
+            quality_fallback=self.quality_fallback, max_faces=s.max_faces,
             min_face_size=s.min_face_size, max_pixels=s.max_pixels, max_bytes=s.max_image_bytes,
             detect_max_side=s.detect_max_side, executor=self.executor,
         )
@@ -112,6 +119,24 @@ class Engine:
         self._loaded = True
         log.info("model %s (%s) on %s via %s", path, self.backend.contract.contract_id,
                  self.backend.device, self.backend.provider)
+
+    @property
+    def quality_method(self) -> str | None:
+        """Where a face's quality comes from: the model's own output, the fallback measure chosen by
+        ``facerec fit-quality``, or nowhere (None)."""
+        if "quality" in self.backend.output_names:
+            return HEAD_OUTPUT
+        return None if self.quality_fallback is None else self.quality_fallback.method
+
+    def _load_quality_fallback(self):
+        path = self.bundle.quality_path
+        if not path.exists():
+            return None
+        if "quality" in self.backend.output_names:
+            log.warning("%s is ignored: the model has its own quality output", path.name)
+            return None
+        # ContractMismatchError when it was fitted on another model.
+        return QualityFallback.load(path, self.backend.contract.contract_id)
 
     def _load_ood(self):
         setting = self.settings.ood

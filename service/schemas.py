@@ -108,7 +108,11 @@ class Quality(BaseModel):
     score: float | None = Field(
         ..., description="0-100: percentile of `raw` among the calibration faces (validation split); "
         "null when the model carries no calibration mapping")
-    raw: float = Field(..., description="the quality head's output")
+    raw: float = Field(..., description="the raw quality measure named by `method`")
+    method: Literal["quality_head", "embedding_norm", "crfiqa_head", "detector_score"] = Field(
+        ..., description="where the quality comes from: the model's own quality output (`quality_head`), "
+        "or for a model without one the measure `facerec fit-quality` chose on validation by EDC: the raw "
+        "embedding's norm, a CR-FIQA-style head on the embedding, or the face detector's confidence")
 
 
 class Ood(BaseModel):
@@ -121,7 +125,8 @@ class Ood(BaseModel):
 
 class FaceReport(BaseModel):
     face: FaceBox
-    quality: Quality | None = Field(..., description="null for a model without a quality head")
+    quality: Quality | None = Field(..., description="null for a model without a quality head whose "
+                                    "folder has no quality measure (`facerec fit-quality`)")
     ood: Ood | None = Field(..., description="null when the service runs without an OOD detector")
 
 
@@ -218,7 +223,11 @@ class ModelsResponse(BaseModel):
     device: dict = Field(..., description="FACEREC_DEVICE as requested and the device in use")
     providers: list[str]
     verification: dict
-    quality: dict
-    ood: dict | None
+    quality: dict = Field(..., description="`method` (see Quality.method; null: no quality), `head` (the "
+                          "model has a quality output), the percentile mapping, and for a fitted measure how "
+                          "it was chosen")
+    ood: dict | None = Field(..., description="the OOD detector (`facerec fit-ood`): variant, layers and the model "
+                             "outputs they read (`layer_outputs`: feature_k, or the embedding of an imported "
+                             "model), threshold; null without one")
     detector: dict
     limits: dict

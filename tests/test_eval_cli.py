@@ -20,7 +20,6 @@ from facerec.cli import main
 pytestmark = pytest.mark.timeout(300)
 
 REPO = Path(__file__).resolve().parents[1]
-SAMPLE = REPO / "tests" / "data" / "lfw_sample"
 MODEL = Path(os.environ.get("FACEREC_MODEL") or REPO / "models" / "default")
 
 
@@ -28,31 +27,13 @@ MODEL = Path(os.environ.get("FACEREC_MODEL") or REPO / "models" / "default")
 def sample(tmp_path_factory):
     if not any(MODEL.glob("*.onnx")):
         pytest.skip(f"no exported model at {MODEL}")
-    from facerec.data.align import norm_crop
-    from facerec.data.datasets import read_rgb
-    from facerec.data.verification import Pair, save_bin, write_pairs
-    from facerec.eval import face_meta
+    from facerec.data.verification import save_bin
+    from sample_helpers import align_sample, sample_people, write_sample_pairs
 
     tmp = tmp_path_factory.mktemp("eval_cli")
-    people = sorted(p.name for p in SAMPLE.iterdir() if p.is_dir())[:12]
-    (tmp / "people.txt").write_text("\n".join(people))
-    meta_path = tmp / "meta.npz"
-    assert face_meta.main([str(SAMPLE), "--out", str(meta_path), "--people", str(tmp / "people.txt")]) == 0
-    meta = face_meta.FaceMeta.load(meta_path)
-    aligned = tmp / "aligned"
-    for key, ok, lm in zip(meta.keys, meta.found, meta.landmarks, strict=True):
-        assert ok, key
-        crop = norm_crop(read_rgb(SAMPLE / key), lm, 112)
-        out = aligned / key
-        out.parent.mkdir(parents=True, exist_ok=True)
-        cv2.imwrite(str(out), cv2.cvtColor(crop, cv2.COLOR_RGB2BGR))
-    # 2 folds x (6 same + 6 different) pairs, LFW layout
-    pairs = []
-    for fold in range(2):
-        group = people[fold * 6 : (fold + 1) * 6]
-        pairs += [Pair(n, 1, n, 2, fold) for n in group]
-        pairs += [Pair(group[i], 3, group[(i + 1) % 6], 4, fold) for i in range(6)]
-    write_pairs(tmp / "pairs.txt", pairs, 2, 6)
+    people = sample_people()[:12]
+    aligned, _ = align_sample(tmp, people)
+    pairs = write_sample_pairs(tmp / "pairs.txt", people)
     blobs = []
     for p in pairs:
         for name, idx in ((p.name1, p.index1), (p.name2, p.index2)):

@@ -212,17 +212,48 @@ def test_blank_and_noise_images_score_as_more_ood_than_faces(fitted):
         assert det.score(run(x)[0]).max() < np.median(faces)
 
 
-def test_cli_requires_the_checkpoint_and_explains_itself(capsys):
+def test_cli_explains_the_checkpoint_and_defaults_to_the_folders_weights(capsys):
     from facerec.cli import fit_ood
 
     parser = argparse.ArgumentParser(prog="facerec fit-ood", description=fit_ood.HELP)
     fit_ood.add_arguments(parser)
     with pytest.raises(SystemExit) as err:
         parser.parse_args(["--help"])
-    assert err.value.code == 0 and "--checkpoint" in capsys.readouterr().out
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert err.value.code == 0 and "--checkpoint" in help_text and "folder's torch artefact" in help_text
+    # Optional since imported folders exist: the folder's torch artefact, else no attacks.
+    assert parser.parse_args(["models/default", "--aligned-pool", "p"]).checkpoint is None
     with pytest.raises(SystemExit) as err:
-        parser.parse_args(["models/default", "--aligned-pool", "p"])
-    assert err.value.code == 2 and "--checkpoint" in capsys.readouterr().err
+        parser.parse_args(["models/default"])
+    assert err.value.code == 2 and "--aligned-pool" in capsys.readouterr().err
+
+
+def test_attack_weights_are_the_folders_artefact_and_must_be_the_graphs_model(fitted):
+    import torch
+
+    from facerec.bundle import ModelBundle
+    from facerec.cli.fit_ood import attack_model
+    from facerec.export.torch_artifact import resolve_model, save_torch_artifact
+    from facerec.models import create_model
+
+    folder = ModelBundle(fitted["tmp"] / "export")
+    run, names = fitted["run"], fitted["names"]
+    args = argparse.Namespace(checkpoint=None, seed=0)
+    assert attack_model(args, folder, run, names) is None and args.checkpoint is None  # no *.pt: no attacks
+    torch.manual_seed(0)  # the fixture's weights
+    same = create_model("vit_tiny_fiqa", depth=1).eval()
+    save_torch_artifact(resolve_model(("vit_tiny_fiqa", {"depth": 1}, same.state_dict())), folder.folder / "m.pt",
+                        fitted["contract"], names)
+    args = argparse.Namespace(checkpoint=None, seed=0)
+    source = attack_model(args, folder, run, names)
+    assert source is not None and args.checkpoint == str(folder.folder / "m.pt")
+    torch.manual_seed(1)
+    other = create_model("vit_tiny_fiqa", depth=1).eval()
+    save_torch_artifact(resolve_model(("vit_tiny_fiqa", {"depth": 1}, other.state_dict())), fitted["tmp"] / "other.pt",
+                        fitted["contract"], names)
+    with pytest.raises(SystemExit, match="is not the graph's model"):
+        attack_model(argparse.Namespace(checkpoint=str(fitted["tmp"] / "other.pt"), seed=0), folder, run, names)
+    (folder.folder / "m.pt").unlink()
 
 
 def test_shipped_detector_scores_service_faces_with_their_mtcnn_confidence():

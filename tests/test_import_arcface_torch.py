@@ -1,9 +1,11 @@
-"""``facerec import backbone.pth --arch rNN``: arcface_torch IResNet state dicts give exactly arcface_torch's outputs.
+"""``facerec import backbone.pth --arch rNN|vit_X``: arcface_torch state dicts give exactly arcface_torch's outputs.
 
-The reference below is arcface_torch's ``backbones/iresnet.py`` (IBasicBlock / IResNet, fp16=False)
-re-written from its published attribute names and forward pass, so its ``state_dict()`` has the keys
-of a real ``backbone.pth``. Weights and BN running statistics are random, so a wrongly mapped or
-transposed tensor, a BN swapped for another or a different output layer order changes the embedding.
+The references below are arcface_torch's ``backbones/iresnet.py`` (IBasicBlock / IResNet, fp16=False)
+and ``backbones/vit.py`` (VisionTransformer, norm_layer="ln", eval mode) re-written from their
+published attribute names and forward passes, so their ``state_dict()`` has the keys of a real
+``backbone.pth``; the ViT's attention is written out (not torch's fused kernel). Weights, norms and BN
+running statistics are random, so a wrongly mapped or transposed tensor, a BN swapped for another or
+a different output layer order changes the embedding.
 """
 
 from __future__ import annotations
@@ -227,3 +229,166 @@ def test_r50_graph_is_arcface_torch(tmp_path):
     session = ort.InferenceSession(str(find_graph(tmp_path / "model")), providers=["CPUExecutionProvider"])
     got = session.run(["embedding"], {"input": normalise(faces)})[0]
     assert row_cosine(want, got) >= 0.9999
+
+
+# ---- arcface_torch's vit.py (VisionTransformer, norm_layer="ln"), same attribute names and eval forward ----
+class RefMlp(nn.Module):
+    def __init__(self, dim, hidden):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.ReLU6()
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class RefAttention(nn.Module):
+    def __init__(self, dim, num_heads):
+        super().__init__()
+        self.num_heads = num_heads
+        self.scale = (dim // num_heads) ** -0.5
+        self.qkv = nn.Linear(dim, dim * 3, bias=False)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x):
+        b, n, d = x.shape
+        q, k, v = self.qkv(x).reshape(b, n, 3, self.num_heads, d // self.num_heads).permute(2, 0, 3, 1, 4)
+        attn = ((q @ k.transpose(-2, -1)) * self.scale).softmax(dim=-1)  # written out, not SDPA
+        return self.proj((attn @ v).transpose(1, 2).reshape(b, n, d))
+
+
+class RefBlock(nn.Module):
+    def __init__(self, dim, num_heads, mlp_ratio=4.0):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = RefAttention(dim, num_heads)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = RefMlp(dim, int(dim * mlp_ratio))
+
+    def forward(self, x):
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+class RefPatchEmbed(nn.Module):
+    def __init__(self, patch_size, embed_dim):
+        super().__init__()
+        self.proj = nn.Conv2d(3, embed_dim, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, x):
+        return self.proj(x).flatten(2).transpose(1, 2)
+
+
+class RefViT(nn.Module):
+    def __init__(self, embed_dim, depth, num_heads=8, num_classes=512, img_size=112, patch_size=9):
+        super().__init__()
+        self.embed_dim = embed_dim
+        self.patch_embed = RefPatchEmbed(patch_size, embed_dim)
+        self.num_patches = (img_size // patch_size) ** 2
+        self.pos_embed = nn.Parameter(torch.zeros(1, self.num_patches, embed_dim))
+        self.blocks = nn.ModuleList([RefBlock(embed_dim, num_heads) for _ in range(depth)])
+        self.norm = nn.LayerNorm(embed_dim)
+        self.feature = nn.Sequential(
+            nn.Linear(embed_dim * self.num_patches, embed_dim, bias=False),
+            nn.BatchNorm1d(embed_dim, eps=2e-5),
+            nn.Linear(embed_dim, num_classes, bias=False),
+            nn.BatchNorm1d(num_classes, eps=2e-5),
+        )
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+
+    def forward(self, x):  # eval: no token masking
+        b = x.shape[0]
+        x = self.patch_embed(x) + self.pos_embed
+        for block in self.blocks:
+            x = block(x)
+        x = self.norm(x.float())
+        return self.feature(torch.reshape(x, (b, self.num_patches * self.embed_dim)))
+# ------------------------------------------------------------------------------------------------
+
+VIT = {"vit_t": (256, 12), "vit_s": (512, 12), "vit_b": (512, 24)}  # arcface_torch's get_model
+
+
+def vit_reference(arch: str, num_features: int = 512, seed: int = 0, depth: int | None = None) -> RefViT:
+    """arcface_torch's ViT with random weights everywhere: LayerNorm and BN affine, BN statistics,
+    biases and the position embedding (a zero or unit default would hide a swapped tensor)."""
+    torch.manual_seed(seed)
+    dim, layers = VIT[arch]
+    net = RefViT(dim, depth or layers, num_classes=num_features)
+    with torch.no_grad():
+        net.pos_embed.normal_(0, 0.5)
+        net.mask_token.normal_(0, 0.02)
+        for m in net.modules():
+            if isinstance(m, nn.LayerNorm):
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.2, 0.2)
+            elif isinstance(m, nn.BatchNorm1d):
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.2, 0.2)
+                m.running_mean.uniform_(-0.2, 0.2)
+                m.running_var.uniform_(0.5, 2.0)
+            elif isinstance(m, nn.Linear):
+                m.weight.normal_(0, 0.5 * m.in_features ** -0.5)
+                if m.bias is not None:
+                    m.bias.uniform_(-0.1, 0.1)
+            elif isinstance(m, nn.Conv2d):
+                m.bias.uniform_(-0.1, 0.1)
+    return net.eval()
+
+
+def test_vit_s_mapped_model_gives_arcface_torch_outputs_exactly():
+    ref = vit_reference("vit_s")
+    model = build_from_state_dict(ref.state_dict(), "vit_s")
+    assert type(model).__name__ == "FaceViT" and len(model.blocks) == 12 and model.embed_dim == 512
+    x = torch.from_numpy(normalise(_faces()))
+    with torch.no_grad():
+        want = ref(x)
+        got = model(x).embedding
+    assert want.abs().mean() > 1e-2 and want.std(0).mean() > 1e-2  # live, and differing between faces
+    assert float((got - want).abs().max()) <= 1e-4
+
+
+def test_vit_t_maps_exactly():
+    ref = vit_reference("vit_t", num_features=128)
+    model = build_from_state_dict(ref.state_dict(), "vit_t")
+    assert len(model.blocks) == 12 and model.embed_dim == 256 and model.embedding_size == 128
+    x = torch.from_numpy(normalise(_faces(2)))
+    with torch.no_grad():
+        assert float((model(x).embedding - ref(x)).abs().max()) <= 1e-4
+
+
+def test_vit_b_keys_and_shapes_map_and_wrong_archs_are_refused():
+    # On the meta device: names and shapes only, no 100 M random weights (vit_b is vit_s twice as deep,
+    # whose values are checked above). Every refusal is decided before a tensor is loaded.
+    with torch.device("meta"):
+        model = build_from_state_dict(vit_reference("vit_b").state_dict(), "vit_b")
+        assert len(model.blocks) == 24 and model.embed_dim == 512
+        with pytest.raises(StateDictImportError, match="not an arcface_torch vit_s state dict: shapes differ"):
+            build_from_state_dict(vit_reference("vit_t").state_dict(), "vit_s")
+        with pytest.raises(StateDictImportError, match="not an arcface_torch vit_b state dict: missing keys blocks.12"):
+            build_from_state_dict(vit_reference("vit_s").state_dict(), "vit_b")
+        with pytest.raises(StateDictImportError, match=r"arcface_torch ViT state dict: no 2-d 'feature\.2\.weight'"):
+            build_from_state_dict(reference("r18").state_dict(), "vit_s")
+        with pytest.raises(StateDictImportError, match="not an arcface_torch IResNet state dict: no 2-d .fc.weight."):
+            build_from_state_dict(vit_reference("vit_s").state_dict(), "r50")
+
+
+def test_vit_t_graphs_are_arcface_torch(tmp_path):
+    from facerec.bundle import ModelBundle
+    from facerec.export.arcface_torch import import_arcface_torch
+
+    ref = vit_reference("vit_t", num_features=256, seed=4)
+    torch.save({f"module.{k}": v for k, v in ref.state_dict().items()}, tmp_path / "backbone.pth")
+    import_arcface_torch(tmp_path / "backbone.pth", tmp_path / "model", "vit_t", fp16=False, torch_artifact=False,
+                         dynamo=False)
+    bundle = ModelBundle(tmp_path / "model")
+    contract = bundle.contract()
+    assert contract.model_name == "vit_t" and contract.embedding_size == 256
+    assert contract.model_version.startswith("arcface_torch-vit_t-")
+    faces = _faces(3, seed=17)
+    with torch.no_grad():
+        want = ref(torch.from_numpy(normalise(faces))).numpy()
+    for graph in (bundle.graph(), bundle.interop_graph):
+        session = ort.InferenceSession(str(graph), providers=["CPUExecutionProvider"])
+        got = session.run(None, {session.get_inputs()[0].name: normalise(faces)})[0]
+        assert row_cosine(want, got) >= 0.9999, graph

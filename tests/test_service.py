@@ -80,6 +80,7 @@ def test_verify_multipart_same_and_different_person(client):
             assert len(img["face"]["box"]) == 4 and len(img["face"]["landmarks"]) == 5
             assert 0.0 <= img["face"]["score"] <= 1.0
             assert 0.0 <= img["quality"]["score"] <= 100.0 and isinstance(img["quality"]["raw"], float)
+            assert img["quality"]["method"] == "quality_head"  # the model's own quality output
             assert set(img["ood"]) == {"score", "threshold", "flagged"}
             assert img["ood"]["flagged"] == (img["ood"]["score"] < img["ood"]["threshold"])
 
@@ -121,7 +122,8 @@ def test_models_reports_contract_device_providers(client):
     assert m["device"]["requested"] == "cpu" and m["device"]["active"] == "cpu"
     assert m["providers"] == ["CPUExecutionProvider"]
     assert m["verification"]["threshold"] == pytest.approx(0.3) and m["verification"]["source"] == "model"
-    assert m["quality"] == {"head": True, "percentile_mapping": True, "calibrated_on": m["quality"]["calibrated_on"]}
+    assert m["quality"] == {"method": "quality_head", "head": True, "percentile_mapping": True,
+                            "calibrated_on": m["quality"]["calibrated_on"]}
     assert m["ood"]["contract_id"] == m["contract_id"] and m["ood"]["variant"] == "global"
     assert m["ood"]["detector_confidence"] is None  # this test detector scores the features alone
 

@@ -27,6 +27,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
                       "write a Triton model repository (config.pbtxt, dynamic batching, versions) for a model"),
     "fit-ood": ("facerec.cli.fit_ood",
                 "fit the OOD detector (Mahalanobis, prototypes) of an exported model and write ood.npz + a report"),
+    "fit-quality": ("facerec.cli.fit_quality",
+                    "choose the quality measure of a model without a quality head (embedding norm, "
+                    "CR-FIQA-style head, detector score) on validation by EDC"),
     "calibrate": ("facerec.cli.calibrate",
                   "calibrate an exported model's threshold (at a FAR) and quality mapping on the validation split"),
     "eval": ("facerec.cli.eval",

@@ -71,6 +71,9 @@ def run(args: argparse.Namespace) -> int:
         cal.quality_calibrated_on = f"LFW fold 5 (validation split): {len(paths):,} aligned faces"
     print(f"threshold {threshold:.4f} at FAR {args.far:g} (TAR {100 * tar:.2f}% on "
           f"{len(genuine):,} genuine pairs); {where}")
+    if quality is None and not model.quality_path.exists():
+        print(f"the model has no quality output: `facerec fit-quality {args.model_dir} ...` chooses its quality "
+              "measure")
     if not args.dry_run:
         print(f"wrote the calibration into {model.write_calibration(cal)}")
     return 0

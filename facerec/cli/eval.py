@@ -160,15 +160,15 @@ def run_quality(args) -> int:
     return 0
 
 
-def _onnx_features(graph: Path):
-    """The graph's ``feature_*`` outputs in index order (the service's order) for a model input."""
+def _onnx_features(graph: Path, names: list[str] | None = None):
+    """The outputs the OOD detector reads (``names``, as ``facerec fit-ood`` recorded them; by default
+    the ``feature_*`` outputs in index order, or the embedding of a graph without any), for a model input."""
     import onnxruntime as ort
 
+    from facerec.bundle import ood_layer_outputs
+
     session = ort.InferenceSession(str(graph), providers=["CPUExecutionProvider"])
-    names = sorted((o.name for o in session.get_outputs() if o.name.startswith("feature_")),
-                   key=lambda n: int(n.split("_")[1]))
-    if not names:
-        raise SystemExit(f"facerec eval ood: {graph} has no feature_* outputs (export it with features)")
+    names = names or ood_layer_outputs(o.name for o in session.get_outputs())
     input_name = session.get_inputs()[0].name
 
     def run(x: np.ndarray, batch: int = 64) -> list[np.ndarray]:
@@ -218,7 +218,7 @@ def run_ood(args) -> int:
     if det.combiner is None or det.threshold is None:
         raise SystemExit(f"facerec eval ood: {model.ood_path} has no combiner / threshold")
     try:
-        features = _onnx_features(model.graph("fp32"))
+        features = _onnx_features(model.graph("fp32"), det.meta.get("layer_outputs"))
     except BundleError as err:
         raise SystemExit(f"facerec eval ood: {err}") from None
     rng = np.random.default_rng(args.seed)

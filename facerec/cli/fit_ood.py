@@ -3,15 +3,18 @@
 
 Exactly what the service computes: every input is a photo located and aligned by the service's
 own code (``facerec.eval.ood_study.families.ServiceLocator``), scored from the fp32 ONNX graph's
-``feature_*`` outputs (onnxruntime, CPU). Data use follows the protocol (docs/ood.md,
-``facerec.eval.ood_study``), driven by :mod:`facerec.eval.ood_study.driver` as
+``feature_*`` outputs (onnxruntime, CPU) or, for a graph without them (``facerec import`` of an
+ONNX model), from its raw embedding: the one layer such a graph exposes. Data use follows the
+protocol (docs/ood.md, ``facerec.eval.ood_study``), driven by :mod:`facerec.eval.ood_study.driver` as
 ``benchmarks/ood_eval.py`` drives it:
 
 - statistics: the identity-free ``prototypes`` variant on a sample of the aligned training pool;
   layers the graph marks as ``pixel_stats`` (metadata ``feature_kinds``) are one-sided;
 - combiner and threshold: validation people only (LFW fold 5) against validation samples of every
   family: non-faces (CIFAR first half, half of scikit-image's photos), corruptions, and FGSM / PGD /
-  impersonation made with the torch weights (``--checkpoint``) on the photo and on the crop;
+  impersonation made with the torch weights on the photo and on the crop (``--checkpoint``, else the
+  folder's torch artefact; a folder without torch weights, an imported ONNX graph, gets no attack
+  families: its graph gives no gradients);
 - report: LFW-H2 test people (folds 6-10) and the test samples of every family with the shipped
   combiner and threshold, leave-one-family-out numbers, controls that must pass, and the adaptive
   PGD against this very detector.
@@ -38,14 +41,45 @@ HELP = "fit the OOD detector (Mahalanobis, prototypes) of an exported model and 
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("model_dir", help="a `facerec export` folder")
+    parser.add_argument("model_dir", help="a `facerec export` or `facerec import` folder")
     parser.add_argument(
         "--checkpoint",
-        required=True,
+        default=None,
         help="torch weights of the same model (training checkpoint or artefact): attacks need "
-        "gradients, which the ONNX graph does not give",
+        "gradients, which the ONNX graph does not give (default: the folder's torch artefact <stem>.pt; "
+        "without one, e.g. an imported ONNX graph, no attack families)",
     )
     options.add_arguments(parser)
+
+
+def attack_model(args: argparse.Namespace, model_dir: ModelBundle, onnx_run, names: list[str]):
+    """The torch weights that make the attacks (``--checkpoint``, else the folder's torch artefact),
+    checked to be the graph's model; None when the folder has none (``args.checkpoint`` is set to
+    what is used)."""
+    import numpy as np
+
+    from facerec.eval.ood_study import driver
+    from facerec.export.parity import normalise, random_faces
+
+    found = sorted(model_dir.folder.glob("*.pt"))
+    weights = args.checkpoint or (str(found[0]) if len(found) == 1 else None)
+    args.checkpoint = weights
+    if weights is None:
+        driver.log(f"{model_dir.folder} has no torch weights: no attack families (the graph gives no gradients)")
+        return None
+    source = driver.load_attack_model(weights, args.seed)
+    if names != ["embedding"] and len(getattr(source.model, "feature_dims", [])) != len(names):
+        raise SystemExit(
+            f"--checkpoint gives {len(source.model.feature_dims)} feature layers, the graph {len(names)}: "
+            "export the graph from these weights with this version of facerec"
+        )
+    x = normalise(random_faces(2, seed=11))
+    want = driver.torch_runner(source.model)(x)[1]
+    got = onnx_run(x)[1].astype(np.float64)
+    cos = np.sum(want * got, 1) / np.linalg.norm(want, axis=1) / np.linalg.norm(got, axis=1)
+    if cos.min() < 0.999:
+        raise SystemExit(f"{weights} is not the graph's model (embedding cosine {cos.min():.4f} on test faces)")
+    return source
 
 
 def one_sided_layers(meta: dict, n_layers: int) -> list[int]:
@@ -106,7 +140,9 @@ def markdown(report: dict) -> str:
             f"one-sided {report['one_sided_layers']}). Combiner "
             f"and threshold on {report['val_faces']} validation faces (LFW fold 5) and validation samples of "
             f"every family; reported on {report['test_faces']} LFW-H2 test faces (folds 6-10) and the test "
-            f"samples. Features: ONNX graph `{report['graph']}` (onnxruntime CPU). Every input is a photo "
+            f"samples. Features: ONNX graph `{report['graph']}` (onnxruntime CPU), outputs "
+            f"{', '.join(report.get('layer_outputs', []))}. Attacks: {report.get('attacks', 'torch weights')}. "
+            "Every input is a photo "
             "located and aligned by the service's own code; `rejected by face detector` counts photos in "
             "which no face was found (never scored)."
         ),
@@ -161,13 +197,11 @@ def run(args: argparse.Namespace) -> int:
     thr_v = float("nan") if thr_v is None else thr_v
     graph_id = hashlib.sha256(graph.read_bytes()).hexdigest()[:12]
 
-    source = driver.load_attack_model(args.checkpoint, args.seed)
-    if len(getattr(source.model, "feature_dims", [])) != len(names):
-        raise SystemExit(
-            f"--checkpoint gives {len(source.model.feature_dims)} feature layers, the graph {len(names)}: "
-            "export the graph from these weights with this version of facerec"
-        )
-    study = driver.open_study(args, source, contract)
+    source = attack_model(args, model_dir, onnx_run, names)
+    if source is None:
+        args.domains = ""  # no gradients, no attacks
+    dims = json.loads(meta.get("facerec.feature_dims", "[]")) or [contract.embedding_size]  # the cache's key
+    study = driver.open_study(args, source, contract, [int(d) for d in dims])
     pool = study.pool
 
     det, fitter = fit_statistics(
@@ -192,8 +226,9 @@ def run(args: argparse.Namespace) -> int:
     result = evaluate(sv, st, study.sets["test"], study.test_embeddings(), args.tpr, thr_v)
     det.combiner, det.threshold, det.target_tpr = result["combiner"], result["threshold"], args.tpr
     rows = result["rows"]
-    driver.log("adaptive attack against this detector (test faces)")
-    rows.update(study.adaptive_rows(det, result["s_in"], features, f"fitood_{graph_id}", thr_v))
+    if source is not None:
+        driver.log("adaptive attack against this detector (test faces)")
+        rows.update(study.adaptive_rows(det, result["s_in"], features, f"fitood_{graph_id}", thr_v))
 
     det.meta.update(
         {
@@ -201,7 +236,8 @@ def run(args: argparse.Namespace) -> int:
             "samples of every family (combiner, threshold)",
             "families": sorted(sv),
             "tpr_val": result["tpr_val"],
-            "feature_kinds": feature_kinds(meta),
+            "feature_kinds": feature_kinds(meta) or (["embedding"] if names == ["embedding"] else []),
+            "layer_outputs": names,
         }
     )
     save(det, model_dir.ood_path)
@@ -212,6 +248,10 @@ def run(args: argparse.Namespace) -> int:
         "graph_sha256_12": graph_id,
         "contract_id": contract.contract_id,
         "checkpoint": args.checkpoint,
+        "layer_outputs": names,
+        "attacks": (f"made with the torch weights {args.checkpoint}" if source is not None else
+                    "none: the folder has no torch weights (an imported ONNX graph gives no gradients), "
+                    "so no FGSM / PGD / impersonation / adaptive sets were made or fitted on"),
         "pool_images": len(pool),
         "pool_people": fitter.n_identities,
         "feature_dims": [int(f.shape[1]) for f in driver.feature_list(study.feats["val"]["faces"])],

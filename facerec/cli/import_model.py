@@ -12,6 +12,7 @@ examples:
   facerec import ~/.insightface/models/buffalo_l/w600k_r50.onnx --out models/w600k_r50
   facerec import my_bgr_model.onnx --out models/mine --bgr
   facerec import ms1mv3_arcface_r50/backbone.pth --arch r50 --out models/ms1mv3_r50
+  facerec import wf42m_pfc03_vit_s/backbone.pth --arch vit_s --out models/wf42m_vit_s
 
 The source takes one input (N, 3, S, S) and gives the embedding as its first output. How it is fed
 is detected as insightface's ArcFaceONNX does: Sub and Mul nodes first mean the graph normalises
@@ -20,9 +21,12 @@ graph wrapped to facerec's input convention (checked against the source), contra
 export_report.json and the insightface graph. It has no calibration until `facerec calibrate DIR`:
 until then the service asks every verify request for its threshold.
 
-A .pth source is an arcface_torch IResNet state dict (--arch r18|r34|r50|r100, as its --network): its
-layers are mapped onto facerec's iresnet and the model is exported as `facerec export` does (fp32 and
-fp16 graphs, torch artefact, insightface graph); a key too many or too few is refused.
+A .pth source is an arcface_torch state dict (--arch as its --network: r18|r34|r50|r100 for its
+IResNet, vit_t|vit_s|vit_b for its ViT): its layers are mapped onto facerec's iresnet / vit and the
+model is exported as `facerec export` does (fp32 and fp16 graphs, torch artefact, insightface graph);
+a key too many or too few is refused.
+
+An imported model has no quality head: `facerec fit-quality DIR ...` chooses its quality measure.
 """
 
 
@@ -62,7 +66,7 @@ def _run_state_dict(args) -> int:
 
     if args.arch is None:
         raise SystemExit(f"facerec import: {args.source}: not an .onnx graph; an arcface_torch backbone.pth "
-                         "needs --arch r18|r34|r50|r100")
+                         "needs --arch r18|r34|r50|r100|vit_t|vit_s|vit_b")
     if args.source.endswith(".onnx"):
         raise SystemExit("facerec import: --arch is for an arcface_torch .pth state dict, not an .onnx graph")
     if args.bgr:

@@ -15,16 +15,21 @@ only a small MLP on the model's *frozen* embeddings:
   as in CR-FIQA; Adam; the epoch with the lowest loss on an identity-disjoint 10% of the pool is
   kept.
 
-The fitted head is a few numpy arrays (``save`` / ``load`` an ``.npz``); inference needs no torch.
+The fitted head is a few numpy arrays (:class:`facerec.runtime.quality.QualityHead`: ``save`` /
+``load`` an ``.npz``); inference needs no torch, and the service runs it for a model whose quality
+measure ``facerec fit-quality`` chose to be this head.
 """
 
 from __future__ import annotations
 
-import os
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+
+from facerec.runtime.quality import QualityHead
+
+__all__ = ["QualityHead", "certainty_ratio_targets", "fit_head_on_pool", "sample_identities", "spearman",
+           "train_head"]
 
 
 def _l2(x: np.ndarray) -> np.ndarray:
@@ -73,40 +78,6 @@ def spearman(a, b) -> float:
     from facerec.eval.image_measures import percentile_rank
 
     return float(np.corrcoef(percentile_rank(a), percentile_rank(b))[0, 1])
-
-
-@dataclass
-class QualityHead:
-    """Standardise -> Linear -> ReLU -> Linear, as numpy arrays."""
-
-    mean: np.ndarray
-    std: np.ndarray
-    w1: np.ndarray  # (D, H)
-    b1: np.ndarray
-    w2: np.ndarray  # (H,)
-    b2: float
-    info: dict = field(default_factory=dict)
-
-    def predict(self, embeddings) -> np.ndarray:
-        x = (np.asarray(embeddings, dtype=np.float64) - self.mean) / self.std
-        return np.maximum(x @ self.w1 + self.b1, 0.0) @ self.w2 + self.b2
-
-    def save(self, path: str | os.PathLike) -> Path:
-        import json
-
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        np.savez(path, mean=self.mean, std=self.std, w1=self.w1, b1=self.b1, w2=self.w2,
-                 b2=np.float64(self.b2), info=np.asarray(json.dumps(self.info)))
-        return path
-
-    @classmethod
-    def load(cls, path: str | os.PathLike) -> QualityHead:
-        import json
-
-        with np.load(path) as z:
-            return cls(z["mean"], z["std"], z["w1"], z["b1"], z["w2"], float(z["b2"]),
-                       json.loads(str(z["info"])))
 
 
 def train_head(embeddings, targets, groups=None, hidden: int = 256, epochs: int = 60,
@@ -167,16 +138,37 @@ def train_head(embeddings, targets, groups=None, hidden: int = 256, epochs: int 
                        float(sd["2.bias"][0]), info)
 
 
+def sample_identities(entries, max_images: int | None, seed: int = 0) -> list:
+    """Whole identities of ``entries`` ((relative path, identity) pairs), in a seeded random order,
+    until ``max_images`` images (all of them when None). Only identities with 2 or more images count:
+    a single image has no leave-one-out centre and no identity centre to be a neighbour."""
+    by_name: dict[str, list] = {}
+    for entry in entries:
+        by_name.setdefault(entry[1], []).append(entry)
+    groups = [g for _, g in sorted(by_name.items()) if len(g) >= 2]
+    if max_images is None:
+        return [e for g in groups for e in g]
+    chosen: list = []
+    for i in np.random.default_rng(seed).permutation(len(groups)):
+        if len(chosen) >= max_images:
+            break
+        chosen += groups[i]
+    return chosen
+
+
 def fit_head_on_pool(embedder, pool_root, cache=None, seed: int = 0, batch: int = 64,
-                     progress: bool = True, **train_kw) -> QualityHead:
+                     progress: bool = True, max_images: int | None = None, **train_kw) -> QualityHead:
     """Embeds an aligned pool tree ``<root>/<identity>/<image>`` with ``embedder`` (a
     ``facerec.eval.embedder.Embedder``; unflipped, optionally cached), computes the certainty
-    ratio targets and trains the head."""
+    ratio targets and trains the head. ``max_images``: a sample of whole identities
+    (:func:`sample_identities`) instead of the whole tree."""
     from facerec.data.folders import scan_identity_folders
     from facerec.eval.embedder import embed_cached
 
     root = Path(pool_root)
     entries = scan_identity_folders(root)
+    if max_images is not None:
+        entries = sample_identities(entries, max_images, seed)
     if not entries:
         raise ValueError(f"no images under {root}")
     es = embed_cached(embedder, [root / rel for rel, _ in entries], cache, flip=False, batch=batch,

@@ -1,26 +1,49 @@
-"""``facerec import backbone.pth --arch r50``: an arcface_torch IResNet state dict -> a facerec model folder.
+"""``facerec import backbone.pth --arch r50|vit_s``: an arcface_torch state dict -> a facerec model folder.
 
-insightface's ``recognition/arcface_torch/backbones/iresnet.py`` and :mod:`facerec.models.iresnet`
-compute the same function with the same parameters; only the stem and the stages are named
-differently:
+insightface's ``recognition/arcface_torch/backbones`` and :mod:`facerec.models` compute the same
+functions with the same parameters; only some layers are named differently.
+
+IResNet (``iresnet.py``; ``--arch r18|r34|r50|r100``):
 
 =====================================  ==========================================
-arcface_torch                          facerec
+arcface_torch                          facerec ``iresnet*``
 =====================================  ==========================================
 ``conv1`` / ``bn1`` / ``prelu``        ``stem.0`` / ``stem.1`` / ``stem.2``
 ``layer{k}.{i}.*`` (IBasicBlock)       ``stages.{k-1}.{i}.*`` (same block names)
 ``bn2``, ``fc``, ``features``          the same names
 =====================================  ==========================================
 
-The forward passes agree in eval mode: both blocks are BN-conv-BN-PReLU-conv(stride)-BN plus an
-identity or conv1x1-BN shortcut, every BN has eps 1e-5, and the output layer is BN2d - dropout /
-flatten (their order does not matter in eval) - FC(512*7*7 -> D) - BN1d. arcface_torch's ``fp16``
-flag only runs the trunk under autocast; the weights are fp32, so the import is exact in fp32.
+Both blocks are BN-conv-BN-PReLU-conv(stride)-BN plus an identity or conv1x1-BN shortcut, every BN
+has eps 1e-5, and the output layer is BN2d - dropout / flatten (their order does not matter in eval)
+- FC(512*7*7 -> D) - BN1d.
+
+ViT (``vit.py``, ``VisionTransformer`` with ``norm_layer="ln"``; ``--arch vit_t|vit_s|vit_b``):
+
+========================================  =========================================================
+arcface_torch                             facerec ``vit_t`` / ``vit_s`` / ``vit_b``
+========================================  =========================================================
+``patch_embed.proj``                      ``patch_embed`` (the same 9x9 stride-9 conv)
+``feature.0`` / ``.1`` / ``.2`` / ``.3``  ``head.fc1`` / ``head.bn1`` / ``head.fc2`` / ``head.bn2``
+``pos_embed``, ``mask_token``,            the same names (timm's ``Block`` names its
+``blocks.{i}.*``, ``norm``                norms, attention and MLP as arcface_torch does)
+========================================  =========================================================
+
+Both are the same network: 12x12 patches of 9 px (the last 4 px rows and columns unseen), a learned
+position embedding added to every patch token, no class token, pre-LN blocks (LayerNorm eps 1e-5,
+qkv without bias, softmax(q k^T / sqrt(d_head)) v, biased projection, ReLU6 MLP of 4x width), a final
+LayerNorm, then all 144 tokens flattened in token-major order into Linear(144*E -> E) - BN1d - Linear(E
+-> D) - BN1d (eps 2e-5, no biases). The variants' widths and depths agree (vit_t 256 x 12, vit_s
+512 x 12, vit_b 512 x 24, 8 heads). Token masking only acts in training, so the mask token is carried
+but unused. facerec's ViT adds OOD feature taps (mean-pooled tokens) and pixel statistics as extra
+outputs; neither has weights nor touches the embedding.
+
+arcface_torch's ``fp16`` flag and its autocast regions only change the arithmetic of training; the
+weights are fp32, so the import is exact in fp32.
 
 The mapped state dict is loaded strictly (a key too many or too few, e.g. an r50 file with
-``--arch r100``, is refused in one line), and the model is exported by
-:func:`facerec.export.onnx.export_bundle` like any facerec model: parity-checked graphs, the torch
-artefact, the insightface graph, and a contract (ArcFace 5-point alignment at 112, RGB,
+``--arch r100`` or a ViT file with ``--arch vit_b``, is refused in one line), and the model is
+exported by :func:`facerec.export.onnx.export_bundle` like any facerec model: parity-checked graphs,
+the torch artefact, the insightface graph, and a contract (ArcFace 5-point alignment at 112, RGB,
 (x - 127.5) / 127.5, as arcface_torch trains) whose version carries the source file's hash.
 """
 
@@ -29,6 +52,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -38,27 +62,48 @@ from facerec.export.onnx import export_bundle
 from facerec.export.torch_artifact import ModelSource, _strip_prefixes
 from facerec.models import create_model
 
-# arcface_torch's ``--network`` names -> facerec's registry names (layer counts agree).
-ARCHS = {"r18": "iresnet18", "r34": "iresnet34", "r50": "iresnet50", "r100": "iresnet100"}
 
-_RENAMES = (
+@dataclass(frozen=True)
+class Family:
+    """How one arcface_torch backbone family's keys become facerec's."""
+
+    name: str
+    renames: tuple
+    embedding_key: str  # the facerec key of the last Linear: its rows are the embedding size
+    source_embedding_key: str  # the same tensor's arcface_torch name, for messages
+
+
+IRESNET = Family("IResNet", (
     (re.compile(r"^conv1\."), "stem.0."),
     (re.compile(r"^bn1\."), "stem.1."),
     (re.compile(r"^prelu\."), "stem.2."),
     (re.compile(r"^layer([1-4])\."), lambda m: f"stages.{int(m.group(1)) - 1}."),
-)
+), "fc.weight", "fc.weight")
+
+_VIT_HEAD = ("fc1", "bn1", "fc2", "bn2")  # arcface_torch's ``feature`` Sequential, in order
+VIT = Family("ViT", (
+    (re.compile(r"^patch_embed\.proj\."), "patch_embed."),
+    (re.compile(r"^feature\.([0-3])\."), lambda m: f"head.{_VIT_HEAD[int(m.group(1))]}."),
+), "head.fc2.weight", "feature.2.weight")
+
+# arcface_torch's ``--network`` names -> (facerec's registry name, family); layer counts and widths agree.
+ARCHS = {
+    "r18": ("iresnet18", IRESNET), "r34": ("iresnet34", IRESNET), "r50": ("iresnet50", IRESNET),
+    "r100": ("iresnet100", IRESNET),
+    "vit_t": ("vit_t", VIT), "vit_s": ("vit_s", VIT), "vit_b": ("vit_b", VIT),
+}
 
 
 class StateDictImportError(ValueError):
     """The state dict is not the arcface_torch model named by ``arch`` (one clear line)."""
 
 
-def map_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """arcface_torch IResNet key names -> facerec IResNet key names (tensors unchanged)."""
+def map_state_dict(state: dict[str, torch.Tensor], family: Family = IRESNET) -> dict[str, torch.Tensor]:
+    """arcface_torch key names of ``family`` -> facerec key names (tensors unchanged)."""
     mapped = {}
     for key, value in state.items():
         new = _strip_prefixes(key)  # a DDP-wrapped backbone saves ``module.`` keys
-        for pattern, repl in _RENAMES:
+        for pattern, repl in family.renames:
             new = pattern.sub(repl, new, count=1)
         mapped[new] = value
     return mapped
@@ -69,14 +114,16 @@ def _describe(keys: list[str]) -> str:
 
 
 def build_from_state_dict(state: dict[str, torch.Tensor], arch: str) -> torch.nn.Module:
-    """The facerec IResNet holding an arcface_torch state dict, in eval mode, fp32."""
+    """The facerec backbone holding an arcface_torch state dict, in eval mode, fp32."""
     if arch not in ARCHS:
         raise StateDictImportError(f"--arch {arch!r} is not supported; choose from {', '.join(ARCHS)}")
-    mapped = map_state_dict(state)
-    fc = mapped.get("fc.weight")
-    if not isinstance(fc, torch.Tensor) or fc.ndim != 2:
-        raise StateDictImportError("not an arcface_torch IResNet state dict: no 2-d 'fc.weight'")
-    model = create_model(ARCHS[arch], embedding_size=int(fc.shape[0]))
+    name, family = ARCHS[arch]
+    mapped = map_state_dict(state, family)
+    last = mapped.get(family.embedding_key)
+    if not isinstance(last, torch.Tensor) or last.ndim != 2:
+        raise StateDictImportError(f"not an arcface_torch {family.name} state dict: "
+                                   f"no 2-d '{family.source_embedding_key}'")
+    model = create_model(name, embedding_size=int(last.shape[0]))
     expected = model.state_dict()
     missing = sorted(set(expected) - set(mapped))
     unexpected = sorted(set(mapped) - set(expected))
@@ -110,7 +157,7 @@ def import_arcface_torch(src: str | Path, out_dir: str | Path, arch: str, *, nam
         raise FileNotFoundError(2, "No such file", str(src))
     digest = hashlib.sha256(src.read_bytes()).hexdigest()
     model = build_from_state_dict(load_state_dict(src), arch)
-    source = ModelSource(model, ARCHS[arch], {"embedding_size": model.embedding_size},
+    source = ModelSource(model, ARCHS[arch][0], {"embedding_size": model.embedding_size},
                          version=version or f"arcface_torch-{arch}-{digest[:12]}",
                          origin=f"arcface_torch {arch}:{src.name}")
     report = export_bundle(source, out_dir, fp16=fp16, stem=name or src.stem, **export_kw)

@@ -9,10 +9,12 @@ face, the ``index``-th largest, or all of them; an image that is already the mod
 (``aligned``) skips detection.
 
 Per face the result holds the box, landmarks and detection score, the L2-normalised embedding and
-the raw embedding norm, quality (models with a quality head) and an OOD score. OOD scoring is
+the raw embedding norm, quality (the model's quality output, or for a model without one the
+``quality_fallback`` measure of :mod:`facerec.runtime.quality`) and an OOD score. OOD scoring is
 pluggable: ``ood_scorer(outputs) -> one value per face``, where ``outputs`` holds the model's
 ``feature_<k>`` arrays (N, C_k), the raw ``embedding`` (N, D) and the face detector's confidence
-``det_score`` (N,); the Mahalanobis detector of
+``det_score`` (N,) (a scorer's ``layer_outputs`` names the outputs it needs; an imported model's
+detector reads the embedding alone); the Mahalanobis detector of
 ``facerec.ood`` is one such callable. A scorer with a ``contract_id`` attribute is checked against
 the model's contract, so statistics fitted on another model are refused. A detector that scores a
 list of per-layer features (``facerec.ood.MahalanobisDetector.score``) plugs in through
@@ -41,6 +43,7 @@ from typing import Any
 
 import numpy as np
 
+from facerec.bundle import ood_layer_outputs
 from facerec.contract import ARCFACE_TEMPLATE_112, ContractMismatchError, require_same_contract
 from facerec.runtime.errors import (  # noqa: F401 - re-exported: the pipeline's errors
     DecodeError,
@@ -53,6 +56,8 @@ from facerec.runtime.errors import (  # noqa: F401 - re-exported: the pipeline's
 from facerec.runtime.imaging import _crop_scale, _decode, aligned_crop  # noqa: F401 - re-exported
 
 OodScorer = Callable[[dict[str, np.ndarray]], Sequence[Any]]
+# (raw embeddings (N, D), detector scores (N,)) -> raw quality (N,): a model without a quality output
+QualityFn = Callable[[np.ndarray, np.ndarray], np.ndarray]
 # The longest side the face detector sees (a larger image is detected on a shrunken copy). MTCNN's
 # cost grows with the pixels it scans: 0.07 s at 640 px, 0.3 s at 1600, 0.54 s at 2048 and ~9 s
 # at 6000 (one CPU core, onnxruntime). Its smallest face is 20 px of what it sees, so at 1600 a
@@ -75,6 +80,9 @@ class FeatureListScorer:
     def __init__(self, detector, face_detector: str | None = None) -> None:
         self.detector = detector
         self.contract_id = getattr(detector, "contract_id", None) or None
+        # The outputs its layers were fitted on (``facerec fit-ood`` records them: the feature_k outputs,
+        # or the embedding of a graph without any); None for a detector made before they were recorded.
+        self.layer_outputs: list[str] | None = (getattr(detector, "meta", None) or {}).get("layer_outputs")
         layer = getattr(detector, "detection", None)
         self.use_det_scores = layer is not None and face_detector is not None and layer.detector == face_detector
         if layer is not None and face_detector is not None and not self.use_det_scores:
@@ -86,8 +94,7 @@ class FeatureListScorer:
             )
 
     def __call__(self, outputs: dict[str, np.ndarray]) -> Sequence[Any]:
-        names = sorted((n for n in outputs if n.startswith("feature_")), key=lambda n: int(n.split("_")[1]))
-        features = [outputs[n] for n in names]
+        features = [outputs[n] for n in self.layer_outputs or ood_layer_outputs(outputs)]
         if self.use_det_scores:
             return np.asarray(self.detector.score(features, outputs.get("det_score")))
         return np.asarray(self.detector.score(features))
@@ -143,6 +150,7 @@ class FacePipeline:
         detector=None,
         batcher=None,
         ood_scorer: OodScorer | None = None,
+        quality_fallback: QualityFn | None = None,
         max_faces: int = 10,
         min_face_size: float = 20.0,
         min_det_score: float = 0.0,
@@ -161,15 +169,24 @@ class FacePipeline:
                 f"{ARCFACE_TEMPLATE_112!r}"
             )
         if ood_scorer is not None:
-            if not any(n.startswith("feature_") for n in backend.output_names):
-                raise ValueError("an OOD scorer needs a model exported with its feature_* outputs")
+            needed = getattr(ood_scorer, "layer_outputs", None)
+            missing = [n for n in needed if n not in backend.output_names] if needed else []
+            if missing or (not needed and not any(n.startswith("feature_") for n in backend.output_names)):
+                raise ValueError(f"the OOD scorer reads outputs {missing or 'feature_*'} the model does not have")
             scorer_contract = getattr(ood_scorer, "contract_id", None)
             if scorer_contract is not None:
                 require_same_contract(contract.contract_id, scorer_contract, "the OOD detector")
+        if quality_fallback is not None:
+            if "quality" in backend.output_names:
+                raise ValueError("the model has its own quality output; a quality fallback is for models without")
+            fallback_contract = getattr(quality_fallback, "contract_id", None)
+            if fallback_contract is not None:
+                require_same_contract(contract.contract_id, fallback_contract, "the quality measure")
         self.backend = backend
         self.contract = contract
         self.batcher = batcher
         self.ood_scorer = ood_scorer
+        self.quality_fallback = quality_fallback
         self.max_faces = max_faces
         self.min_face_size = min_face_size
         self.min_det_score = min_det_score
@@ -253,12 +270,14 @@ class FacePipeline:
         unit = raw / np.maximum(norms, 1e-12)[:, None]
         scores: Sequence[Any] = [None] * len(raw)
         features = {n: v for n, v in outputs.items() if n.startswith("feature_")}
+        det_scores = np.array([d.score for d in located.detections], np.float64)
         if self.ood_scorer is not None:
-            det_scores = np.array([d.score for d in located.detections], np.float64)
             scores = self.ood_scorer({**features, "embedding": raw, "det_score": det_scores})
             if len(scores) != len(raw):
                 raise RuntimeError(f"the OOD scorer returned {len(scores)} scores for {len(raw)} faces")
         quality = outputs.get("quality")
+        if quality is None and self.quality_fallback is not None:
+            quality = self.quality_fallback(raw, det_scores)
         faces = [
             Face(
                 box=np.asarray(d.box, np.float32),

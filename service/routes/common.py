@@ -122,7 +122,8 @@ def _box(face: Face) -> FaceBox:
 def _quality(engine: Engine, face: Face) -> Quality | None:
     if face.quality is None:
         return None
-    return Quality(score=engine.calibration.quality_score(face.quality), raw=float(face.quality))
+    return Quality(score=engine.calibration.quality_score(face.quality), raw=float(face.quality),
+                   method=engine.quality_method)
 
 
 def _ood(engine: Engine, face: Face) -> Ood | None:

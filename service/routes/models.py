@@ -13,6 +13,16 @@ from service.schemas import ModelsResponse
 router = APIRouter(prefix="/v1", tags=["models"])
 
 
+def quality_info(engine) -> dict:
+    cal, fallback = engine.calibration, engine.quality_fallback
+    info = {"method": engine.quality_method, "head": "quality" in engine.backend.output_names,
+            "percentile_mapping": cal.quality_percentiles is not None, "calibrated_on": cal.quality_calibrated_on}
+    if fallback is not None:
+        info["chosen_by"] = fallback.meta.get("chosen_by")
+        info["candidates"] = fallback.meta.get("candidates")
+    return info
+
+
 @router.get("/models", response_model=ModelsResponse, responses={401: ERROR_RESPONSES[401]},
             summary="Model, contract, device and providers in use")
 async def models(request: Request, _: ApiKey) -> ModelsResponse:
@@ -28,6 +38,8 @@ async def models(request: Request, _: ApiKey) -> ModelsResponse:
     if engine.ood is not None:
         d = engine.ood
         ood = {"method": "mahalanobis", "variant": d.variant, "layers": len(d.layers),
+               # the model outputs its layers read: feature_k, or an imported graph's embedding
+               "layer_outputs": d.meta.get("layer_outputs"),
                "threshold": d.threshold, "target_tpr": d.target_tpr, "contract_id": d.contract_id,
                # the face detector whose confidence is one more combiner column (None: features only)
                "detector_confidence": None if d.detection is None else d.detection.detector}
@@ -40,9 +52,7 @@ async def models(request: Request, _: ApiKey) -> ModelsResponse:
         providers=providers,
         verification={"threshold": cal.threshold, "far": cal.far, "calibrated_on": cal.calibrated_on,
                       "source": cal.source},
-        quality={"head": "quality" in engine.backend.output_names,
-                 "percentile_mapping": cal.quality_percentiles is not None,
-                 "calibrated_on": cal.quality_calibrated_on},
+        quality=quality_info(engine),
         ood=ood,
         detector={**engine.detector_plan.describe(), "max_side": s.detect_max_side},
         limits={"max_image_bytes": s.max_image_bytes, "max_request_bytes": s.max_request_bytes,

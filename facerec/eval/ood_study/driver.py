@@ -3,7 +3,8 @@
 - ``facerec fit-ood`` fits the shipped detector on the exported graph's features (onnxruntime);
 - ``benchmarks/ood_eval.py`` compares detector variants on the torch model's features.
 
-Both load the torch weights (attacks need gradients), open the same cached inputs
+Both load the torch weights (attacks need gradients; ``fit-ood`` on an imported ONNX graph has none,
+and its study has no attack families), open the same cached inputs
 (:func:`open_study`, then :meth:`Study.build_inputs` with their own feature function), score a
 detector's layers the same way (:func:`layer_scores`, :meth:`Study.split_scores`) and attack the
 fitted detector the same way (:meth:`Study.adaptive_rows`). What each reports stays with it.
@@ -53,24 +54,22 @@ def load_attack_model(checkpoint: str, seed: int) -> ModelSource:
 
 
 def onnx_runner(graph: Path) -> tuple[RunFn, list[str], dict]:
-    """(run, feature output names, metadata) of an exported graph on onnxruntime's CPU provider."""
+    """(run, layer output names, metadata) of an exported graph on onnxruntime's CPU provider. The
+    layers are the ``feature_k`` outputs or, for a graph without any (an imported model), the
+    embedding (:func:`facerec.bundle.ood_layer_outputs`)."""
     import onnxruntime as ort
 
+    from facerec.bundle import ood_layer_outputs
+
     session = ort.InferenceSession(str(graph), providers=["CPUExecutionProvider"])
-    names = sorted(
-        (o.name for o in session.get_outputs() if o.name.startswith("feature_")),
-        key=lambda n: int(n.split("_")[1]),
-    )  # the service's FeatureListScorer order
-    if not names:
-        raise SystemExit(f"{graph} has no feature_* outputs: export it with features")
+    names = ood_layer_outputs(o.name for o in session.get_outputs())  # the service's FeatureListScorer order
+    wanted = list(dict.fromkeys([*names, "embedding"]))
     input_name = session.get_inputs()[0].name
     meta = dict(session.get_modelmeta().custom_metadata_map)
 
     def run(x: np.ndarray) -> tuple[list[np.ndarray], np.ndarray]:
-        *feats, emb = session.run(
-            [*names, "embedding"], {input_name: np.ascontiguousarray(x, dtype=np.float32)}
-        )
-        return feats, emb
+        out = dict(zip(wanted, session.run(wanted, {input_name: np.ascontiguousarray(x, dtype=np.float32)})))
+        return [out[n] for n in names], out["embedding"]
 
     return run, names, meta
 
@@ -117,7 +116,7 @@ class Study:
 
     args: argparse.Namespace
     cfg: EvalConfig
-    source: ModelSource
+    source: ModelSource | None
     locator: ServiceLocator
     cache: InputCache
     specs: dict[str, SplitSpec]
@@ -127,7 +126,8 @@ class Study:
 
     @property
     def model(self):
-        return self.source.model
+        """The torch model that attacks; None without torch weights (then the study has no attacks)."""
+        return None if self.source is None else self.source.model
 
     def build_inputs(self, features: Callable[[np.ndarray], dict], key: str) -> None:
         """Every set of both splits, and its features by ``features`` (cached as ``<key>_<split>_<set>``)."""
@@ -176,10 +176,16 @@ class Study:
         return rows
 
 
-def open_study(args: argparse.Namespace, source: ModelSource, contract: EmbeddingContract) -> Study:
-    """The config, cache, splits and pool sample of the parsed options (nothing computed yet)."""
+def open_study(args: argparse.Namespace, source: ModelSource | None, contract: EmbeddingContract,
+               feature_dims=None) -> Study:
+    """The config, cache, splits and pool sample of the parsed options (nothing computed yet).
+    ``source`` None: no torch weights, so no attacks (``--domains`` must be empty); ``feature_dims``
+    (default: the torch model's) keys the cache."""
     cfg = config_of(args)
-    cache = InputCache(args.cache, cfg.cache_key(source.model.feature_dims))
+    if source is None and cfg.domains:
+        raise ValueError("attacks need the torch weights: without them the study has no attack domains")
+    dims = source.model.feature_dims if feature_dims is None else feature_dims
+    cache = InputCache(args.cache, cfg.cache_key(dims))
     log(f"input cache {cache.dir}")
     rng = np.random.default_rng(args.seed)
     specs = lfw_splits(cfg, args.data, rng)

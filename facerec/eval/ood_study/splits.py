@@ -240,6 +240,8 @@ def build_split(
         ),
     )
 
+    if not cfg.domains:  # no attacks (e.g. no torch weights to take gradients with)
+        return sets
     with torch.no_grad():
         emb = torch.cat(
             [model(ev.to_input(g["crops"][i : i + 50])).embedding for i in range(0, len(g["crops"]), 50)]
