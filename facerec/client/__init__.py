@@ -25,6 +25,8 @@ from facerec.client.models import (
     FaceBox,
     FaceReport,
     Gallery,
+    GalleryIndex,
+    GalleryIndexRecall,
     GalleryOperatingPoint,
     ImageOutcome,
     ImageReport,
@@ -41,7 +43,7 @@ from facerec.client.models import (
 
 __all__ = [
     "AsyncClient", "Candidate", "Client", "DetectResult", "DetectedFace", "EmbedBatchResult", "EmbedResult",
-    "EnrollResult", "FaceBox", "FaceReport", "FacerecError", "Gallery", "GalleryOperatingPoint", "ImageOutcome",
+    "EnrollResult", "FaceBox", "FaceReport", "FacerecError", "Gallery", "GalleryIndex", "GalleryIndexRecall", "GalleryOperatingPoint", "ImageOutcome",
     "ImageReport", "ItemError", "Ood", "OperatingPoint", "Person", "Quality", "Reason", "RetryPolicy",
     "SearchResult", "VerifiedImage", "VerifyResult",
 ]

@@ -30,6 +30,9 @@ class FaceBox:
 class Quality:
     score: float | None  # 0-100 percentile among the calibration faces; None: no mapping
     raw: float
+    # quality_head (the model's quality token) or, for a model without one, the fallback chosen by
+    # `facerec fit-quality`: embedding_norm | crfiqa_head | detector_score
+    method: str = "quality_head"
 
 
 @dataclass(frozen=True)
@@ -130,6 +133,29 @@ class GalleryOperatingPoint:
 
 
 @dataclass(frozen=True)
+class GalleryIndexRecall:
+    recall_at_1: float | None  # share of measuring searches whose best person is exact search's best
+    queries: int
+    samples: int  # samples in the index when it was measured
+    how: str
+
+
+@dataclass(frozen=True)
+class GalleryIndex:
+    """How searches of a gallery run (docs/gallery.md, "Search at scale")."""
+
+    kind: str  # exact | hnsw (in-process FAISS, re-ranked exactly) | pgvector_hnsw
+    loaded: bool | None = None
+    building: bool | None = None
+    samples: int | None = None
+    m: int | None = None
+    ef_construction: int | None = None
+    ef_search: int | None = None
+    storage: str | None = None  # sq8 | fp16 | flat: what the graph compares
+    recall: GalleryIndexRecall | None = None
+
+
+@dataclass(frozen=True)
 class Gallery:
     id: str
     name: str
@@ -144,6 +170,7 @@ class Gallery:
     match_threshold: float | None
     usable: bool  # False when the service runs another model than the gallery's
     operating_point: GalleryOperatingPoint | None
+    index: GalleryIndex | None = None  # in `GET` of one gallery; None in the other answers
 
 
 @dataclass(frozen=True)
