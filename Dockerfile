@@ -53,7 +53,7 @@ RUN set -eu; \
             -c constraints.txt torch torchvision; \
     fi; \
     /opt/venv/bin/pip install --no-cache-dir -c constraints.txt torch torchvision; \
-    /opt/venv/bin/pip install --no-cache-dir --no-build-isolation -c constraints.txt ".[serve,${extra}]"; \
+    /opt/venv/bin/pip install --no-cache-dir --no-build-isolation -c constraints.txt ".[serve,search,${extra}]"; \
     /opt/venv/bin/pip check
 
 # ---------------------------------------------------------------- runtime

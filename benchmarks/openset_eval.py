@@ -15,7 +15,10 @@ on fold 5 by `facerec calibrate-openset`, never here):
   none of whose images passes is not enrolled (failure to enroll), and his images become non-mated;
 - DIR at FPIR uses the threshold at which that FPIR holds on these non-mated searches (the metric);
   "at the calibrated threshold" uses the service's threshold from openset.json for this gallery
-  size (the FPIR a deployment would actually see).
+  size (the FPIR a deployment would actually see);
+- ``--index hnsw``: every search through the approximate index (faiss HNSW, exact re-ranking) the
+  SQLite store uses for large galleries, instead of exact search: the same protocol then shows
+  whether the index changes DIR at FPIR (compare with the exact run).
 Writes benchmarks/results/openset_eval.json and .md.
 """
 
@@ -37,8 +40,9 @@ from facerec.gallery import (
     assess,
     identification_metrics,
 )
+from facerec.gallery.ann import IndexPolicy
 from facerec.gallery.measure import Measured, OfflineModel, measure
-from facerec.gallery.openset import OPENSET_FILE
+from facerec.gallery.openset import OPENSET_FILE, approximate_top1
 
 FPIRS = (0.1, 0.01)
 MODES = {
@@ -85,7 +89,7 @@ def build_gallery(
     return gallery
 
 
-def run_split(m, names, rows_of, people, seed, mode, policy, model, calibration, reasons) -> dict:
+def run_split(m, names, rows_of, people, seed, mode, policy, model, calibration, reasons, index="exact") -> dict:
     """mode: "no_gate" | "gate" | "same_people" (first images of the persons the gate enrolls)."""
     rng = np.random.default_rng(seed)
     enrolled = sorted(rng.permutation(people)[: len(people) // 2].tolist())
@@ -99,8 +103,11 @@ def run_split(m, names, rows_of, people, seed, mode, policy, model, calibration,
     probes = np.array([i for i in np.flatnonzero(m.found) if i not in in_gallery])
     points = {f: calibration.lookup(f, len(g_rows)) for f in FPIRS}
     thresholds = {f"calibrated_fpir_{f:g}": p.threshold for f, p in points.items()}
+    top1 = None
+    if index == "hnsw":
+        top1 = approximate_top1(m.embedding[g_rows], names[g_rows], IndexPolicy(kind="approximate"))
     out = identification_metrics(
-        m.embedding[g_rows], names[g_rows], m.embedding[probes], names[probes], FPIRS, thresholds
+        m.embedding[g_rows], names[g_rows], m.embedding[probes], names[probes], FPIRS, thresholds, top1
     )
     out["enrolled_people"] = len(enrolled)
     out["failure_to_enroll"] = len(enrolled) - len(gallery)
@@ -143,6 +150,8 @@ def main() -> None:
     ap.add_argument("--cache", default=None, help=".npz of the measured LFW-H2 images (made when absent)")
     ap.add_argument("--splits", type=int, default=5)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--index", choices=["exact", "hnsw"], default="exact",
+                    help="search exactly, or through the approximate index (faiss HNSW) large galleries use")
     ap.add_argument("--out", default="benchmarks/results")
     args = ap.parse_args()
     model = OfflineModel(args.model, threads=args.threads)
@@ -179,11 +188,12 @@ def main() -> None:
             "by_reason": dict(refused.most_common()),
         },
         "splits": args.splits,
+        "index": args.index,
         "seconds_measuring": round(time.time() - t0, 1),
     }
     for mode in MODES:
         runs = [
-            run_split(m, names, rows_of, people, seed, mode, policy, model, calibration, reasons)
+            run_split(m, names, rows_of, people, seed, mode, policy, model, calibration, reasons, args.index)
             for seed in range(args.splits)
         ]
         report[mode] = {"summary": summarise(runs), "runs": runs}
@@ -209,7 +219,8 @@ def render(r: dict) -> str:
         ),
         (
             f"{r['images']:,} images of {r['people']:,} people, faces found in {r['faces_found']:,}; "
-            f"half the people enrolled with one image, {r['splits']} random splits (mean ± std)."
+            f"half the people enrolled with one image, {r['splits']} random splits (mean ± std); "
+            f"search: {'approximate index (faiss HNSW, exact re-ranking)' if r.get('index') == 'hnsw' else 'exact'}."
         ),
         "",
         (

@@ -30,6 +30,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", help="auto | cuda | cuda:N | cpu (FACEREC_DEVICE)")
     parser.add_argument("--backend", choices=["auto", "onnxruntime", "torch"],
                         help="what runs the model (FACEREC_BACKEND, default auto)")
+    parser.add_argument("--detector", choices=["mtcnn", "scrfd"],
+                        help="face detector (FACEREC_DETECTOR, default mtcnn; scrfd needs "
+                        "FACEREC_DETECTOR_MODEL, an insightface det_*.onnx)")
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
                         help="log level of the service and uvicorn (default: info)")
     return parser
@@ -43,6 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     from facerec.cli.usage import user_error_message
     from facerec.contract import ContractMismatchError
     from facerec.runtime import DeviceUnavailableError
+    from service.detector import DetectorUnavailableError
     from service.settings import ModelNotFoundError, Settings, unknown_variables
 
     unknown = unknown_variables(os.environ)
@@ -69,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         app = create_app(settings)
-    except (ModelNotFoundError, DeviceUnavailableError, ContractMismatchError) as err:
+    except (ModelNotFoundError, DeviceUnavailableError, ContractMismatchError, DetectorUnavailableError) as err:
         print(f"facerec-serve: {err}", file=sys.stderr)
         return 2
     except OSError as err:  # a file the settings name (the OOD detector, the gallery) is missing

@@ -35,6 +35,11 @@ DESCRIPTION = """Face verification, quality and out-of-distribution scoring.
 Images are sent as multipart files or base64 strings in JSON (never URLs or server paths).
 Every `/v1` route except health needs the `X-API-Key` header. Every response carries
 `X-Request-ID`; every error has the body `{"error": {"code", "message"}, "request_id"}`.
+
+**What the OOD flag is not.** `ood.flagged` says a face crop is unlike the genuine face photos
+the model was fitted on (a non-face, a heavily corrupted image, an adversarial perturbation). It
+is **not presentation-attack (liveness) detection**: a printed photo, a screen replay or a mask of
+a real face is a real face to it and is not flagged. Use a dedicated liveness check for that.
 """
 
 

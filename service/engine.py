@@ -26,7 +26,6 @@ import numpy as np
 
 from facerec.bundle import BundleError, Calibration, ModelBundle
 from facerec.runtime import (
-    DEFAULT_FACE_DETECTOR,
     FacePipeline,
     FeatureListScorer,
     MicroBatcher,
@@ -37,6 +36,7 @@ from facerec.runtime import (
 )
 from facerec.runtime.admission import ImageAdmission
 from facerec.runtime.quality import HEAD_OUTPUT, QualityFallback
+from service.detector import build_detector, plan_detector
 from service.errors import from_exception
 from service.settings import ModelNotFoundError, Settings
 
@@ -97,18 +97,21 @@ class Engine:
                                       quality_calibrated_on=self.quality_fallback.calibrated_on)
         self.calibration = with_operator_threshold(cal, s)
         self.ood = self._load_ood()
-        # The pipeline below is built without a detector: it locates faces with the default one.
-        scorer = FeatureListScorer(self.ood, DEFAULT_FACE_DETECTOR) if self.ood is not None else None
+        if self.ood is not None and not (backend_name == "torch" and not self.device.is_cuda):
+            _single_threaded_torch()
+        self.detector_plan = plan_detector(s, self.device)
+        detector = build_detector(self.detector_plan)
+        scorer = FeatureListScorer(self.ood, self.detector_plan.name) if self.ood is not None else None
         self.executor = ThreadPoolExecutor(max_workers=s.decode_workers, thread_name_prefix="facerec-decode")
         self.batcher = MicroBatcher(
             self.backend, s.max_batch_size, s.max_wait_ms, s.max_pending,
             on_batch=self.metrics.on_batch if self.metrics is not None else None,
         )
         self.pipeline = FacePipeline(
-            self.backend, batcher=self.batcher, ood_scorer=scorer, quality_fallback=self.quality_fallback,
-            max_faces=s.max_faces,
+            self.backend, detector=detector, batcher=self.batcher, ood_scorer=scorer,
+            quality_fallback=self.quality_fallback, max_faces=s.max_faces,
             min_face_size=s.min_face_size, max_pixels=s.max_pixels, max_bytes=s.max_image_bytes,
-            executor=self.executor,
+            detect_max_side=s.detect_max_side, executor=self.executor,
         )
         self.images = ImageAdmission(self.executor, s.large_image_pixels, s.large_image_workers,
                                      s.max_queued_large_images)
@@ -228,16 +231,60 @@ class Engine:
                 self.metrics.inflight.set(self.inflight)
                 self.metrics.pending.set(self.batcher.pending)
 
-    async def process(self, data: bytes, all_faces: bool = False):
-        """One image: large ones (header pixel count) in their own bounded lane, see ``admit``."""
+    async def locate(self, data: bytes, all_faces: bool = False, index: int | None = None,
+                     aligned: bool = False):
+        """Decode, detect, align one image: large ones (header pixel count) in their own bounded
+        lane, see ``admit``."""
         async with self.images.admit(data) as executor:
-            return await self.pipeline.process_async(data, all_faces=all_faces, executor=executor)
+            return await self.pipeline.locate_async(data, all_faces, executor, index, aligned)
 
-    async def process_many(self, images: dict[str, bytes]) -> dict:
+    async def process(self, data: bytes, all_faces: bool = False, index: int | None = None,
+                      aligned: bool = False):
+        """One image through the whole pipeline (``FacePipeline.locate`` says what the options do)."""
+        located = await self.locate(data, all_faces, index, aligned)
+        return (await self.pipeline.embed_async([located]))[0]
+
+    async def process_many(self, images: dict[str, bytes], aligned: bool = False,
+                           indexes: dict[str, int | None] | None = None) -> dict:
         """Several images concurrently; the first failure (in field order) is raised with its field."""
         names = list(images)
-        results = await asyncio.gather(*(self.process(images[n]) for n in names), return_exceptions=True)
+        indexes = indexes or {}
+        results = await asyncio.gather(*(self.process(images[n], index=indexes.get(n), aligned=aligned)
+                                         for n in names), return_exceptions=True)
         for name, result in zip(names, results):
             if isinstance(result, BaseException):
                 raise from_exception(result, name) or result
         return dict(zip(names, results))
+
+    async def process_batch(self, images: list, aligned: bool = False) -> list:
+        """The largest face of each image, their crops through the model as one submission (the
+        batcher runs them together, ``max_batch_size`` at a time). An entry is the image's result
+        or the exception of its own input fault (``images`` may hold such an exception already, from
+        reading the request); overload, shutdown and server faults fail the whole call."""
+        async def one(data):
+            return data if isinstance(data, BaseException) else await self.locate(data, aligned=aligned)
+
+        located = await asyncio.gather(*(one(d) for d in images), return_exceptions=True)
+        for entry in located:
+            if isinstance(entry, BaseException) and not _input_fault(entry):
+                raise entry
+        good = [entry for entry in located if not isinstance(entry, BaseException)]
+        results = iter(await self.pipeline.embed_async(good) if good else [])
+        return [entry if isinstance(entry, BaseException) else next(results) for entry in located]
+
+
+def _single_threaded_torch() -> None:
+    """Torch's CPU ops in one thread, where torch on the CPU does only small work (the OOD detector's
+    few (faces x 192) products per batch; the model runs in onnxruntime or on the GPU). With its
+    default thread pool every such op wakes and synchronises OpenMP threads: measured on the 2-core
+    machine under load, scoring 1-8 faces took 10-50 ms of CPU and 100-600 ms of wall time instead of
+    0.2-0.4 ms and 0.6-9 ms, and the threads spun on the cores detection needs."""
+    import torch
+
+    torch.set_num_threads(1)
+
+
+def _input_fault(exc: BaseException) -> bool:
+    """Whether ``exc`` is the caller's fault in one input (a 4xx other than overload)."""
+    err = from_exception(exc)
+    return err is not None and 400 <= err.status < 500 and err.status != 429

@@ -20,8 +20,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from facerec.runtime import (
     BatcherClosed,
-    DecodeError,
-    NoFaceError,
+    FaceIndexError,
     Overloaded,
     PipelineError,
     TooManyFacesError,
@@ -96,7 +95,10 @@ def from_exception(exc: BaseException, field: str | None = None) -> ApiError | N
     if isinstance(exc, TooManyFacesError):
         return ApiError(422, exc.code, where + str(exc), {**(details or {}), "faces_found": exc.found,
                                                           "limit": exc.limit})
-    if isinstance(exc, (NoFaceError, DecodeError)):
+    if isinstance(exc, FaceIndexError):
+        return ApiError(422, exc.code, where + str(exc), {**(details or {}), "faces_found": exc.found,
+                                                          "index": exc.index})
+    if isinstance(exc, PipelineError):  # decode_error, no_face, not_aligned: the caller's input
         return ApiError(422, exc.code, where + str(exc), details)
     if isinstance(exc, Overloaded):
         # Retry-After takes whole seconds; rounding up keeps clients from retrying too early.
@@ -202,9 +204,7 @@ def install_handlers(app: FastAPI) -> None:
         return error_response(err, request_id_of(request), request)
 
     async def _engine_error(request: Request, exc: Exception) -> JSONResponse:
-        err = from_exception(exc)
-        if err is None:  # a PipelineError subclass nobody mapped yet: still the caller's input
-            err = ApiError(422, getattr(exc, "code", "invalid_input"), str(exc))
+        err = from_exception(exc)  # maps every kind registered below
         return error_response(err, request_id_of(request), request)
 
     for kind in (PipelineError, Overloaded, BatcherClosed):

@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +28,7 @@ from facerec.gallery import (
     Decision,
     Enrollment,
     GalleryManager,
+    IndexPolicy,
     GalleryRecord,
     NotFound,
     Offered,
@@ -38,6 +38,7 @@ from facerec.gallery import (
     Refusal,
     StoreUnavailable,
     ThresholdRequired,
+    default_sqlite_path,
     open_store,
 )
 from facerec.gallery.measure import evidence_of
@@ -84,8 +85,7 @@ class Galleries:
     def sqlite_path(self) -> Path:
         if self.settings.gallery_path is not None:
             return Path(self.settings.gallery_path)
-        base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
-        return Path(base) / "facerec" / "galleries.sqlite3"
+        return default_sqlite_path()
 
     def manager(self) -> GalleryManager:
         with self._lock:
@@ -94,7 +94,9 @@ class Galleries:
                 if s.gallery_backend == "pgvector":
                     store = open_store("pgvector", dsn=s.gallery_dsn, purge=s.gallery_pg_purge)
                 else:
-                    store = open_store("sqlite", path=self.sqlite_path())
+                    policy = IndexPolicy(kind=s.gallery_index, min_samples=s.gallery_index_min_samples,
+                                         ef_search=s.gallery_index_ef_search)
+                    store = open_store("sqlite", path=self.sqlite_path(), index=policy)
                 self._manager = GalleryManager(store, self.engine.backend.contract, self.calibration)
                 log.info("gallery store: %s", store.backend)
             return self._manager

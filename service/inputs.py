@@ -29,8 +29,9 @@ _WHITESPACE = re.compile(r"\s+")
 
 @dataclass
 class ParsedImages:
-    images: dict[str, bytes]
+    images: dict[str, bytes]  # the image fields sent (JSON may leave optional ones out)
     threshold: float | None = None
+    body: BaseModel | None = None  # the request as the JSON model, validated: its options (aligned, ...)
 
 
 def b64_image(field: str, text: str, max_bytes: int) -> bytes:
@@ -77,10 +78,13 @@ def _threshold(value) -> float | None:
 
 
 async def read_images(request: Request, fields: tuple[str, ...], model: type[BaseModel],
-                      max_image_bytes: int) -> ParsedImages:
+                      max_image_bytes: int, options: tuple[str, ...] = ()) -> ParsedImages:
+    """The image ``fields`` and the request's options. JSON: ``model`` (strict) is the whole body.
+    Multipart: every image field is a required file part; ``options`` names the text fields allowed
+    beside them (fields of ``model``, converted from text: "true", "1", ...)."""
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if content_type == "multipart/form-data":
-        return await _multipart(request, fields, max_image_bytes)
+        return await _multipart(request, fields, model, max_image_bytes, options)
     if content_type == "application/json" or content_type.endswith("+json"):
         return await _json(request, fields, model, max_image_bytes)
     raise ApiError(
@@ -99,14 +103,34 @@ async def _json(request, fields, model, max_image_bytes) -> ParsedImages:
         parsed = model.model_validate(payload)
     except ValidationError as exc:
         raise validation_error(exc, "the JSON body does not match the API schema") from None
-    images = {f: b64_image(f, getattr(parsed, f), max_image_bytes) for f in fields}
-    return ParsedImages(images, _threshold(getattr(parsed, "threshold", None)))
+    images = {f: b64_image(f, getattr(parsed, f), max_image_bytes) for f in fields
+              if getattr(parsed, f) is not None}
+    return ParsedImages(images, _threshold(getattr(parsed, "threshold", None)), parsed)
 
 
-async def _multipart(request, fields, max_image_bytes) -> ParsedImages:
-    allowed = set(fields) | {"threshold"} if "image_a" in fields else set(fields)
+def form_text(form, field: str) -> str | None:
+    """A multipart text field's value (None: not sent); a file part there is a 422."""
+    value = form.get(field)
+    if isinstance(value, UploadFile):
+        raise ApiError(422, "validation_error", f"{field} must be a text field", {"field": field})
+    return value
+
+
+def form_options(form, images: dict, model: type[BaseModel], options: tuple[str, ...]) -> BaseModel:
+    """The multipart request as ``model``: its text ``options`` converted (not strict: form values
+    are text), ``images`` standing in for the image fields (their bytes are read separately)."""
+    raw = {k: form_text(form, k) for k in options if k != "threshold"}
     try:
-        form = await request.form(max_files=len(fields), max_fields=4, max_part_size=64 * 1024)
+        return model.model_validate({**images, **{k: v for k, v in raw.items() if v not in (None, "")}},
+                                    strict=False)
+    except ValidationError as exc:
+        raise validation_error(exc, "invalid form fields") from None
+
+
+async def _multipart(request, fields, model, max_image_bytes, options) -> ParsedImages:
+    allowed = set(fields) | set(options)
+    try:
+        form = await request.form(max_files=len(fields), max_fields=max(4, len(options)), max_part_size=64 * 1024)
     except ApiError:
         raise
     except Exception as exc:  # noqa: BLE001 - python-multipart/starlette parse errors: the client's fault
@@ -130,20 +154,24 @@ async def _multipart(request, fields, max_image_bytes) -> ParsedImages:
             if not data:
                 raise ApiError(422, "empty_image", f"{name}: empty file", {"field": name})
             images[name] = data
-        threshold = form.get("threshold")
-        if isinstance(threshold, UploadFile):
-            raise ApiError(422, "validation_error", "threshold must be a text field", {"field": "threshold"})
-        return ParsedImages(images, _threshold(threshold))
+        threshold = _threshold(form_text(form, "threshold")) if "threshold" in options else None
+        return ParsedImages(images, threshold, form_options(form, dict.fromkeys(fields, ""), model, options))
     finally:
         await form.close()
 
 
-def request_body_doc(json_model: type[BaseModel], fields: tuple[str, ...], threshold: bool = False) -> dict:
-    """``openapi_extra`` documenting both encodings of an image endpoint."""
+def request_body_doc(json_model: type[BaseModel], fields: tuple[str, ...], options: tuple[str, ...] = ()) -> dict:
+    """``openapi_extra`` documenting both encodings of an image endpoint; ``options``: the JSON
+    model's fields that multipart takes as text fields too (documented as the JSON schema does)."""
     props = {f: {"type": "string", "format": "binary", "description": "image file"} for f in fields}
-    if threshold:
-        props["threshold"] = {"type": "number", "minimum": -1, "maximum": 1,
-                              "description": "cosine threshold for this request"}
+    schema = json_model.model_json_schema()
+    for name in options:
+        prop = dict(schema["properties"][name])
+        # "anyOf [number, null]" in JSON is a field left out in a form: the form states the type alone.
+        typed = [p for p in prop.pop("anyOf", []) if p.get("type") != "null"]
+        prop.update(typed[0] if typed else {})
+        prop.pop("default", None)
+        props[name] = prop
     return {
         "requestBody": {
             "required": True,
@@ -152,7 +180,7 @@ def request_body_doc(json_model: type[BaseModel], fields: tuple[str, ...], thres
                     "schema": {"type": "object", "properties": props, "required": list(fields),
                                "additionalProperties": False}
                 },
-                "application/json": {"schema": json_model.model_json_schema()},
+                "application/json": {"schema": schema},
             },
         }
     }

@@ -46,6 +46,16 @@ class Settings(BaseSettings):
         None, ge=-1.0, le=1.0, description="operator threshold; replaces the model's calibrated one"
     )
 
+    # ---- face detector (service/detector.py)
+    detector: Literal["mtcnn", "scrfd"] = Field(
+        "mtcnn", description="mtcnn: the shipped MTCNN (onnxruntime on a CPU, torch on CUDA); scrfd: an "
+        "insightface SCRFD model from FACEREC_DETECTOR_MODEL (facerec ships no SCRFD weights)")
+    detector_model: Path | None = Field(
+        None, description="scrfd: a folder holding det_*.onnx (e.g. insightface buffalo_l) or the file")
+    # The longest side the detector sees: a larger image is detected on a shrunken copy, boxes and
+    # landmarks mapped back (facerec.runtime.pipeline.DETECT_MAX_SIDE says what it costs and finds).
+    detect_max_side: int = Field(1600, ge=160, le=8192)
+
     # ---- network
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
@@ -60,6 +70,9 @@ class Settings(BaseSettings):
     max_faces: int = Field(10, ge=1, le=100)
     min_face_size: float = Field(20.0, ge=8.0, le=1000.0)
     max_batch_size: int = Field(32, ge=1, le=256)
+    # Images of one POST /v1/embed/batch; more: 413. Their faces are queued at once, so the limit in
+    # force is the smaller of this and max_pending.
+    max_batch_images: int = Field(32, ge=1, le=256)
     max_wait_ms: float = Field(5.0, ge=0.0, le=1000.0)
     max_pending: int = Field(256, ge=1, le=10_000)  # faces queued for the model
     max_concurrent_requests: int = Field(64, ge=1, le=10_000)  # requests being decoded/detected/embedded
@@ -86,6 +99,13 @@ class Settings(BaseSettings):
         None, description="SQLite gallery file; default $XDG_DATA_HOME/facerec/galleries.sqlite3")
     gallery_dsn: str | None = Field(None, repr=False, description="PostgreSQL DSN (pgvector backend)")
     gallery_pg_purge: Literal["none", "vacuum", "full"] = "vacuum"  # after deletions (pgvector)
+    # The SQLite backend's in-process index (docs/gallery.md, "Search at scale"): exact below
+    # gallery_index_min_samples samples, approximate (faiss HNSW, exact re-ranking) from there on.
+    gallery_index: Literal["auto", "exact", "approximate"] = Field(
+        "auto", description="auto: approximate from gallery_index_min_samples on when faiss is installed; "
+        "approximate: always (faiss required)")
+    gallery_index_min_samples: int = Field(50_000, ge=0, le=10**9)
+    gallery_index_ef_search: int = Field(64, ge=8, le=4096)  # HNSW candidates explored per search
 
     # ---- person metadata (docs/gallery.md): refused with 422 invalid_metadata above these limits.
     # The upper bounds are the stores' own hard caps (facerec.gallery.metadata.STORE_LIMITS).
@@ -135,8 +155,17 @@ class Settings(BaseSettings):
             raise ValueError("max_request_bytes must be at least max_image_bytes")
         if self.torch_compile and self.backend == "onnxruntime":
             raise ValueError("torch_compile needs the torch backend")
+        if self.detector == "scrfd" and self.detector_model is None:
+            raise ValueError("FACEREC_DETECTOR=scrfd needs FACEREC_DETECTOR_MODEL: a folder with det_*.onnx "
+                             "(e.g. insightface buffalo_l) or the file; facerec ships no SCRFD weights")
         if self.gallery_backend == "pgvector" and not self.gallery_dsn:
             raise ValueError("FACEREC_GALLERY_BACKEND=pgvector needs FACEREC_GALLERY_DSN (a PostgreSQL DSN)")
+        if self.gallery_index == "approximate":
+            from facerec.gallery.ann import INSTALL_HINT, faiss_module
+
+            if faiss_module() is None:
+                raise ValueError(f"FACEREC_GALLERY_INDEX=approximate needs faiss, which is not installed: "
+                                 f"{INSTALL_HINT}")
         return self
 
     def model_path(self) -> Path:
@@ -166,6 +195,7 @@ OTHER_VARIABLES = {
     "FACEREC_ACCURACY_REPORT": "tests: where the service accuracy check writes its figures",
     "FACEREC_ACCURACY_PAIRS": "tests: how many pairs the service accuracy check uses",
     "FACEREC_SCREENSHOT": "tests: where the demo-page test saves its screenshot",
+    "FACEREC_GALLERY_SCREENSHOT": "tests: where the demo page's gallery-tab test saves its screenshot",
     "FACEREC_TEST_KILL_AT_STEP": "tests: the trainer kills itself after this step",
     "FACEREC_TEST_KILL_IN_CHECKPOINT_WRITE": "tests: a checkpoint write kills the process",
     "FACEREC_TEST_NODE": "tests: the name of a simulated training node",

@@ -15,10 +15,6 @@ import base64
 import json
 import os
 import re
-import shutil
-import socket
-import subprocess
-import sys
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -27,59 +23,29 @@ import pytest
 
 pytest.importorskip("fastapi")
 pytest.importorskip("pydantic_settings")
-httpx = pytest.importorskip("httpx")
 
+from demo_helpers import (  # noqa: F401 - browser and server are fixtures of this module
+    KEY,
+    MAX_IMAGE_BYTES,
+    browser,
+    by_id,
+    check_face_report,
+    face_report,
+    no_csp_violations,
+    open_page,
+    screenshot,
+    server,
+    wait,
+)
 from service.settings import DEFAULT_MODEL_DIR
-from service.testing import REPO_ROOT, SAMPLES, wait_ready
+from service.testing import REPO_ROOT, SAMPLES
 
 pytestmark = pytest.mark.timeout(240)
 
-KEY = "demo-page-key-0123456789abcdef"
-MAX_IMAGE_BYTES = 256 * 1024  # small, so the 413 case needs only a small file
 SAME = (SAMPLES / "Adrien_Brody/Adrien_Brody_0001.jpg", SAMPLES / "Adrien_Brody/Adrien_Brody_0002.jpg")
 DIFFERENT = (SAMPLES / "Adrien_Brody/Adrien_Brody_0001.jpg", SAMPLES / "Mariah_Carey/Mariah_Carey_0001.jpg")
 # The trained default model (not a random-init stand-in a test may substitute) tells the samples apart.
 SHIPPED_CONTRACT = json.loads((DEFAULT_MODEL_DIR / "manifest.json").read_text())["contract_id"]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    """A real ``python -m service`` on a free port, with the shipped model (or FACEREC_MODEL)."""
-    model = os.environ.get("FACEREC_MODEL") or str(DEFAULT_MODEL_DIR)
-    if not Path(model).exists():
-        pytest.skip(f"no model at {model}")
-    port = _free_port()
-    log = tmp_path_factory.mktemp("demo_serve") / "serve.log"
-    env = {**os.environ, "FACEREC_API_KEYS": KEY, "FACEREC_DEVICE": "cpu", "FACEREC_MODEL": model,
-           "FACEREC_MAX_IMAGE_BYTES": str(MAX_IMAGE_BYTES), "FACEREC_DEMO_PAGE": "true",
-           "PYTHONUNBUFFERED": "1"}
-    with open(log, "wb") as out:
-        cmd = [sys.executable, "-m", "service", "--port", str(port), "--log-level", "warning"]
-        proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
-    base = f"http://127.0.0.1:{port}"
-    client = httpx.Client(base_url=base, timeout=60)
-    try:
-        def get(path):
-            if proc.poll() is not None:
-                raise RuntimeError(f"server exited with {proc.returncode}:\n{log.read_text()}")
-            return client.get(path)
-
-        wait_ready(get, timeout_s=120, interval_s=0.1, retry_on=(httpx.TransportError,))
-        yield client, base
-    finally:
-        client.close()
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
 
 
 def verify_over_http(client, a: Path, b: Path) -> dict:
@@ -132,22 +98,31 @@ def test_page_is_served_without_a_key_with_a_strict_csp(server):
     for tag, attrs in page.tags:
         assert "style" not in attrs, tag  # inline styles are blocked by the CSP too
         assert not any(name.startswith("on") for name in attrs), (tag, attrs)
-    inputs = {a["id"]: a for tag, a in page.tags if tag == "input"}
+    inputs = {a["id"]: a for tag, a in page.tags if tag in ("input", "select")}
     labelled = {a["for"] for tag, a in page.tags if tag == "label" and "for" in a}
-    assert {"api-key", "remember-key", "file-a", "file-b"} <= set(inputs) <= labelled
+    gallery_tab = {"gallery-select", "gallery-name", "person-name", "enroll-files", "search-file"}
+    assert {"api-key", "remember-key", "file-a", "file-b"} | gallery_tab <= set(inputs) <= labelled
     assert inputs["api-key"]["type"] == "password" and inputs["api-key"].get("value") is None
 
-    assets = {"/demo/app.js": "text/javascript; charset=utf-8", "/demo/style.css": "text/css; charset=utf-8"}
+    scripts_js = ("/demo/app.js", "/demo/gallery.js")
+    assert {a["src"] for a in scripts} == set(scripts_js)
+    assets = {**dict.fromkeys(scripts_js, "text/javascript; charset=utf-8"),
+              "/demo/style.css": "text/css; charset=utf-8"}
     for path, media_type in assets.items():
         a = client.get(path)
         assert a.status_code == 200 and a.headers["content-type"] == media_type
         assert a.headers["x-content-type-options"] == "nosniff"
-    js = client.get("/demo/app.js").text
+    js = "\n".join(client.get(path).text for path in scripts_js)
     # The page holds no key and never keeps one beyond the tab's session (and only when asked).
     for text in (r.text, js, client.get("/demo/style.css").text):
         assert KEY not in text
     assert "localStorage" not in js and "sessionStorage" in js
-    assert re.findall(r"fetch\(([^,)]*)", js) == ['"/v1/verify"']  # the one request the page makes
+    # One function makes every request (this origin, the key in a header), always to this API.
+    assert re.findall(r"fetch\(([^,)]*)", js) == ["path"]
+    paths = re.findall(r"(?:callApi|request)\(\s*([`\"][^`\"]*[`\"])", js)
+    assert {p[1:-1] for p in paths} == {"/v1/verify", "/v1/galleries", "/v1/galleries/${id}",
+                                        "/v1/galleries/${g.id}/persons", "/v1/galleries/${g.id}/search"}
+    assert not re.search(r"https?://", js)
 
 
 def test_page_template_is_the_services_alignment_template(server):
@@ -163,7 +138,7 @@ def test_page_template_is_the_services_alignment_template(server):
 def test_openapi_is_unaffected(server):
     client, _ = server
     paths = client.get("/openapi.json").json()["paths"]
-    assert not {"/", "/demo/app.js", "/demo/style.css"} & set(paths)
+    assert not {"/", "/demo/app.js", "/demo/gallery.js", "/demo/style.css"} & set(paths)
     assert "/v1/verify" in paths
 
 
@@ -187,7 +162,7 @@ def test_demo_page_setting_turns_it_off(monkeypatch):
     app.include_router(demo.router)
     app.add_middleware(RequestContextMiddleware, max_body=1 << 20)
     with TestClient(app) as client:
-        for path in ("/", "/demo/app.js", "/demo/style.css"):
+        for path in ("/", "/demo/app.js", "/demo/gallery.js", "/demo/style.css"):
             r = client.get(path)
             assert r.status_code == 404, path
             assert r.json()["error"]["code"] == "not_found"
@@ -197,50 +172,9 @@ def test_demo_page_setting_turns_it_off(monkeypatch):
 
 
 # ---------------------------------------------------------------------------------- the browser
-def _chromium() -> tuple[str, str]:
-    browser = next((shutil.which(n) for n in ("chromium", "chromium-browser") if shutil.which(n)), None)
-    driver = shutil.which("chromedriver")
-    if browser is None or driver is None:
-        pytest.skip("headless browser test needs Debian's chromium and chromium-driver "
-                    "(apt-get install -y chromium chromium-driver); not installed here")
-    return browser, driver
-
-
-@pytest.fixture(scope="module")
-def browser():
-    binary, driver_path = _chromium()
-    webdriver = pytest.importorskip("selenium.webdriver")
-    from selenium.webdriver.chrome.service import Service
-
-    options = webdriver.ChromeOptions()
-    options.binary_location = binary
-    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                "--window-size=1280,1000", "--lang=en-US", "--force-device-scale-factor=1",
-                "--no-first-run", "--disable-extensions", "--disable-background-networking"):
-        options.add_argument(arg)
-    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
-    driver = webdriver.Chrome(service=Service(executable_path=driver_path), options=options)
-    try:
-        yield driver
-    finally:
-        driver.quit()
-
-
-def _wait(driver, condition, timeout=90):
-    from selenium.webdriver.support.ui import WebDriverWait
-
-    return WebDriverWait(driver, timeout, poll_frequency=0.05).until(condition)
-
-
-def _by_id(driver, element_id):
-    from selenium.webdriver.common.by import By
-
-    return driver.find_element(By.ID, element_id)
-
-
 def _pick(driver, side: str, path: Path) -> None:
     """The file picker, as a user would fill it (send_keys to the <input type=file>)."""
-    _by_id(driver, f"file-{side}").send_keys(str(path))
+    by_id(driver, f"file-{side}").send_keys(str(path))
     _ready(driver, side, path.name)
 
 
@@ -261,43 +195,30 @@ def _drop(driver, side: str, path: Path) -> None:
 
 
 def _ready(driver, side: str, name: str) -> None:
-    _wait(driver, lambda d: _by_id(d, f"name-{side}").text.startswith(name + " ("))
-    _wait(driver, lambda d: _by_id(d, f"drop-{side}").get_attribute("data-state") in ("ready", "unreadable"))
+    wait(driver, lambda d: by_id(d, f"name-{side}").text.startswith(name + " ("))
+    wait(driver, lambda d: by_id(d, f"drop-{side}").get_attribute("data-state") in ("ready", "unreadable"))
 
 
 def _compare(driver):
     """Click Compare once both previews are loaded; returns 'result' or 'error' when one shows."""
-    _wait(driver, lambda d: _by_id(d, "compare").is_enabled())
-    _by_id(driver, "compare").click()
-    return _wait(driver, lambda d: ("result" if _by_id(d, "result").is_displayed() else
-                                    "error" if _by_id(d, "error").is_displayed() else False))
-
-
-def _report(driver, side: str) -> dict[str, str]:
-    dl = _by_id(driver, f"report-{side}")
-    from selenium.webdriver.common.by import By
-
-    return {dd.get_attribute("data-field"): dd.text for dd in dl.find_elements(By.TAG_NAME, "dd")}
+    wait(driver, lambda d: by_id(d, "compare").is_enabled())
+    by_id(driver, "compare").click()
+    return wait(driver, lambda d: ("result" if by_id(d, "result").is_displayed() else
+                                    "error" if by_id(d, "error").is_displayed() else False))
 
 
 def _check_result_matches_http(driver, body: dict) -> None:
-    sim = _by_id(driver, "similarity")
+    sim = by_id(driver, "similarity")
     assert sim.text == f"{body['similarity']:.4f}"  # the displayed precision
     # Same files through the same service: the page shows what the API answers (batching can move
     # the last float32 bits, hence no exact equality on the full value).
     assert float(sim.get_attribute("data-value")) == pytest.approx(body["similarity"], abs=1e-5)
-    assert _by_id(driver, "threshold").text == f"{body['threshold']:.4f}"
-    decision = _by_id(driver, "decision")
+    assert by_id(driver, "threshold").text == f"{body['threshold']:.4f}"
+    decision = by_id(driver, "decision")
     assert decision.get_attribute("data-decision") == body["decision"]
     assert decision.text == ("Match: the same person" if body["match"] else "No match: different people")
     for side in ("a", "b"):
-        image, shown = body[f"image_{side}"], _report(driver, side)
-        assert shown["faces"].split(" ")[0] == str(image["faces_found"])
-        assert shown["detection"] == f"{image['face']['score']:.3f}"
-        assert shown["quality"].startswith(f"{image['quality']['score']:.1f} / 100")
-        ood = image["ood"]
-        assert shown["ood"].startswith("flagged" if ood["flagged"] else "passed")
-        assert f"{ood['score']:.3f}" in shown["ood"]
+        check_face_report(face_report(driver, f"report-{side}"), body[f"image_{side}"])
 
 
 def _check_aligned_crops(driver, body: dict) -> None:
@@ -319,37 +240,17 @@ def _check_aligned_crops(driver, body: dict) -> None:
         assert lit > 0.95, (side, lit)
 
 
-def _no_csp_violations(driver) -> None:
-    entries = driver.get_log("browser")
-    bad = [e for e in entries if "Content Security Policy" in e["message"] or "Uncaught" in e["message"]]
-    assert not bad, bad
-
-
-def _screenshot(driver, path: Path) -> None:
-    # The whole page, without a scroll bar: the window is the page's height plus the browser's frame.
-    height, frame = driver.execute_script("return [document.documentElement.scrollHeight, "
-                                          "window.outerHeight - window.innerHeight];")
-    driver.set_window_size(1280, min(int(height) + int(frame) + 16, 2400))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    assert driver.save_screenshot(str(path))
-    import cv2
-
-    image = cv2.imread(str(path))
-    assert image is not None and image.shape[1] >= 1000 and image.std() > 20
-
-
 def test_browser_same_person_then_different_people(browser, server, tmp_path):
     client, base = server
     driver = browser
-    driver.get(base + "/")
-    _wait(driver, lambda d: d.execute_script("return document.readyState") == "complete")
+    open_page(driver, base)
     assert driver.execute_script("return typeof window.facerecDemo.similarityTransform") == "function"
     # Every control has a label and the file pickers are reachable from the keyboard.
     for element_id in ("api-key", "remember-key", "file-a", "file-b"):
         assert driver.execute_script(f"return document.getElementById('{element_id}').labels.length") >= 1
     from selenium.webdriver.common.keys import Keys
 
-    key_box = _by_id(driver, "api-key")
+    key_box = by_id(driver, "api-key")
     key_box.click()
     key_box.send_keys(KEY)
     key_box.send_keys(Keys.TAB)
@@ -360,7 +261,7 @@ def test_browser_same_person_then_different_people(browser, server, tmp_path):
     # Same person: both photos through the file pickers.
     _pick(driver, "a", SAME[0])
     _pick(driver, "b", SAME[1])
-    assert _compare(driver) == "result", _by_id(driver, "error").text
+    assert _compare(driver) == "result", by_id(driver, "error").text
     same = verify_over_http(client, *SAME)
     _check_result_matches_http(driver, same)
     _check_aligned_crops(driver, same)
@@ -369,12 +270,12 @@ def test_browser_same_person_then_different_people(browser, server, tmp_path):
     shot = Path(os.environ.get("FACEREC_SCREENSHOT") or tmp_path / "demo_page.png")
     if not shot.is_absolute():
         shot = REPO_ROOT / shot
-    _screenshot(driver, shot)
+    screenshot(driver, shot)
 
     # Different people: photo B replaced by drag and drop.
     _drop(driver, "b", DIFFERENT[1])
-    assert not _by_id(driver, "result").is_displayed()  # a new photo clears the old answer
-    assert _compare(driver) == "result", _by_id(driver, "error").text
+    assert not by_id(driver, "result").is_displayed()  # a new photo clears the old answer
+    assert _compare(driver) == "result", by_id(driver, "error").text
     different = verify_over_http(client, *DIFFERENT)
     _check_result_matches_http(driver, different)
     if different["contract_id"] == SHIPPED_CONTRACT:
@@ -383,7 +284,7 @@ def test_browser_same_person_then_different_people(browser, server, tmp_path):
     # The key never left the page except in the header: not in the URL, not in any storage.
     assert KEY not in driver.current_url
     assert driver.execute_script("return window.localStorage.length + window.sessionStorage.length") == 0
-    _no_csp_violations(driver)
+    no_csp_violations(driver)
 
 
 def test_browser_shows_readable_errors(browser, server, tmp_path):
@@ -391,18 +292,17 @@ def test_browser_shows_readable_errors(browser, server, tmp_path):
 
     _, base = server
     driver = browser
-    driver.get(base + "/")
-    _wait(driver, lambda d: d.execute_script("return document.readyState") == "complete")
-    key_box = _by_id(driver, "api-key")
+    open_page(driver, base)
+    key_box = by_id(driver, "api-key")
 
     # 401: a wrong key.
     key_box.send_keys("wrong-key-0000000000000000")
     _pick(driver, "a", SAME[0])
     _pick(driver, "b", SAME[1])
     assert _compare(driver) == "error"
-    text = _by_id(driver, "error").text
+    text = by_id(driver, "error").text
     assert "The API key was refused (401)" in text and "Request id:" in text
-    assert not _by_id(driver, "result").is_displayed()
+    assert not by_id(driver, "result").is_displayed()
 
     # 422: no face in photo B (a flat grey picture).
     key_box.clear()
@@ -411,22 +311,22 @@ def test_browser_shows_readable_errors(browser, server, tmp_path):
     cv2.imwrite(str(blank), np.full((200, 200, 3), 128, np.uint8))
     _pick(driver, "b", blank)
     assert _compare(driver) == "error"
-    assert "No face found in photo B (422)" in _by_id(driver, "error").text
+    assert "No face found in photo B (422)" in by_id(driver, "error").text
 
     # 413: photo A over the service's per-image limit.
     big = tmp_path / "big.jpg"
     big.write_bytes(np.random.default_rng(0).integers(0, 256, MAX_IMAGE_BYTES + 1, dtype=np.uint8).tobytes())
     _pick(driver, "a", big)
     assert _compare(driver) == "error"
-    text = _by_id(driver, "error").text
+    text = by_id(driver, "error").text
     assert "The upload is too large (413): photo A" in text and "256 KiB" in text
 
     # Remembering the key is opt-in and only for the tab's session.
-    _by_id(driver, "remember-key").click()
+    by_id(driver, "remember-key").click()
     assert driver.execute_script("return sessionStorage.getItem('facerec-demo-api-key')") == KEY
     assert driver.execute_script("return window.localStorage.length") == 0
     driver.refresh()
-    _wait(driver, lambda d: _by_id(d, "api-key").get_attribute("value") == KEY)
-    _by_id(driver, "remember-key").click()
+    wait(driver, lambda d: by_id(d, "api-key").get_attribute("value") == KEY)
+    by_id(driver, "remember-key").click()
     assert driver.execute_script("return window.sessionStorage.length") == 0
-    _no_csp_violations(driver)
+    no_csp_violations(driver)

@@ -182,8 +182,9 @@ def test_variants(dockerfile, variant, device, extra):
     mapping = dict(re.findall(r"(\w+)\) extra=(\w+)", run))
     assert mapping == {"cuda": "gpu", "cpu": "cpu"}
     assert mapping[variant] == extra
-    assert '".[serve,${extra}]"' in run
+    assert '".[serve,search,${extra}]"' in run  # search: faiss, the approximate gallery index
     extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    assert any(r.startswith("faiss-cpu") for r in extras["search"])
     assert any(r.startswith("onnxruntime-gpu") for r in extras["gpu"])
     assert any(r.startswith("onnxruntime") and not r.startswith("onnxruntime-gpu") for r in extras["cpu"])
 

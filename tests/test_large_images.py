@@ -201,9 +201,12 @@ def test_the_engine_sends_each_image_through_its_lane():
     class Pipeline:
         executors: list = []
 
-        async def process_async(self, data, all_faces=False, executor=None):
+        async def locate_async(self, data, all_faces=False, executor=None, index=None, aligned=False):
             self.executors.append(executor)
             return data
+
+        async def embed_async(self, located):
+            return list(located)
 
     engine = Engine(Settings(api_keys=["engine-key-0123456789abcdef"], large_image_pixels=1_000_000))
     small_pool = ThreadPoolExecutor(1)

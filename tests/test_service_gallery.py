@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import logging
 import re
 import threading
@@ -162,7 +163,9 @@ def test_gallery_create_list_get_update_delete(client):
         client.post("/v1/galleries", json={"name": "x", "unknown": 1}, headers=H), 422, "validation_error"
     )
     assert g["id"] in [x["id"] for x in client.get("/v1/galleries", headers=H).json()["galleries"]]
-    assert client.get(f"/v1/galleries/{g['id']}", headers=H).json()["name"] == "office"
+    got = client.get(f"/v1/galleries/{g['id']}", headers=H).json()
+    assert got["name"] == "office" and g["index"] is None
+    assert got["index"]["kind"] == "exact"  # a small gallery; how searches run is in GET of one gallery
     r = client.patch(
         f"/v1/galleries/{g['id']}",
         json={"name": "office-2", "policy": {"max_yaw": 30}, "match_threshold": 0.5},
@@ -260,6 +263,36 @@ def test_enroll_and_open_set_search(client):
         "validation_error",
     )
     _envelope(client.post(f"/v1/galleries/{gid}/search", files={"image": BLANK}, headers=H), 422, "no_face")
+
+
+def test_search_by_embedding_equals_search_by_image(client):
+    """Issue 19: a kept embedding (from /v1/embed) searches as its photo does; another model's vector,
+    a wrong length or non-finite values are refused before the gallery is read."""
+    gid = _gallery(client, policy=LAX)
+    adrien = _enroll(client, gid, "Adrien Brody", img("Adrien_Brody", 1))
+    _enroll(client, gid, "Al Sharpton", img("Al_Sharpton", 1))
+    probe = img("Adrien_Brody", 4)
+    e = client.post("/v1/embed", files={"image": probe}, headers=H).json()
+    by_image = _search(client, gid, probe)
+    r = client.post(f"/v1/galleries/{gid}/search", headers=H,
+                    json={"embedding": e["embedding"], "contract_id": e["contract_id"], "top_k": 2})
+    assert r.status_code == 200, r.text
+    by_embedding = r.json()
+    assert by_embedding["decision"] == by_image["decision"] == "match"
+    assert by_embedding["person"]["id"] == adrien["person"]["id"] and by_embedding["image"] is None
+    assert [c["person_id"] for c in by_embedding["candidates"]] == [c["person_id"] for c in by_image["candidates"]]
+    assert [c["similarity"] for c in by_embedding["candidates"]] == pytest.approx(
+        [c["similarity"] for c in by_image["candidates"]], abs=1e-6)
+    search = f"/v1/galleries/{gid}/search"
+    for body, code in (
+        ({"embedding": e["embedding"], "contract_id": "0" * 16}, "contract_mismatch"),
+        ({"embedding": e["embedding"][:-1], "contract_id": e["contract_id"]}, "invalid_embedding"),
+        ({"embedding": [float("nan")] * len(e["embedding"]), "contract_id": e["contract_id"]}, "invalid_embedding"),
+        ({"embedding": e["embedding"]}, "validation_error"),  # no contract_id
+        ({"embedding": e["embedding"], "contract_id": e["contract_id"], "image": b64(probe)}, "validation_error"),
+    ):  # json.dumps writes NaN as JavaScript does (httpx's json= refuses it); the service reads it
+        r = client.post(search, content=json.dumps(body), headers={**H, "Content-Type": "application/json"})
+        _envelope(r, 422, code)
     empty = _gallery(client)
     nobody = _search(client, empty, img("Adrien_Brody", 4))
     assert nobody["decision"] == "unknown" and nobody["candidates"] == [] and nobody["similarity"] is None
@@ -662,10 +695,16 @@ def test_metrics_and_no_embeddings_in_logs(client, caplog):
     )
 
 
-def test_gallery_settings_and_unreachable_database_stop_the_start(tmp_path):
+def test_gallery_settings_and_unreachable_database_stop_the_start(tmp_path, monkeypatch):
     from pydantic import ValidationError
 
     from facerec.gallery import StoreUnavailable
+    from facerec.gallery import ann
+
+    with monkeypatch.context() as m:
+        m.setattr(ann, "faiss_module", lambda: None)
+        with pytest.raises(ValidationError, match=r"FACEREC_GALLERY_INDEX=approximate needs faiss"):
+            Settings(model=DEFAULT_MODEL_DIR, api_keys=[KEY], gallery_index="approximate")
 
     with pytest.raises(ValidationError, match="FACEREC_GALLERY_DSN"):
         Settings(model=DEFAULT_MODEL_DIR, api_keys=[KEY], gallery_backend="pgvector")

@@ -103,6 +103,9 @@ def test_documented_routes_exist_in_the_app(server):
 
 
 # ------------------------------------------------------------------------------ fuzzing (bounded)
+# 22 operations x 40 examples x 2 calls: ~350 s on the shared 2-core machine under load (8-10), past
+# the suite's default 300 s; the work is bounded by max_examples, the timeout only guards a hang.
+@pytest.mark.timeout(900)
 def test_fuzz_openapi_no_5xx(server):
     """Schemathesis cases for every documented operation (readiness excluded: 503 is its job),
     with and without a key; any 5xx fails. Bounded by ``max_examples`` per operation."""

@@ -38,6 +38,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
                           "calibrate an exported model's open-set (1:N) thresholds at FPIRs on validation"),
     "teach": ("facerec.cli.teach",
               "compute a teacher's embeddings (dlib, ONNX, facerec model) of a dataset once, into a resumable cache"),
+    "gallery": ("facerec.cli.gallery",
+                "bulk-import persons into a gallery (embeddings file or photo tree) and build its search index"),
     "clean": ("facerec.cli.clean",
               "find wrong-person images of a dataset with a teacher's cached embeddings (a fixed rule); "
               "write the list data.exclude reads and a contact sheet"),

@@ -1,12 +1,17 @@
 """Galleries for 1:N identification: storage (SQLite or PostgreSQL + pgvector), the in-process exact
-index, the enrollment gate, open-set thresholds calibrated at a false-positive identification
+and approximate (faiss HNSW, optional) indexes, the enrollment gate, open-set thresholds calibrated at a false-positive identification
 rate, and the manager the service uses. See docs/gallery.md.
 
-Nothing here imports psycopg unless the pgvector backend is opened.
+Nothing here imports psycopg unless the pgvector backend is opened, nor faiss unless a gallery
+gets the approximate index.
 """
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
+from facerec.gallery.ann import IndexPolicy
 from facerec.gallery.index import Candidate, ExactIndex
 from facerec.gallery.manager import (
     Decision,
@@ -47,6 +52,14 @@ from facerec.gallery.store import (
 )
 
 
+def default_sqlite_path() -> Path:
+    """``FACEREC_GALLERY_PATH``, else ``$XDG_DATA_HOME/facerec/galleries.sqlite3``."""
+    if os.environ.get("FACEREC_GALLERY_PATH"):
+        return Path(os.environ["FACEREC_GALLERY_PATH"])
+    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(base) / "facerec" / "galleries.sqlite3"
+
+
 def open_store(backend: str, path=None, dsn: str | None = None, **kw) -> GalleryStore:
     """``sqlite`` (``path``: the file) or ``pgvector`` (``dsn``: a PostgreSQL connection string)."""
     if backend == "sqlite":
@@ -79,6 +92,7 @@ __all__ = [
     "GalleryManager",
     "GalleryRecord",
     "GalleryStore",
+    "IndexPolicy",
     "MetadataError",
     "MetadataLimits",
     "NewSample",
@@ -96,6 +110,7 @@ __all__ = [
     "assess",
     "calibrate",
     "check_metadata",
+    "default_sqlite_path",
     "fpir_threshold",
     "identification_metrics",
     "open_store",

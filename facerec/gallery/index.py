@@ -63,6 +63,8 @@ def top_persons(
 
 
 class ExactIndex:
+    kind = "exact"
+
     def __init__(self, dim: int, capacity: int = 1024) -> None:
         self.dim = int(dim)
         self._vecs = np.empty((capacity, self.dim), np.float32)
@@ -81,6 +83,22 @@ class ExactIndex:
     @property
     def persons(self) -> int:
         return len(self._counts)
+
+    def info(self) -> dict:
+        return {"kind": self.kind, "samples": self._n}
+
+    def sample_ids(self) -> set[str]:
+        with self._lock:
+            return set(self._sample_ids[: self._n])
+
+    def contents(self, sample_ids: set[str] | None = None) -> tuple[list[str], list[str], np.ndarray]:
+        """(sample ids, person ids, vectors) of every sample, or of those in ``sample_ids``: copies."""
+        with self._lock:
+            n = self._n
+            rows = (np.arange(n) if sample_ids is None
+                    else np.array([i for i, s in enumerate(self._sample_ids[:n]) if s in sample_ids], np.int64))
+            return ([self._sample_ids[r] for r in rows], [self._person_ids[c] for c in self._codes[rows]],
+                    self._vecs[rows].copy())
 
     def add(self, sample_ids: list[str], person_ids: list[str], vectors: np.ndarray) -> None:
         vectors = normalise(np.asarray(vectors, np.float32).reshape(-1, self.dim))

@@ -218,18 +218,26 @@ def identification_metrics(
     probe_labels,
     fpirs=(0.1, 0.01),
     thresholds: dict[str, float] | None = None,
+    top1=None,
 ) -> dict:
     """Rank-1, DIR at FPIR (threshold set on these non-mated searches), and the FPIR / DIR reached
-    at given ``thresholds`` (e.g. the validation-calibrated ones)."""
-    scores = np.asarray(probes, np.float32) @ np.asarray(gallery, np.float32).T
-    best, people = per_person_max(scores, np.asarray(gallery_labels))
-    top = best.argmax(axis=1)
+    at given ``thresholds`` (e.g. the validation-calibrated ones). ``top1(probes)`` gives each
+    probe's best gallery label and its score (e.g. through the approximate index,
+    :func:`approximate_top1`); default: exact, by brute force."""
+    people = np.unique(np.asarray(gallery_labels))
+    if top1 is None:
+        scores = np.asarray(probes, np.float32) @ np.asarray(gallery, np.float32).T
+        best, people = per_person_max(scores, np.asarray(gallery_labels))
+        top = best.argmax(axis=1)
+        top_label, top_score = people[top], best[np.arange(len(best)), top]
+    else:
+        top_label, top_score = top1(probes)
     # float64: a threshold just above a float32 score (fpir_threshold's nextafter) must stay above it;
     # compared with float32 scores, NumPy 2 would round the threshold down onto the score.
-    top_score = best[np.arange(len(best)), top].astype(np.float64)
+    top_score = np.asarray(top_score).astype(np.float64)
     probe_labels = np.asarray(probe_labels)
     mated = np.isin(probe_labels, people)
-    correct = people[top] == probe_labels
+    correct = np.asarray(top_label) == probe_labels
     out = {
         "gallery_persons": len(people),
         "gallery_samples": len(gallery),
@@ -256,3 +264,21 @@ def identification_metrics(
             "dir": float((correct & (top_score >= t))[mated].mean()),
         }
     return out
+
+
+def approximate_top1(gallery: np.ndarray, labels, policy=None):
+    """``top1(probes) -> (best label, its score)`` through an approximate index of ``gallery``
+    (one sample per row, ``labels`` its persons): what :func:`identification_metrics` takes to evaluate open-set identification as the approximate index answers it (``policy``: an
+    :class:`~facerec.gallery.ann.IndexPolicy`, default approximate with its defaults)."""
+    from facerec.gallery.ann import ApproxIndex, IndexPolicy  # faiss: only when asked for
+
+    labels = np.asarray(labels)
+    names = {str(x): x for x in labels}
+    index = ApproxIndex(gallery.shape[1], policy or IndexPolicy(kind="approximate"))
+    index.add([str(i) for i in range(len(gallery))], [str(x) for x in labels], gallery)
+
+    def top1(probes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        found = [index.search(q, 1)[0] for q in np.asarray(probes, np.float32)]
+        return np.array([names[c.person_id] for c in found]), np.array([c.similarity for c in found])
+
+    return top1

@@ -9,7 +9,10 @@ Search is exact by default: the ``(k + 1) * MAX_SAMPLES_PER_PERSON`` best sample
 (``<#>``; embeddings are unit length, so it is the cosine), then the best sample per person; as in
 :mod:`facerec.gallery.index` this gives the exact top-k persons. ``create_hnsw_index`` adds a
 per-gallery partial HNSW index (``vector_ip_ops``); a gallery that has one is searched through it
-(approximate, ``hnsw.ef_search``) unless ``exact=True``.
+(approximate, ``hnsw.ef_search``) unless ``exact=True``. The defaults (:data:`HNSW_M`,
+:data:`HNSW_EF_CONSTRUCTION`, :data:`HNSW_EF_SEARCH`) were chosen by ``benchmarks/search_speed.py``
+for recall@1 >= 0.99 at 100k samples (docs/gallery.md); build the index after a bulk import, not
+before (inserting row by row into the graph is far slower than one build).
 
 Deletion: rows are gone for every query at commit. Physically PostgreSQL keeps dead row versions
 until VACUUM, and plain VACUUM only marks their space reusable; ``purge="full"`` runs VACUUM FULL
@@ -22,6 +25,7 @@ from __future__ import annotations
 import json
 import logging
 import queue
+import re
 import struct
 import threading
 from contextlib import contextmanager
@@ -44,6 +48,11 @@ from facerec.gallery.store import (
 )
 
 log = logging.getLogger("facerec.gallery")
+
+#: HNSW parameters chosen by measurement (benchmarks/search_speed.py, docs/gallery.md).
+HNSW_M = 16
+HNSW_EF_CONSTRUCTION = 64
+HNSW_EF_SEARCH = 100
 
 _SCHEMA = [
     "CREATE EXTENSION IF NOT EXISTS vector",
@@ -160,11 +169,13 @@ class PgVectorStore(SQLGalleryStore):
     backend = "pgvector"
 
     def __init__(
-        self, dsn: str, pool_size: int = 8, connect_timeout_s: float = 10.0, purge: str = "vacuum"
+        self, dsn: str, pool_size: int = 8, connect_timeout_s: float = 10.0, purge: str = "vacuum",
+        ef_search: int = HNSW_EF_SEARCH,
     ) -> None:
         if purge not in ("none", "vacuum", "full"):
             raise ValueError("purge must be none, vacuum or full")
         self.purge = purge
+        self.ef_search = int(ef_search)
         self._pool = _Pool(dsn, pool_size, connect_timeout_s)
         with self._pool.connection() as con, con.transaction():
             con.execute("SELECT pg_advisory_xact_lock(8412731)")  # one schema creator at a time
@@ -264,13 +275,22 @@ class PgVectorStore(SQLGalleryStore):
                 con.execute(f"VACUUM {'FULL ' if full else ''}{table}")
 
     # ------------------------------------------------------------------ search
-    def create_hnsw_index(self, gallery_id: str, m: int = 16, ef_construction: int = 64) -> str:
-        """A per-gallery partial HNSW index (approximate search for large galleries)."""
+    def create_hnsw_index(
+        self, gallery_id: str, m: int = HNSW_M, ef_construction: int = HNSW_EF_CONSTRUCTION,
+        maintenance_work_mem: str | None = None,
+    ) -> str:
+        """A per-gallery partial HNSW index (approximate search for large galleries).
+        ``maintenance_work_mem`` (e.g. ``"2GB"``): for this build; a graph that fits in it builds
+        far faster (the server's default is 64 MB)."""
         if not valid_id(gallery_id):
             raise NotFound("gallery", gallery_id)
-        with self._pool.connection() as con:
+        if maintenance_work_mem is not None and not re.fullmatch(r"\d+\s*(kB|MB|GB)", maintenance_work_mem):
+            raise ValueError("maintenance_work_mem is a size such as 512MB or 2GB")
+        with self._tx() as con:
             size = self._size(con, gallery_id)
             name = f"facerec_hnsw_{gallery_id}"
+            if maintenance_work_mem is not None:
+                con.execute(f"SET LOCAL maintenance_work_mem = '{maintenance_work_mem}'")
             con.execute(
                 f"CREATE INDEX IF NOT EXISTS {name} ON facerec_samples USING hnsw "
                 f"((embedding::vector({size})) vector_ip_ops) WITH (m = {int(m)}, "
@@ -278,14 +298,34 @@ class PgVectorStore(SQLGalleryStore):
             )
         return name
 
+    def drop_hnsw_index(self, gallery_id: str) -> None:
+        if valid_id(gallery_id):
+            with self._pool.connection() as con:
+                con.execute(f"DROP INDEX IF EXISTS facerec_hnsw_{gallery_id}")
+
     def has_hnsw_index(self, con, gallery_id: str) -> bool:
+        return self._hnsw_options(con, gallery_id) is not None
+
+    @staticmethod
+    def _hnsw_options(con, gallery_id: str) -> dict | None:
         row = con.execute(
-            "SELECT 1 FROM pg_indexes WHERE indexname=%s", (f"facerec_hnsw_{gallery_id}",)
+            "SELECT reloptions FROM pg_class WHERE relname=%s AND relkind='i'", (f"facerec_hnsw_{gallery_id}",)
         ).fetchone()
-        return row is not None
+        if row is None:
+            return None
+        return {k: int(v) for k, v in (o.split("=", 1) for o in row[0] or [])}
+
+    def index_info(self, gallery_id: str, samples: int | None = None) -> dict:
+        if not valid_id(gallery_id):
+            raise NotFound("gallery", gallery_id)
+        with self._pool.connection() as con:
+            options = self._hnsw_options(con, gallery_id)
+        if options is None:
+            return {"kind": "exact"}
+        return {"kind": "pgvector_hnsw", **options, "ef_search": self.ef_search}
 
     def search(
-        self, gallery_id, query, k, exclude_person=None, exact: bool | None = None, ef_search: int = 100
+        self, gallery_id, query, k, exclude_person=None, exact: bool | None = None, ef_search: int | None = None
     ) -> list[Candidate]:
         if not valid_id(gallery_id):
             raise NotFound("gallery", gallery_id)
@@ -298,7 +338,8 @@ class PgVectorStore(SQLGalleryStore):
                 # can leave fewer than k distinct persons among them).
                 limit = 4 * (k + 1)
                 # The partial index matches only a literal gallery id (checked hex: safe to inline).
-                con.execute(f"SET LOCAL hnsw.ef_search = {max(int(ef_search), limit)}")
+                ef = self.ef_search if ef_search is None else int(ef_search)
+                con.execute(f"SET LOCAL hnsw.ef_search = {max(ef, limit)}")
                 con.execute("SET LOCAL hnsw.iterative_scan = relaxed_order")
                 sql = (
                     f"SELECT id, person_id, embedding::vector({size}) <#> %b::vector({size}) AS d "

@@ -10,9 +10,10 @@
   only from its tables (``tests/test_service_gallery.py`` scans the files). ``vacuum()`` also
   rebuilds the file to give the space back.
 - Each gallery has a ``generation`` counter, incremented by every write in the same transaction.
-  The in-process index of a gallery is (re)loaded when its generation differs from the file's, so a
-  second process writing to the same file is seen on the next search; this process's own writes are
-  applied to the index directly (no reload).
+  The in-process index of a gallery is brought up to date when its generation differs from the
+  file's, so a second process writing to the same file is seen on the next search; this process's
+  own writes are applied to the index directly (no reload). The indexes, exact or approximate (from
+  ``index.min_samples`` samples on, with faiss), are kept by :mod:`facerec.gallery.index_cache`.
 """
 
 from __future__ import annotations
@@ -26,21 +27,25 @@ from pathlib import Path
 
 import numpy as np
 
-from facerec.gallery.index import Candidate, ExactIndex
+from facerec.gallery.ann import IndexPolicy
+from facerec.gallery.index import Candidate
+from facerec.gallery.index_cache import CHUNK, IndexCache
 from facerec.gallery.metadata import stored_json
 from facerec.gallery.sql_base import SampleRow, SQLGalleryStore
 from facerec.gallery.store import (
     MAX_SAMPLES_PER_PERSON,
     NewSample,
-    check_embedding,
+    check_embeddings,
     check_name,
-    new_id,
+    new_ids,
     now,
 )
 
 log = logging.getLogger("facerec.gallery")
 
 SCHEMA_VERSION = 1
+#: Page cache of a bulk import's connection (KiB; SQLite's default is 2 MB).
+BULK_CACHE_KIB = 256 * 1024
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS galleries (
@@ -83,16 +88,14 @@ def _blob(vector: np.ndarray) -> bytes:
 class SQLiteStore(SQLGalleryStore):
     backend = "sqlite"
 
-    def __init__(self, path: str | Path, busy_timeout_s: float = 30.0) -> None:
+    def __init__(self, path: str | Path, busy_timeout_s: float = 30.0, index: IndexPolicy | None = None) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.busy_timeout_s = busy_timeout_s
         self._local = threading.local()
         self._all: list[sqlite3.Connection] = []
         self._all_lock = threading.Lock()
-        self._indexes: dict[str, tuple[int, ExactIndex]] = {}
-        self._index_lock = threading.Lock()
-        self._load_locks: dict[str, threading.Lock] = {}
+        self.indexes = IndexCache(self.path, index or IndexPolicy(), self)
         self._closed = False
         con = self._con()
         # A new file only (ignored later): 16 KiB pages hold seven 512-d samples; 4 KiB pages hold one
@@ -149,6 +152,8 @@ class SQLiteStore(SQLGalleryStore):
             con.execute("COMMIT")
 
     def close(self) -> None:
+        if not self._closed:
+            self.indexes.close()  # saves current approximate indexes
         with self._all_lock:
             for con in self._all:
                 try:
@@ -157,7 +162,6 @@ class SQLiteStore(SQLGalleryStore):
                     pass
             self._all.clear()
         self._closed = True
-        self._indexes.clear()
 
     # ------------------------------------------------------------------ dialect (see sql_base)
     @staticmethod
@@ -185,21 +189,8 @@ class SQLiteStore(SQLGalleryStore):
         return int(row[0])
 
     # ------------------------------------------------------------------ the in-process index
-    def _after_write(self, gallery_id: str, before: int, apply) -> None:
-        """Bring this process's index from generation ``before`` to ``before + 1`` with ``apply``
-        (or forget it when it is at another generation: the next search reloads)."""
-        with self._index_lock:
-            cached = self._indexes.get(gallery_id)
-            if cached is None:
-                return
-            if cached[0] == before:
-                apply(cached[1])
-                self._indexes[gallery_id] = (before + 1, cached[1])
-            else:
-                del self._indexes[gallery_id]
-
     def _added(self, gallery_id, token, added) -> None:
-        self._after_write(
+        self.indexes.after_write(
             gallery_id,
             token,
             lambda idx: idx.add(
@@ -208,14 +199,37 @@ class SQLiteStore(SQLGalleryStore):
         )
 
     def _removed(self, gallery_id, token, person_id=None, sample_id=None) -> None:
-        if person_id is not None:
-            self._after_write(gallery_id, token, lambda idx: idx.remove(person_id=person_id))
-        else:
-            self._after_write(gallery_id, token, lambda idx: idx.remove(sample_ids={sample_id}))
+        self.indexes.removed(gallery_id, token, [sample_id] if sample_id else [], person_id)
 
     def _gallery_deleted(self, gallery_id: str) -> None:
-        with self._index_lock:
-            self._indexes.pop(gallery_id, None)
+        self.indexes.forget(gallery_id)
+
+    # what the index cache reads (facerec.gallery.index_cache.Source)
+    def gallery_state(self, gallery_id: str) -> tuple[int, int, int]:
+        row = self._gallery_values(self._con(), gallery_id, "generation, samples, embedding_size")
+        return int(row[0]), int(row[1]), int(row[2])
+
+    def live_samples(self, gallery_id: str) -> tuple[int, dict[str, str]]:
+        with self._read() as con:
+            gen = int(self._gallery_values(con, gallery_id, "generation")[0])
+            rows = con.execute("SELECT id, person_id FROM samples WHERE gallery_id=?", (gallery_id,))
+            return gen, dict(rows.fetchall())
+
+    def sample_rows(self, gallery_id: str, sample_ids: list[str] | None = None):
+        with self._read() as con:  # one snapshot: the generation and the rows it describes
+            gen, size = (int(v) for v in self._gallery_values(con, gallery_id, "generation, embedding_size"))
+            select = "SELECT id, person_id, embedding FROM samples WHERE gallery_id=?"
+            if sample_ids is None:
+                batches = _batches(con.execute(select, (gallery_id,)))
+            else:
+                batches = (
+                    con.execute(f"{select} AND id IN ({','.join('?' * len(part))})", (gallery_id, *part)).fetchall()
+                    for part in (sample_ids[lo : lo + 500] for lo in range(0, len(sample_ids), 500))
+                )
+            for rows in batches:  # in chunks: a million rows never sit twice in memory
+                if rows:
+                    vecs = np.frombuffer(b"".join(r[2] for r in rows), dtype="<f4").reshape(len(rows), size)
+                    yield gen, [r[0] for r in rows], [r[1] for r in rows], vecs
 
     def _after_delete(self) -> None:
         """Checkpoint and truncate the WAL, so deleted rows' old pages leave the log file too."""
@@ -229,34 +243,39 @@ class SQLiteStore(SQLGalleryStore):
 
     # ------------------------------------------------------------------ persons
     def import_persons(self, gallery_id: str, persons: list[tuple[str, dict, list[NewSample]]]) -> list[str]:
-        """Many persons in one transaction (bulk import, benchmarks); returns their ids."""
-        ids, rows_p, rows_s, vecs, pids = [], [], [], [], []
+        """Many persons in one transaction (bulk import, benchmarks); returns their ids.
+
+        Per batch, not per row: ids from one call of the random source, embeddings checked as one
+        matrix, and the rows inserted in key order with a large page cache, so the random keys'
+        B-trees are walked once in order instead of being hit at random (``facerec gallery import``)."""
+        counts = [len(samples) for _, _, samples in persons]
+        if any(c > MAX_SAMPLES_PER_PERSON for c in counts):
+            raise ValueError(f"a person holds at most {MAX_SAMPLES_PER_PERSON} samples")
+        ids, sids = new_ids(len(persons)), new_ids(sum(counts))
+        owners = [pid for pid, c in zip(ids, counts) for _ in range(c)]
+        samples = [s for _, _, group in persons for s in group]
+        stamp = now()
+        rows_p = sorted(
+            (pid, gallery_id, check_name(name, "person name"), stored_json(metadata) if metadata else "{}", stamp)
+            for pid, (name, metadata, _) in zip(ids, persons)
+        )
         with self._write() as con:
             size = self._size(con, gallery_id)
-            before = self._count(con, gallery_id, len(persons), sum(len(p[2]) for p in persons))
-            stamp = now()
-            for name, metadata, samples in persons:
-                if len(samples) > MAX_SAMPLES_PER_PERSON:
-                    raise ValueError(f"a person holds at most {MAX_SAMPLES_PER_PERSON} samples")
-                pid = new_id()
-                ids.append(pid)
-                rows_p.append(
-                    (pid, gallery_id, check_name(name, "person name"), stored_json(metadata), stamp)
+            vecs = check_embeddings(np.stack([s.embedding for s in samples]), size) if samples else None
+            before = self._count(con, gallery_id, len(persons), len(samples))
+            con.execute(f"PRAGMA cache_size={-BULK_CACHE_KIB}")
+            try:
+                con.executemany("INSERT INTO persons VALUES (?, ?, ?, ?, ?)", rows_p)
+                order = sorted(range(len(samples)), key=sids.__getitem__)
+                con.executemany(
+                    "INSERT INTO samples VALUES (?, ?, ?, ?, ?, ?)",
+                    ((sids[i], owners[i], gallery_id, _blob(vecs[i]),
+                      json.dumps(samples[i].info) if samples[i].info else "{}", stamp) for i in order),
                 )
-                for s in samples:
-                    vec = check_embedding(s.embedding, size)
-                    sid = new_id()
-                    rows_s.append((sid, pid, gallery_id, vec, json.dumps(s.info), stamp))
-                    vecs.append(vec)
-                    pids.append((sid, pid))
-            con.executemany("INSERT INTO persons VALUES (?, ?, ?, ?, ?)", rows_p)
-            self._store_samples(con, rows_s)
-        if vecs:
-            self._after_write(
-                gallery_id,
-                before,
-                lambda idx: idx.add([s for s, _ in pids], [p for _, p in pids], np.stack(vecs)),
-            )
+            finally:
+                con.execute("PRAGMA cache_size=-2000")  # SQLite's default
+        if samples:
+            self.indexes.after_write(gallery_id, before, lambda idx: idx.add(sids, owners, vecs))
         return ids
 
     def vacuum(self) -> None:
@@ -266,35 +285,17 @@ class SQLiteStore(SQLGalleryStore):
         self._after_delete()
 
     # ------------------------------------------------------------------ search
-    def index(self, gallery_id: str) -> ExactIndex:
-        """The gallery's in-process index, reloaded when another writer changed the gallery."""
-        con = self._con()
-        row = self._gallery_values(con, gallery_id, "generation, embedding_size")
-        with self._index_lock:
-            cached = self._indexes.get(gallery_id)
-            if cached is not None and cached[0] == row[0]:
-                return cached[1]
-            lock = self._load_locks.setdefault(gallery_id, threading.Lock())
-        with lock:  # one loader per gallery; the others wait for its result
-            with self._index_lock:
-                cached = self._indexes.get(gallery_id)
-                if cached is not None and cached[0] >= row[0]:
-                    return cached[1]
-            size = int(row[1])
-            with self._read() as rc:  # one snapshot: the generation and the rows it describes
-                gen_row = self._gallery_values(rc, gallery_id, "generation, samples")
-                idx = ExactIndex(size, capacity=max(1024, int(gen_row[1])))
-                cur = rc.execute(
-                    "SELECT id, person_id, embedding FROM samples WHERE gallery_id=?", (gallery_id,)
-                )
-                while rows := cur.fetchmany(20_000):  # in chunks: a million rows never sit twice in memory
-                    vecs = np.frombuffer(b"".join(r[2] for r in rows), dtype="<f4").reshape(len(rows), size)
-                    idx.add([r[0] for r in rows], [r[1] for r in rows], vecs)
-            with self._index_lock:
-                cached = self._indexes.get(gallery_id)
-                if cached is None or cached[0] < gen_row[0]:
-                    self._indexes[gallery_id] = (int(gen_row[0]), idx)
-            return idx
+    def index(self, gallery_id: str):
+        """The gallery's in-process index (exact or approximate), up to date with the file."""
+        return self.indexes.get(gallery_id)
+
+    def index_info(self, gallery_id: str, samples: int | None = None) -> dict:
+        return self.indexes.info(gallery_id, self.gallery_state(gallery_id)[1] if samples is None else samples)
 
     def search(self, gallery_id, query, k, exclude_person=None) -> list[Candidate]:
         return self.index(gallery_id).search(query, k, exclude_person)
+
+
+def _batches(cursor):
+    while rows := cursor.fetchmany(CHUNK):
+        yield rows

@@ -19,6 +19,7 @@ Embeddings are never part of a record's ``repr`` and never logged.
 from __future__ import annotations
 
 import abc
+import os
 import re
 import uuid
 from dataclasses import dataclass, field
@@ -68,6 +69,12 @@ class StoreUnavailable(GalleryError):
 
 def new_id() -> str:
     return uuid.uuid4().hex
+
+
+def new_ids(n: int) -> list[str]:
+    """``n`` random ids (what :func:`new_id` makes, without the version bits): one system call."""
+    text = os.urandom(16 * n).hex()
+    return [text[i : i + 32] for i in range(0, 32 * n, 32)]
 
 
 def valid_id(ident: str) -> bool:
@@ -184,6 +191,10 @@ class GalleryStore(abc.ABC):
     ) -> list[Candidate]:
         """The k best persons (best sample's cosine), best first; ``exclude_person`` left out."""
 
+    def index_info(self, gallery_id: str, samples: int | None = None) -> dict:
+        """What searches the gallery (kind, parameters, measured recall@1), without loading it."""
+        return {"kind": "exact"}
+
     @abc.abstractmethod
     def close(self) -> None: ...
 
@@ -209,6 +220,17 @@ def check_name(name: str, what: str = "name") -> str:
     except UnicodeEncodeError:
         raise ValueError(f"{what} holds a lone UTF-16 surrogate (not encodable as UTF-8)") from None
     return name
+
+
+def check_embeddings(vectors: np.ndarray, size: int) -> np.ndarray:
+    """:func:`check_embedding` for a batch (rows)."""
+    v = np.asarray(vectors, dtype=np.float32)
+    if v.ndim != 2 or v.shape[1] != size:
+        raise ValueError(f"embedding has {v.shape[-1] if v.ndim else 1} values, the gallery's contract has {size}")
+    norms = np.linalg.norm(v, axis=1, keepdims=True)
+    if not np.all(np.isfinite(norms)) or np.any(norms == 0):
+        raise ValueError("embedding must be finite and non-zero")
+    return v / norms
 
 
 def check_embedding(vector: np.ndarray, size: int) -> np.ndarray:

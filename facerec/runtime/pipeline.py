@@ -1,9 +1,12 @@
 """The face pipeline: bytes -> safe decode -> detect -> align -> (micro-)batch -> model -> per-face results.
 
 Every way an input can be the caller's fault ends in a :class:`PipelineError` subclass with a stable
-``code`` (``decode_error``, ``no_face``, ``too_many_faces``), which the service maps to a 4xx; anything
-else is a server error. Faces are ordered largest first; more faces than ``max_faces`` is refused
-(a crowd photo is not a verification input, and each face costs a model call).
+``code`` (``decode_error``, ``no_face``, ``too_many_faces``, ``face_index_out_of_range``,
+``not_aligned``; :mod:`facerec.runtime.errors`), which the service maps to a 4xx; anything else is a
+server error. Faces are ordered largest first; more faces than ``max_faces`` is refused (a crowd
+photo is not a verification input, and each face costs a model call). One image gives the largest
+face, the ``index``-th largest, or all of them; an image that is already the model's aligned crop
+(``aligned``) skips detection.
 
 Per face the result holds the box, landmarks and detection score, the L2-normalised embedding and
 the raw embedding norm, quality (the model's quality output, or for a model without one the
@@ -22,27 +25,35 @@ Large images cost a bounded amount of work: the detector sees a copy no larger t
 above that size is decoded reduced straight from its DCT, and the aligned crops come from the
 resolution that holds the face at no less than the crop's scale (the full one when the reduced
 decode would lose detail), shrunk with area interpolation first when the face is much larger than
-the crop (``aligned_crop``).
+the crop (``aligned_crop``; decoding and cropping live in :mod:`facerec.runtime.imaging`).
 
 ``process`` runs synchronously on the backend (offline use, benchmarks); ``process_async`` decodes and
-detects in a thread pool and sends the crops through a :class:`MicroBatcher` shared by all requests.
+detects in a thread pool and sends the crops through a :class:`MicroBatcher` shared by all requests;
+``embed_async`` sends the faces of several located images as one submission (a batch request).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import os
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from facerec.bundle import ood_layer_outputs
 from facerec.contract import ARCFACE_TEMPLATE_112, ContractMismatchError, require_same_contract
+from facerec.runtime.errors import (  # noqa: F401 - re-exported: the pipeline's errors
+    DecodeError,
+    FaceIndexError,
+    NoFaceError,
+    NotAlignedError,
+    PipelineError,
+    TooManyFacesError,
+)
+from facerec.runtime.imaging import _crop_scale, _decode, aligned_crop  # noqa: F401 - re-exported
 
 OodScorer = Callable[[dict[str, np.ndarray]], Sequence[Any]]
 # (raw embeddings (N, D), detector scores (N,)) -> raw quality (N,): a model without a quality output
@@ -58,6 +69,7 @@ DEFAULT_FACE_DETECTOR = "mtcnn"  # what a pipeline built without a detector loca
 
 
 log = logging.getLogger("facerec.pipeline")
+
 
 class FeatureListScorer:
     """Adapts ``detector.score([feature_0, feature_1, ...], det_scores) -> (N,)`` to the pipeline's
@@ -86,29 +98,6 @@ class FeatureListScorer:
         if self.use_det_scores:
             return np.asarray(self.detector.score(features, outputs.get("det_score")))
         return np.asarray(self.detector.score(features))
-
-
-class PipelineError(Exception):
-    """An input problem the caller can fix; ``code`` is stable, the message is for humans."""
-
-    code = "pipeline_error"
-
-
-class DecodeError(PipelineError):
-    code = "decode_error"
-
-
-class NoFaceError(PipelineError):
-    code = "no_face"
-
-
-class TooManyFacesError(PipelineError):
-    code = "too_many_faces"
-
-    def __init__(self, found: int, limit: int) -> None:
-        super().__init__(f"{found} faces found, more than the limit of {limit} per image")
-        self.found = found
-        self.limit = limit
 
 
 @dataclass
@@ -152,109 +141,6 @@ class _Located:
 
 def _area(d) -> float:
     return d.width * d.height
-
-
-def _crop_scale(landmarks: np.ndarray, size: int) -> float:
-    """Crop pixels per image pixel of the alignment for these landmarks."""
-    from facerec.data.align import estimate_norm
-
-    return float(np.sqrt(abs(np.linalg.det(estimate_norm(landmarks, size)[:, :2]))))
-
-
-@dataclass
-class _Decoded:
-    image: np.ndarray  # RGB uint8, possibly a reduced decode
-    shape: tuple[int, int]  # (h, w) of the full-resolution image: what boxes refer to
-    full: Callable[[], np.ndarray] | None = None  # decodes the full resolution (None: image is it)
-
-    @property
-    def scale(self) -> tuple[float, float]:
-        """(fx, fy): full-resolution coordinates = coordinates in ``image`` x (fx, fy)."""
-        return self.shape[1] / self.image.shape[1], self.shape[0] / self.image.shape[0]
-
-
-def _decode(data, max_pixels: int | None, max_bytes: int | None, max_side: int | None = None) -> _Decoded:
-    """Decode ``data``; a JPEG far larger than ``max_side`` is decoded reduced (1/2, 1/4, 1/8: still
-    at least ``max_side`` on its longer side), with a way back to full resolution for the crops."""
-    from facerec.data.image_io import (
-        DEFAULT_MAX_BYTES,
-        DEFAULT_MAX_PIXELS,
-        ImageDecodeError,
-        inspect_image,
-        load_image,
-    )
-    from facerec.data.image_headers import jpeg_orientation
-
-    if isinstance(data, np.ndarray):
-        if data.dtype != np.uint8 or data.ndim != 3 or data.shape[2] != 3:
-            raise DecodeError(f"an image array must be RGB uint8 (H, W, 3), got {data.dtype} {data.shape}")
-        return _Decoded(data, data.shape[:2])
-    if isinstance(data, str):
-        # A string is refused rather than read as a path: request data must never name server files.
-        raise TypeError("pass image bytes, an RGB array or a pathlib.Path, not a str")
-    if not isinstance(data, (bytes, bytearray, memoryview, os.PathLike)):
-        raise TypeError(f"cannot decode a {type(data).__name__}")
-    limits = {"max_pixels": max_pixels or DEFAULT_MAX_PIXELS, "max_bytes": max_bytes or DEFAULT_MAX_BYTES}
-    try:
-        if isinstance(data, os.PathLike):
-            image = load_image(Path(data), **limits)
-            return _Decoded(image, image.shape[:2])
-        header = inspect_image(data, limits["max_pixels"])
-        side = max(header.width, header.height)
-        reduce = 1
-        while max_side and header.format == "JPEG" and reduce < 8 and side / (2 * reduce) >= max_side:
-            reduce *= 2
-        image = load_image(data, reduce=reduce, header=header, **limits)  # read once
-    except ImageDecodeError as err:
-        raise DecodeError(str(err)) from err
-    if reduce == 1:
-        return _Decoded(image, image.shape[:2])
-    h, w = header.height, header.width
-    # libjpeg's scaled decode gives ceil(side / reduce); OpenCV then applies the EXIF orientation,
-    # which may turn it by 90 degrees. Which happened is read from the shape when the two
-    # outcomes differ, else (a near-square image: ceil(w/r) == ceil(h/r)) from the EXIF tag.
-    upright = (-(-h // reduce), -(-w // reduce))
-    if upright[0] == upright[1]:
-        turned = jpeg_orientation(bytes(data)) >= 5
-    else:
-        turned = image.shape[:2] != upright
-    if turned:
-        h, w = w, h
-
-    def full() -> np.ndarray:
-        try:
-            return load_image(data, header=header, **limits)
-        except ImageDecodeError as err:
-            raise DecodeError(str(err)) from err
-
-    return _Decoded(image, (h, w), full)
-
-
-def aligned_crop(image: np.ndarray, landmarks: np.ndarray, size: int) -> np.ndarray:
-    """``norm_crop``, anti-aliased: a face over twice the crop's resolution is first shrunk (area
-    interpolation, only the part of the image the crop covers) to the crop's scale; a bilinear warp
-    straight from a 3000-pixel face to 112 would sample every 27th pixel and alias."""
-    import cv2
-
-    from facerec.data.align import estimate_norm, norm_crop
-
-    m = estimate_norm(landmarks, size)
-    scale = _crop_scale(landmarks, size)
-    if scale >= 0.5:
-        return norm_crop(image, landmarks, size)
-    corners = np.array([[0, 0, 1], [size, 0, 1], [0, size, 1], [size, size, 1]], np.float64)
-    back = corners @ cv2.invertAffineTransform(m).T  # the crop's corners in the image
-    h, w = image.shape[:2]
-    x0, y0 = (max(0, int(np.floor(v)) - 2) for v in back.min(axis=0))
-    x1, y1 = min(w, int(np.ceil(back[:, 0].max())) + 2), min(h, int(np.ceil(back[:, 1].max())) + 2)
-    if x1 - x0 < 2 or y1 - y0 < 2:  # the crop lies (almost) outside the image: nothing to shrink
-        return norm_crop(image, landmarks, size)
-    region = image[y0:y1, x0:x1]
-    rw, rh = max(1, round((x1 - x0) * scale)), max(1, round((y1 - y0) * scale))
-    small = cv2.resize(region, (rw, rh), interpolation=cv2.INTER_AREA)
-    f = np.array([rw / (x1 - x0), rh / (y1 - y0)])
-    # Pixel centres: source x lands at (x + 0.5) * f - 0.5 in the resized region.
-    return norm_crop(small, (np.asarray(landmarks, np.float64) - [x0, y0] + 0.5) * f - 0.5, size)
 
 
 class FacePipeline:
@@ -323,10 +209,16 @@ class FacePipeline:
         return self._detector
 
     # ------------------------------------------------------------------ stages
-    def locate(self, data, all_faces: bool = False) -> _Located:
-        """Decode, detect and align; raises DecodeError / NoFaceError / TooManyFacesError."""
+    def locate(self, data, all_faces: bool = False, index: int | None = None, aligned: bool = False) -> _Located:
+        """Decode, detect and align; raises DecodeError / NoFaceError / TooManyFacesError.
+
+        One face is kept: the largest, or the ``index``-th largest (FaceIndexError when there are
+        not that many); ``all_faces`` keeps every one. ``aligned``: the image is already the
+        model's crop (``locate_aligned``)."""
         from facerec.data.detect import detect_faces, map_detection
 
+        if aligned:
+            return self.locate_aligned(data)
         decoded = _decode(data, self.max_pixels, self.max_bytes, self.detect_max_side)
         fx, fy = decoded.scale
         found = detect_faces(
@@ -338,7 +230,9 @@ class FacePipeline:
         if len(found) > self.max_faces:
             raise TooManyFacesError(len(found), self.max_faces)
         found = sorted(found, key=_area, reverse=True)
-        chosen = [map_detection(d, fx, fy) for d in (found if all_faces else found[:1])]
+        if index is not None and not 0 <= index < len(found):
+            raise FaceIndexError(index, len(found))
+        chosen = [map_detection(d, fx, fy) for d in (found if all_faces else found[index or 0:][:1])]
         size = self.contract.input_size
         crops, full = [], None
         for d in chosen:
@@ -351,6 +245,24 @@ class FacePipeline:
                 full = decoded.full() if full is None else full
                 crops.append(aligned_crop(full, d.landmarks, size))
         return _Located(decoded.shape, chosen, np.stack(crops), len(found))
+
+    def locate_aligned(self, data) -> _Located:
+        """An image that is already the model's crop (S x S on the ArcFace template): detection is
+        skipped; its face is the whole image, with the template's landmarks and no detection
+        score (NaN: the OOD detector's confidence layer treats it as not available)."""
+        from facerec.data.align import template_for_size
+        from facerec.data.detection import Detection
+
+        decoded = _decode(data, self.max_pixels, self.max_bytes)
+        size = self.contract.input_size
+        h, w = decoded.image.shape[:2]
+        if (h, w) != (size, size):
+            raise NotAlignedError(
+                f"an aligned input must be a {size}x{size} crop on the ArcFace template, got {w}x{h}; "
+                "send the photo without `aligned` to have the face found and aligned")
+        face = Detection(box=np.array([0, 0, size, size], np.float32), score=float("nan"),
+                         landmarks=template_for_size(size).astype(np.float32))
+        return _Located((h, w), [face], decoded.image[None].copy(), 1)
 
     def _assemble(self, located: _Located, outputs: dict[str, np.ndarray]) -> ImageResult:
         raw = outputs["embedding"].astype(np.float32)
@@ -384,21 +296,37 @@ class FacePipeline:
         return ImageResult(faces, located.faces_found, int(w), int(h))
 
     # ------------------------------------------------------------------ entry points
-    def process(self, data, all_faces: bool = False) -> ImageResult:
+    def process(self, data, all_faces: bool = False, index: int | None = None, aligned: bool = False) -> ImageResult:
         """Synchronous: the backend is called directly (no batcher)."""
-        located = self.locate(data, all_faces)
+        located = self.locate(data, all_faces, index, aligned)
         return self._assemble(located, self.backend.run(located.crops))
 
     async def process_async(
-        self, data, all_faces: bool = False, executor: Executor | None = None
+        self, data, all_faces: bool = False, executor: Executor | None = None, index: int | None = None,
+        aligned: bool = False,
     ) -> ImageResult:
         """Decode/detect/align in a thread (of ``executor``, default the pipeline's), then the model
         through the shared batcher (or, without one, the backend in a thread). Overloaded from the
         batcher propagates to the caller."""
+        located = await self.locate_async(data, all_faces, executor, index, aligned)
+        return (await self.embed_async([located]))[0]
+
+    async def locate_async(self, data, all_faces: bool = False, executor: Executor | None = None,
+                           index: int | None = None, aligned: bool = False) -> _Located:
         loop = asyncio.get_running_loop()
-        located = await loop.run_in_executor(executor or self.executor, self.locate, data, all_faces)
+        return await loop.run_in_executor(executor or self.executor, self.locate, data, all_faces, index, aligned)
+
+    async def embed_async(self, located: Sequence[_Located]) -> list[ImageResult]:
+        """The faces of several located images through the model in one submission (the batcher runs
+        them together, up to its batch size), each image's results assembled on its own."""
+        crops = np.concatenate([item.crops for item in located])
         if self.batcher is not None:
-            outputs = await self.batcher.run(located.crops)
+            outputs = await self.batcher.run(crops)
         else:
-            outputs = await loop.run_in_executor(self.executor, self.backend.run, located.crops)
-        return self._assemble(located, outputs)
+            outputs = await asyncio.get_running_loop().run_in_executor(self.executor, self.backend.run, crops)
+        results, start = [], 0
+        for item in located:
+            stop = start + len(item.crops)
+            results.append(self._assemble(item, {n: v[start:stop] for n, v in outputs.items()}))
+            start = stop
+        return results

@@ -4,6 +4,7 @@ from service.routes import (
     demo,
     detect,
     embed,
+    embed_batch,
     galleries,
     gallery_persons,
     gallery_search,
@@ -13,5 +14,5 @@ from service.routes import (
     verify,
 )
 
-ROUTERS = [verify.router, quality.router, embed.router, detect.router, models.router, health.router,
-           demo.router, galleries.router, gallery_persons.router, gallery_search.router]
+ROUTERS = [verify.router, quality.router, embed.router, embed_batch.router, detect.router, models.router,
+           health.router, demo.router, galleries.router, gallery_persons.router, gallery_search.router]

@@ -6,8 +6,8 @@ page, which loads its script and styles from a CDN: with it, opening the docs ma
 browser fetch code from a third party (and it showed nothing on a network without internet).
 ``FACEREC_DOCS=false`` turns ``/docs`` off with ``/openapi.json``.
 
-The page holds no secret: the visitor types the API key, and the page's script sends it as the
-``X-API-Key`` header to ``POST /v1/verify`` on this origin. So the page itself needs no key, and
+The page holds no secret: the visitor types the API key, and the page's scripts send it as the
+``X-API-Key`` header to ``POST /v1/verify`` and the gallery routes on this origin. So the page itself needs no key, and
 ``FACEREC_DEMO_PAGE=false`` turns it off (404) for deployments that want the API alone.
 
 The routes are plain Starlette routes, not API operations: they are not part of the OpenAPI
@@ -42,6 +42,7 @@ SECURITY_HEADERS = {
 FILES = {
     "/": ("index.html", "text/html; charset=utf-8", "demo_page"),
     "/demo/app.js": ("app.js", "text/javascript; charset=utf-8", "demo_page"),
+    "/demo/gallery.js": ("gallery.js", "text/javascript; charset=utf-8", "demo_page"),
     "/demo/style.css": ("style.css", "text/css; charset=utf-8", "demo_page"),
     "/docs": ("docs.html", "text/html; charset=utf-8", "docs"),
     "/docs/docs.js": ("docs.js", "text/javascript; charset=utf-8", "docs"),

@@ -16,7 +16,14 @@ from service.auth import ApiKey
 from service.routes.common import GalleriesDep
 from service.routes.gallery_io import gallery_out
 from service.routes.gallery_openapi import GALLERY_ERRORS as ERRORS
-from service.routes.gallery_schemas import GalleryCreate, GalleryId, GalleryList, GalleryOut, GalleryUpdate
+from service.routes.gallery_schemas import (
+    GalleryCreate,
+    GalleryId,
+    GalleryList,
+    GalleryOut,
+    GalleryUpdate,
+    IndexOut,
+)
 
 log = logging.getLogger("service")
 router = APIRouter(prefix="/v1", tags=["galleries"])
@@ -46,7 +53,10 @@ async def list_galleries(galleries: GalleriesDep, _: ApiKey) -> GalleryList:
 
 @router.get("/galleries/{gallery_id}", response_model=GalleryOut, responses=ERRORS, summary="One gallery")
 async def get_gallery(gallery_id: GalleryId, galleries: GalleriesDep, _: ApiKey) -> GalleryOut:
-    return gallery_out(*await galleries.gallery(gallery_id))
+    manager, record = await galleries.gallery(gallery_id)
+    out = gallery_out(manager, record)
+    out.index = IndexOut(**await galleries.call(manager.store.index_info, gallery_id, record.samples))
+    return out
 
 
 @router.patch("/galleries/{gallery_id}", response_model=GalleryOut, responses=ERRORS,

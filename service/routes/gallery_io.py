@@ -30,7 +30,7 @@ from facerec.gallery import (
 from facerec.gallery.store import check_name
 from service.errors import ApiError, validation_error
 from service.galleries import Identified
-from service.inputs import b64_image, image_too_large, parse_json
+from service.inputs import b64_image, form_text, image_too_large, parse_json
 from service.routes.gallery_schemas import (
     MAX_IMAGES_PER_REQUEST,
     BatchEnrollJSON,
@@ -111,13 +111,6 @@ def check_fields(form, allowed: set[str]) -> None:
             f"unknown field(s) {', '.join(unknown)}; expected {', '.join(sorted(allowed))}",
             {"unknown": unknown},
         )
-
-
-def form_text(form, field: str) -> str | None:
-    value = form.get(field)
-    if isinstance(value, UploadFile):
-        raise ApiError(422, "validation_error", f"{field} must be a text field", {"field": field})
-    return value
 
 
 def json_field(value: str | None, field: str):
@@ -231,8 +224,10 @@ async def batch_input(request: Request, max_bytes: int, limits: MetadataLimits
     return body, decoded
 
 
-async def search_input(request: Request, max_bytes: int) -> tuple[bytes, SearchJSON]:
-    """The image to search for and the search parameters (multipart or JSON)."""
+async def search_input(request: Request, max_bytes: int) -> tuple[bytes | None, SearchJSON]:
+    """The image to search for (None: the JSON body gives an embedding) and the search parameters
+    (multipart or JSON)."""
+    image = None
     if body_kind(request) == "multipart":
         form = await read_form(request, 1)
         try:
@@ -249,7 +244,8 @@ async def search_input(request: Request, max_bytes: int) -> tuple[bytes, SearchJ
             raise validation_error(exc, "invalid search parameters") from None
     else:
         body = await json_body(request, SearchJSON)
-        image = b64_image("image", body.image, max_bytes)
+        if body.image is not None:
+            image = b64_image("image", body.image, max_bytes)
     if body.threshold is not None and body.fpir is not None:
         raise ApiError(422, "validation_error", "give `threshold` or `fpir`, not both")
     return image, body
@@ -327,7 +323,7 @@ def refused_error(response: EnrollResponse) -> ApiError:
     )
 
 
-def search_response(found: Identified, contract_id: str, image: ImageReport) -> SearchResponse:
+def search_response(found: Identified, contract_id: str, image: ImageReport | None) -> SearchResponse:
     candidates = [
         CandidateOut(person_id=c.person_id, name=person.name, similarity=c.similarity, sample_id=c.sample_id)
         for c, person in found.candidates

@@ -10,14 +10,14 @@ from __future__ import annotations
 from typing import Annotated, Any, Literal
 
 from fastapi import Path as PathParam
-from pydantic import BaseModel, ConfigDict, Field, create_model
+from pydantic import BaseModel, ConfigDict, Field, create_model, model_validator
 
 from facerec.gallery import EnrollmentPolicy, MetadataLimits, Reason
 from facerec.gallery.metadata import DEFAULT_LIMITS
 from facerec.gallery.policy import JsonInt
 from facerec.gallery.store import ID_PATTERN, MAX_NAME, NAME_PATTERN
 from service.inputs import B64_PATTERN
-from service.schemas import ImageReport
+from service.schemas import CONTRACT_IN, EmbeddingIn, ImageReport
 
 MAX_IMAGES_PER_REQUEST = 32
 _B64 = "image file (JPEG, PNG, WebP, ...), base64 encoded; a data: URI prefix is accepted"
@@ -120,6 +120,36 @@ class OperatingPointOut(BaseModel):
     )
 
 
+class IndexRecallOut(BaseModel):
+    recall_at_1: float | None = Field(
+        ..., description="share of the measuring searches whose best person is exact search's best person")
+    queries: int = Field(..., description="searches measured")
+    samples: int = Field(..., description="samples in the index when it was measured")
+    how: str = Field(..., description="what the searches were")
+
+
+class IndexOut(BaseModel):
+    """How searches of the gallery run (docs/gallery.md, "Search at scale")."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    kind: Literal["exact", "hnsw", "pgvector_hnsw"] = Field(
+        ..., description="exact: every sample compared; hnsw: the in-process FAISS HNSW index (its candidates "
+        "re-ranked exactly); pgvector_hnsw: PostgreSQL's HNSW index")
+    loaded: bool | None = Field(None, description="the in-process index is in memory (false: read at the next "
+                                "search)")
+    building: bool | None = Field(None, description="an approximate index is being built (searches use the "
+                                  "current one meanwhile)")
+    samples: int | None = Field(None, description="samples the loaded index holds")
+    m: int | None = Field(None, description="HNSW graph degree")
+    ef_construction: int | None = Field(None, description="HNSW candidates explored per insertion at build")
+    ef_search: int | None = Field(None, description="HNSW candidates explored per search")
+    storage: str | None = Field(None, description="what the HNSW graph compares: sq8 (8-bit), fp16 or flat "
+                                "(float32); results are re-ranked on the float32 embeddings")
+    recall: IndexRecallOut | None = Field(None, description="recall@1 against exact search, measured when the "
+                                          "index was built; null where not measured (see the docs)")
+
+
 class GalleryOut(BaseModel):
     id: str
     name: str
@@ -134,6 +164,8 @@ class GalleryOut(BaseModel):
     match_threshold: float | None
     usable: bool = Field(..., description="false when the service runs another model than the gallery's")
     operating_point: OperatingPointOut | None = Field(..., description="the match threshold now in force")
+    index: IndexOut | None = Field(None, description="how searches run and their measured recall@1 (in `GET` "
+                                   "of one gallery; null in the other answers)")
 
 
 class GalleryList(BaseModel):
@@ -231,8 +263,24 @@ class BatchEnrollResponse(BaseModel):
 
 
 class SearchJSON(_Strict):
-    image: B64Image
-    model_config = ConfigDict(json_schema_extra={"not": BOTH_THRESHOLD_AND_FPIR})
+    image: B64Image | None = None
+    embedding: EmbeddingIn | None = Field(None, description="search with an embedding the client kept "
+                                          "(from /v1/embed or /v1/detect) instead of an image; needs "
+                                          "`contract_id`")
+    contract_id: str | None = Field(None, max_length=64, description=CONTRACT_IN)
+    model_config = ConfigDict(json_schema_extra={
+        "not": BOTH_THRESHOLD_AND_FPIR,
+        "oneOf": [{"required": ["image"]}, {"required": ["embedding"]}],
+        "dependentRequired": {"embedding": ["contract_id"]},
+    })
+
+    @model_validator(mode="after")
+    def _one_input(self) -> SearchJSON:
+        if (self.image is None) == (self.embedding is None):
+            raise ValueError("give `image` or `embedding` (exactly one)")
+        if self.embedding is not None and self.contract_id is None:
+            raise ValueError("`contract_id` is required with `embedding`")
+        return self
 
     top_k: JsonInt = Field(5, ge=1, le=50)
     threshold: float | None = Field(None, ge=-1, le=1, description="cosine threshold for this request")
@@ -255,7 +303,7 @@ class SearchResponse(BaseModel):
     operating_point: OperatingPointOut
     candidates: list[CandidateOut] = Field(..., description="top-k persons, best first")
     contract_id: str
-    image: ImageReport
+    image: ImageReport | None = Field(..., description="the searched face (null for a search by embedding)")
 
 
 # ============================================================================ path parameters

@@ -54,9 +54,10 @@ async def models(request: Request, _: ApiKey) -> ModelsResponse:
                       "source": cal.source},
         quality=quality_info(engine),
         ood=ood,
-        detector={"name": "mtcnn", "backend": "onnxruntime", "device": "cpu"},
+        detector={**engine.detector_plan.describe(), "max_side": s.detect_max_side},
         limits={"max_image_bytes": s.max_image_bytes, "max_request_bytes": s.max_request_bytes,
                 "max_pixels": s.max_pixels, "max_faces": s.max_faces, "max_batch_size": s.max_batch_size,
                 "max_wait_ms": s.max_wait_ms, "max_pending_faces": s.max_pending,
+                "max_batch_images": min(s.max_batch_images, s.max_pending),
                 "max_concurrent_requests": s.max_concurrent_requests},
     )

@@ -1,6 +1,7 @@
 // facerec demo page: two photos -> POST /v1/verify -> boxes, landmarks, aligned crops, scores.
-// No framework, no build step, nothing loaded from elsewhere (the page's CSP allows only this
-// origin). Server text is only ever inserted with textContent, never as HTML.
+// Also the helpers the gallery tab (gallery.js) shares: the one request function, the key, the
+// error sentences and the face report. No framework, no build step, nothing loaded from elsewhere
+// (the page's CSP allows only this origin). Server text is only ever inserted with textContent.
 "use strict";
 
 (function () {
@@ -17,7 +18,8 @@
   const MAX_CANVAS = 640; // originals are drawn at most this wide or high
   const KEY_STORAGE = "facerec-demo-api-key"; // sessionStorage only, and only when asked
   const SIDES = ["a", "b"];
-  const LABEL = { image_a: "photo A", image_b: "photo B" };
+  // details.field of an error -> the words for it on the page
+  const LABEL = { image_a: "photo A", image_b: "photo B", image: "the photo", images: "a photo" };
 
   // Least-squares similarity (rotation, uniform scale, shift) taking `src` points onto `dst`.
   // In 2-D this is Umeyama's solution written with complex numbers: with both sets centred,
@@ -54,6 +56,13 @@
       text = "Could not reach the service. Is it running, and is this page served by it?";
     } else if (status === 401) {
       text = "The API key was refused (401). Check the key and try again.";
+    } else if (status === 404) {
+      text = "Not found (404): it may have been deleted. Reload the list and try again.";
+    } else if (status === 409 && err.code === "contract_mismatch") {
+      text = "This gallery was built with another model than the one the service runs (409): " +
+        "its faces cannot be compared with new ones.";
+    } else if (status === 409) {
+      text = "That conflicts with what the service holds (409).";
     } else if (status === 413) {
       const limit = details.limit_bytes ? ` The limit is ${formatBytes(details.limit_bytes)}.` : "";
       text = `The upload is too large (413): ${where} is bigger than the service accepts.${limit}`;
@@ -65,6 +74,8 @@
         `${details.limit}. Crop the photo to fewer people.`;
     } else if (status === 422 && err.code === "decode_error") {
       text = `${capitalise(where)} could not be read as an image (422).`;
+    } else if (status === 422 && err.code === "threshold_required") {
+      text = "The model has no calibrated threshold for this (422): the operator must set one.";
     } else if (status === 422) {
       text = "The service could not use the request (422).";
     } else if (status === 429) {
@@ -91,8 +102,78 @@
     return x === null || x === undefined ? "n/a" : Number(x).toFixed(digits);
   }
 
-  // Expose the pure helpers (the page's tests check them against the service's own maths).
-  window.facerecDemo = { TEMPLATE, similarityTransform, describeError };
+  // Every request the page makes: to this origin, the key only in a header, no cookies, no cache.
+  // Resolves to { ok, status, body, retryAfter }; status 0 when the service could not be reached.
+  async function callApi(path, key, init) {
+    let response;
+    try {
+      response = await fetch(path, {
+        ...init, headers: { ...(init && init.headers), "X-API-Key": key },
+        credentials: "omit", cache: "no-store", referrerPolicy: "no-referrer",
+      });
+    } catch (_) {
+      return { ok: false, status: 0, body: null, retryAfter: null };
+    }
+    let body = null;
+    try {
+      body = await response.json();
+    } catch (_) {
+      body = null;
+    }
+    return { ok: response.ok && body !== null, status: response.status, body,
+             retryAfter: response.headers.get("Retry-After") };
+  }
+
+  // The typed API key, or "" after telling the visitor to type one (shown by `showError`).
+  function requireKey(showError) {
+    const input = document.getElementById("api-key");
+    const key = input.value.trim();
+    if (!key) {
+      showError("Type the API key first (ask the service's operator for one).");
+      input.focus();
+    }
+    return key;
+  }
+
+  // One face's report (an ImageReport of the API) as rows of `dl`; `which`: the face that was used.
+  function fillReport(dl, image, which) {
+    dl.replaceChildren();
+    const row = (term, value, cls) => {
+      const dt = document.createElement("dt");
+      dt.textContent = term;
+      const dd = document.createElement("dd");
+      dd.textContent = value;
+      if (cls) dd.className = cls;
+      dd.dataset.field = term.toLowerCase().split(" ")[0];
+      dl.append(dt, dd);
+    };
+    const found = image.faces_found;
+    row("Faces found", found > 1 ? `${found} (${which})` : String(found));
+    row("Detection score", fmt(image.face.score, 3));
+    const q = image.quality;
+    if (!q) row("Quality", "not reported by this model");
+    else if (q.score === null) row("Quality", `raw ${fmt(q.raw, 4)} (no percentile calibration)`);
+    else row("Quality", `${fmt(q.score, 1)} / 100 (percentile; raw ${fmt(q.raw, 4)})`);
+    const o = image.ood;
+    if (!o) row("OOD check", "no OOD detector loaded");
+    else if (o.flagged === null) row("OOD check", `score ${fmt(o.score, 3)} (no calibrated threshold)`);
+    else if (o.flagged) {
+      row("OOD check", `flagged: score ${fmt(o.score, 3)} < threshold ${fmt(o.threshold, 3)}`, "bad");
+    } else {
+      row("OOD check", `passed: score ${fmt(o.score, 3)} \u2265 threshold ${fmt(o.threshold, 3)}`, "good");
+    }
+    dl.hidden = false;
+  }
+
+  const OOD_CAUTION = "looks out of distribution (not a genuine face photo, or manipulated). The " +
+    "decision above does not take this into account.";
+
+  // The pure helpers (the page's tests check them against the service's own maths), and what the
+  // gallery tab shares.
+  window.facerecDemo = {
+    TEMPLATE, similarityTransform, describeError, callApi, requireKey, fillReport, fmt, formatBytes,
+    OOD_CAUTION,
+  };
 
   if (document.readyState === "loading") {
     document.addEventListener("DOMContentLoaded", start);
@@ -203,12 +284,8 @@
 
     async function verify() {
       clearResult();
-      const key = keyInput.value.trim();
-      if (!key) {
-        showError("Type the API key first (ask the service's operator for one).");
-        keyInput.focus();
-        return;
-      }
+      const key = requireKey(showError);
+      if (!key) return;
       const form = new FormData();
       form.append("image_a", state.files.a, state.files.a.name);
       form.append("image_b", state.files.b, state.files.b.name);
@@ -216,31 +293,16 @@
       state.busy = true;
       updateButton();
       $("status").textContent = "Comparing\u2026";
-      let response, body = null;
-      try {
-        response = await fetch("/v1/verify", {
-          method: "POST", body: form, headers: { "X-API-Key": key },
-          credentials: "omit", cache: "no-store", referrerPolicy: "no-referrer",
-        });
-        try {
-          body = await response.json();
-        } catch (_) {
-          body = null;
-        }
-      } catch (_) {
-        response = null;
-      } finally {
-        state.busy = false;
-        updateButton();
-        $("status").textContent = "";
-      }
+      const answer = await callApi("/v1/verify", key, { method: "POST", body: form });
+      state.busy = false;
+      updateButton();
+      $("status").textContent = "";
       if (ticket !== state.ticket) return; // a photo changed while this request was running
-      if (!response || !response.ok || !body) {
-        const status = response ? response.status : 0;
-        showError(describeError(status, body, response && response.headers.get("Retry-After")));
+      if (!answer.ok) {
+        showError(describeError(answer.status, answer.body, answer.retryAfter));
         return;
       }
-      showResult(body);
+      showResult(answer.body);
     }
 
     function showResult(r) {
@@ -259,14 +321,12 @@
         const image = r[`image_${side}`];
         drawOriginal(side, image.face);
         drawCrop(side, image.face);
-        fillReport(side, image);
+        fillReport($(`report-${side}`), image, "the largest is compared");
         if (image.ood && image.ood.flagged) flagged.push(`photo ${side.toUpperCase()}`);
       }
       const warning = $("ood-warning");
       warning.hidden = flagged.length === 0;
-      warning.textContent = flagged.length ? `Caution: ${flagged.join(" and ")} looks out of ` +
-        "distribution (not a genuine face photo, or manipulated). The decision above does not " +
-        "take this into account." : "";
+      warning.textContent = flagged.length ? `Caution: ${flagged.join(" and ")} ${OOD_CAUTION}` : "";
       $("result").hidden = false;
     }
 
@@ -276,36 +336,6 @@
       if (op.source === "setting") return "threshold set by the operator (FACEREC_VERIFY_THRESHOLD)";
       const far = op.far === null || op.far === undefined ? "" : `false accept rate ${op.far}, `;
       return `${far}calibrated on ${op.calibrated_on || "unknown data"}`;
-    }
-
-    function fillReport(side, image) {
-      const dl = $(`report-${side}`);
-      dl.replaceChildren();
-      const row = (term, value, cls) => {
-        const dt = document.createElement("dt");
-        dt.textContent = term;
-        const dd = document.createElement("dd");
-        dd.textContent = value;
-        if (cls) dd.className = cls;
-        dd.dataset.field = term.toLowerCase().split(" ")[0];
-        dl.append(dt, dd);
-      };
-      const found = image.faces_found;
-      row("Faces found", found > 1 ? `${found} (the largest is compared)` : String(found));
-      row("Detection score", fmt(image.face.score, 3));
-      const q = image.quality;
-      if (!q) row("Quality", "not reported by this model");
-      else if (q.score === null) row("Quality", `raw ${fmt(q.raw, 4)} (no percentile calibration)`);
-      else row("Quality", `${fmt(q.score, 1)} / 100 (percentile; raw ${fmt(q.raw, 4)})`);
-      const o = image.ood;
-      if (!o) row("OOD check", "no OOD detector loaded");
-      else if (o.flagged === null) row("OOD check", `score ${fmt(o.score, 3)} (no calibrated threshold)`);
-      else if (o.flagged) {
-        row("OOD check", `flagged: score ${fmt(o.score, 3)} < threshold ${fmt(o.threshold, 3)}`, "bad");
-      } else {
-        row("OOD check", `passed: score ${fmt(o.score, 3)} \u2265 threshold ${fmt(o.threshold, 3)}`, "good");
-      }
-      dl.hidden = false;
     }
 
     function drawOriginal(side, face) {

@@ -1,0 +1,444 @@
+"""The in-process approximate index for large galleries: FAISS HNSW candidates, exact re-ranking.
+
+Why HNSW (and these parameters): ``benchmarks/search_speed.py`` measured HNSW and IVF on face-like
+synthetic embeddings at 100k and 1M (``docs/gallery.md``, "Search speed"). The graph is searched
+over 8-bit scalar-quantised copies of the vectors (``storage="sq8"``: a quarter of float32's memory,
+faster to compare); every candidate it returns is then scored exactly against its float32 vector,
+so a returned similarity is the exact cosine and the open-set decision on the top candidate is the
+exact one whenever the true best sample is among the candidates (recall@1, measured at build and
+stated in the gallery's ``GET`` answer).
+
+Labels are insertion order and never reused. A deletion tombstones its labels: they leave the
+candidate set at once (a FAISS ID selector filters them inside the graph search, and the re-ranking
+checks again), and their vectors are overwritten with zeros in memory (float32 rows and quantised
+codes; :mod:`facerec.gallery.ann_file` does the same in the file). The graph keeps the dead nodes'
+links; :meth:`ApproxIndex.dead_fraction` tells the owner when a rebuild pays off.
+
+Thread safety: searches share a read lock (FAISS searches are read-only); adds and removals take
+the write lock. FAISS releases the GIL while it searches or builds.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from facerec.gallery.index import Candidate, normalise, top_persons
+
+INSTALL_HINT = "pip install 'facerec[search]' (faiss-cpu)"
+#: sq8 learns each dimension's range from the first vectors added; an index trained on fewer is
+#: rebuilt (and so retrained) each time it doubles, until it was trained on this many.
+TRAIN_ENOUGH = 10_000
+#: Fewer vectors than this say too little about the principal components: no PCA yet.
+PCA_MIN_VECTORS = 2_000
+
+
+def faiss_module():
+    """The faiss module, or None when it is not installed."""
+    try:
+        import faiss
+    except ImportError:
+        return None
+    return faiss
+
+
+def build_threads() -> int:
+    """OpenMP threads for adding to a graph: ``OMP_NUM_THREADS``, else every core. Set per call,
+    since a thread that searched was left at ``search_threads``."""
+    try:
+        return max(1, int(os.environ.get("OMP_NUM_THREADS", "")))
+    except ValueError:
+        return os.cpu_count() or 1
+
+
+def require_faiss():
+    faiss = faiss_module()
+    if faiss is None:
+        raise RuntimeError(f"the approximate gallery index needs faiss, which is not installed: {INSTALL_HINT}")
+    return faiss
+
+
+@dataclass(frozen=True)
+class IndexPolicy:
+    """Which index a gallery gets, and the HNSW parameters of the approximate one."""
+
+    kind: str = "auto"  # auto: approximate from min_samples on (when faiss is there) | exact | approximate
+    min_samples: int = 50_000
+    m: int = 32  # graph degree (64 links per node on the bottom layer)
+    ef_construction: int = 40
+    ef_search: int = 64
+    storage: str = "sq8"  # what the graph search compares: sq8 | fp16 | flat (float32)
+    # The graph works in the principal components holding this share of the variance, when they are
+    # at most half the dimensions (face embeddings: ~160 of 512); 0: never.
+    pca_variance: float = 0.995
+    # OpenMP threads of one search: 1, since a search is one query (concurrent requests are the
+    # parallelism) and on busy cores threads that wait for each other cost far more than they give
+    search_threads: int = 1
+    recall_queries: int = 256  # leave-one-out searches that measure recall@1 at build
+    rebuild_dead_fraction: float = 0.2  # deleted share of the labels that triggers a rebuild
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("auto", "exact", "approximate"):
+            raise ValueError(f"index kind must be auto, exact or approximate, not {self.kind!r}")
+        if self.storage not in ("sq8", "fp16", "flat"):
+            raise ValueError(f"index storage must be sq8, fp16 or flat, not {self.storage!r}")
+        if self.kind == "approximate":
+            require_faiss()
+
+    def approximate(self, samples: int) -> bool:
+        """Whether a gallery of ``samples`` samples gets the approximate index."""
+        if self.kind == "exact":
+            return False
+        if self.kind == "approximate":
+            return True
+        return samples >= self.min_samples and faiss_module() is not None
+
+    def params(self) -> dict:
+        return {k: v for k, v in asdict(self).items() if k not in ("kind", "min_samples")}
+
+
+class ReadWriteLock:
+    """Many readers or one writer; a waiting writer holds new readers back."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._readers = 0
+        self._writing = False
+        self._waiting = 0
+
+    @contextmanager
+    def read(self):
+        with self._cond:
+            while self._writing or self._waiting:
+                self._cond.wait()
+            self._readers += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._readers -= 1
+                if self._readers == 0:
+                    self._cond.notify_all()
+
+    @contextmanager
+    def write(self):
+        with self._cond:
+            self._waiting += 1
+            while self._writing or self._readers:
+                self._cond.wait()
+            self._waiting -= 1
+            self._writing = True
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._writing = False
+                self._cond.notify_all()
+
+
+def pca_dims(vectors: np.ndarray, variance: float) -> int | None:
+    """Principal components (a multiple of 16) holding ``variance`` of ``vectors``' variance, or
+    None where that is more than half the dimensions, or too few vectors to tell."""
+    n, dim = vectors.shape
+    if not variance or n < PCA_MIN_VECTORS:
+        return None
+    centred = vectors - vectors.mean(axis=0)
+    spectrum = np.linalg.eigvalsh(centred.T @ centred / n)[::-1]
+    dims = int(np.searchsorted(np.cumsum(spectrum) / spectrum.sum(), variance) + 1)
+    dims = -(-dims // 16) * 16
+    return dims if dims <= dim // 2 else None
+
+
+def _graph(dim: int, policy: IndexPolicy, train: np.ndarray):
+    """An untrained FAISS index for ``policy``; with PCA the graph compares L2 distances of the
+    projected vectors (the projection centres them, which would bias inner products; for unit
+    vectors L2 orders as the cosine does)."""
+    faiss = require_faiss()
+    dims = pca_dims(train, policy.pca_variance)
+    metric = faiss.METRIC_L2 if dims else faiss.METRIC_INNER_PRODUCT
+    if policy.storage == "flat":
+        index = faiss.IndexHNSWFlat(dims or dim, policy.m, metric)
+    else:
+        qtype = faiss.ScalarQuantizer.QT_8bit if policy.storage == "sq8" else faiss.ScalarQuantizer.QT_fp16
+        index = faiss.IndexHNSWSQ(dims or dim, qtype, policy.m, metric)
+    index.hnsw.efConstruction = policy.ef_construction
+    return faiss.IndexPreTransform(faiss.PCAMatrix(dim, dims), index) if dims else index
+
+
+class ApproxIndex:
+    """The interface of :class:`~facerec.gallery.index.ExactIndex` over an HNSW graph."""
+
+    kind = "hnsw"
+
+    def __init__(self, dim: int, policy: IndexPolicy, graph=None, capacity: int = 1024) -> None:
+        self.faiss = require_faiss()
+        self.dim = int(dim)
+        self.policy = policy
+        self.graph = graph  # made by the first ``train`` (it chooses the PCA from the data)
+        self._vecs = np.zeros((capacity, self.dim), np.float32)
+        self._codes = np.zeros(capacity, np.int64)  # label -> person code
+        self._alive = np.zeros(capacity, bool)
+        self._bits = np.zeros((capacity + 7) // 8, np.uint8)  # _alive as FAISS's bitmap
+        self._selector = None
+        self._sample_ids: list[str] = []  # label -> sample id
+        self._label_of: dict[str, int] = {}  # live samples only
+        self._person_ids: list[str] = []  # code -> person id
+        self._code_of: dict[str, int] = {}
+        self._counts: dict[int, int] = {}  # person code -> live samples
+        self._n = 0
+        self._lock = ReadWriteLock()
+        self.recall: dict | None = None  # what measure_recall found
+        self.build: dict | None = None  # how long the graph took to build (wall, CPU seconds, threads)
+        # vectors the quantiser learnt its ranges from (a loaded index: its file says)
+        self.trained_on = 0 if policy.storage == "sq8" else TRAIN_ENOUGH
+
+    # ------------------------------------------------------------------ size
+    def __len__(self) -> int:
+        return len(self._label_of)
+
+    @property
+    def labels(self) -> int:
+        """Labels used, dead ones included (the graph's size)."""
+        return self._n
+
+    @property
+    def persons(self) -> int:
+        return len(self._counts)
+
+    def dead_fraction(self) -> float:
+        return 0.0 if self._n == 0 else 1.0 - len(self._label_of) / self._n
+
+    def needs_rebuild(self) -> bool:
+        """Too many dead labels, or quantiser ranges learnt from too few vectors."""
+        undertrained = self.trained_on < TRAIN_ENOUGH and len(self) >= 2 * max(1, self.trained_on)
+        return undertrained or self.dead_fraction() > self.policy.rebuild_dead_fraction
+
+    def contents(self, sample_ids: set[str] | None = None) -> tuple[list[str], list[str], np.ndarray]:
+        """(sample ids, person ids, float32 vectors) of the live samples (or of those in
+        ``sample_ids``), in label order: copies."""
+        with self._lock.read():
+            if sample_ids is None:
+                rows = np.flatnonzero(self._alive[: self._n])
+            else:
+                rows = np.array(sorted(self._label_of[s] for s in sample_ids if s in self._label_of), np.int64)
+            return (
+                [self._sample_ids[r] for r in rows],
+                [self._person_ids[c] for c in self._codes[rows]],
+                self._vecs[rows].copy(),
+            )
+
+    def sample_ids(self) -> set[str]:
+        with self._lock.read():
+            return set(self._label_of)
+
+    def reading(self):
+        """Context: no add or removal runs meanwhile (searches do); for saving."""
+        return self._lock.read()
+
+    def state(self) -> dict:
+        """The label-indexed arrays and ids (views: use under :meth:`reading`)."""
+        n = self._n
+        return {
+            "alive": self._alive[:n],
+            "samples": self._sample_ids[:n],
+            "codes": self._codes[:n],
+            "persons": list(self._person_ids),
+            "vectors": self._vecs[:n],
+        }
+
+    def restore(self, samples: list[str], codes: np.ndarray, persons: list[str], vectors: np.ndarray,
+                alive: np.ndarray) -> None:
+        """Take over a saved state (labels as the graph numbers them)."""
+        n = len(samples)
+        if self.graph is None or not (len(codes) == len(vectors) == len(alive) == n == self.graph.ntotal):
+            raise ValueError("the saved index is inconsistent with its graph")
+        with self._lock.write():
+            self._grow(n)
+            self._vecs[:n], self._codes[:n], self._alive[:n] = vectors, codes, alive
+            self._sample_ids = list(samples)
+            self._person_ids = list(persons)
+            self._code_of = {p: i for i, p in enumerate(persons)}
+            rows = np.flatnonzero(alive)
+            self._label_of = {samples[r]: int(r) for r in rows}
+            self._counts = {}
+            for code, count in zip(*np.unique(codes[rows], return_counts=True)):
+                self._counts[int(code)] = int(count)
+            self._n = n
+            self._refresh_selector()
+
+    # ------------------------------------------------------------------ writes
+    def _grow(self, need: int) -> None:
+        cap = len(self._vecs)
+        if need <= cap:
+            return
+        cap = max(need, 2 * cap)
+        n = self._n
+        vecs = np.zeros((cap, self.dim), np.float32)
+        vecs[:n] = self._vecs[:n]
+        codes = np.zeros(cap, np.int64)
+        codes[:n] = self._codes[:n]
+        alive = np.zeros(cap, bool)
+        alive[:n] = self._alive[:n]
+        self._vecs, self._codes, self._alive = vecs, codes, alive
+
+    def train(self, vectors: np.ndarray) -> None:
+        """The first vectors decide the graph: its PCA (if the variance sits in few components) and
+        its quantiser's ranges (sq8). Later calls do nothing (a rebuild retrains)."""
+        if self.graph is None:
+            vectors = normalise(vectors)
+            self.graph = _graph(self.dim, self.policy, vectors)
+            self.graph.train(vectors)
+            self.trained_on = len(vectors)
+
+    def add(self, sample_ids: list[str], person_ids: list[str], vectors: np.ndarray) -> None:
+        vectors = normalise(np.asarray(vectors, np.float32).reshape(-1, self.dim))
+        if not len(sample_ids) == len(person_ids) == len(vectors):
+            raise ValueError("sample_ids, person_ids and vectors differ in length")
+        if not len(vectors):
+            return
+        with self._lock.write():
+            self.train(vectors)
+            n, m = self._n, len(vectors)
+            self._grow(n + m)
+            for i, (sid, pid) in enumerate(zip(sample_ids, person_ids)):
+                code = self._code_of.get(pid)
+                if code is None:
+                    code = self._code_of[pid] = len(self._person_ids)
+                    self._person_ids.append(pid)
+                self._codes[n + i] = code
+                self._counts[code] = self._counts.get(code, 0) + 1
+                self._label_of[sid] = n + i
+            self._sample_ids.extend(sample_ids)
+            self._vecs[n : n + m] = vectors
+            self.faiss.omp_set_num_threads(build_threads())  # this thread's OpenMP setting
+            self.graph.add(vectors)  # labels n .. n+m-1: FAISS numbers in insertion order
+            self._alive[n : n + m] = True
+            self._n = n + m
+            self._refresh_selector()
+
+    def _refresh_selector(self) -> None:
+        """FAISS's view of ``_alive`` (bit i of byte i // 8, little-endian): it reads this memory."""
+        self._bits = np.packbits(self._alive[: self._n], bitorder="little")
+        self._selector = self.faiss.IDSelectorBitmap(len(self._bits), self.faiss.swig_ptr(self._bits))
+
+    def labels_of(self, sample_ids=None, person_id: str | None = None) -> np.ndarray:
+        """Live labels of these samples and/or of every sample of this person."""
+        found = [self._label_of[s] for s in sample_ids or () if s in self._label_of]
+        if person_id is not None and person_id in self._code_of:
+            code = self._code_of[person_id]
+            found += np.flatnonzero((self._codes[: self._n] == code) & self._alive[: self._n]).tolist()
+        return np.unique(np.asarray(found, np.int64))
+
+    def remove(self, sample_ids: set[str] | None = None, person_id: str | None = None) -> int:
+        """Tombstone samples by id and/or every sample of a person, their vectors zeroed; returns
+        how many were dropped."""
+        with self._lock.write():
+            labels = self.labels_of(sample_ids, person_id)
+            if not len(labels):
+                return 0
+            self._alive[labels] = False
+            self._refresh_selector()
+            self._vecs[labels] = 0.0
+            codes = self.storage_codes()
+            codes[labels] = 0
+            for label in labels.tolist():
+                del self._label_of[self._sample_ids[label]]
+                code = int(self._codes[label])
+                self._counts[code] -= 1
+                if self._counts[code] == 0:
+                    del self._counts[code]
+            return len(labels)
+
+    def storage_codes(self) -> np.ndarray:
+        """The graph's stored vectors as a writable (labels, bytes) view of FAISS's memory."""
+        storage = self.faiss.downcast_index(self.hnsw().storage)
+        flat = self.faiss.rev_swig_ptr(storage.codes.data(), self.graph.ntotal * storage.code_size)
+        return flat.reshape(self.graph.ntotal, storage.code_size)
+
+    def hnsw(self):
+        """The HNSW index (inside the PCA transform, where there is one)."""
+        if isinstance(self.graph, self.faiss.IndexPreTransform):
+            return self.faiss.downcast_index(self.graph.index)
+        return self.graph
+
+    def pca_dims(self) -> int | None:
+        return self.hnsw().d if isinstance(self.graph, self.faiss.IndexPreTransform) else None
+
+    # ------------------------------------------------------------------ search
+    def _candidates(self, q: np.ndarray, want: int) -> np.ndarray:
+        params = self.faiss.SearchParametersHNSW()
+        params.efSearch = max(self.policy.ef_search, want)
+        params.sel = self._selector
+        outer = params
+        if isinstance(self.graph, self.faiss.IndexPreTransform):
+            outer = self.faiss.SearchParametersPreTransform()
+            outer.index_params = params  # ``params`` stays referenced until the search returns
+        self.faiss.omp_set_num_threads(self.policy.search_threads)  # this thread's OpenMP setting
+        _, found = self.graph.search(q[None], want, params=outer)
+        labels = found[0][found[0] >= 0]
+        return labels[self._alive[labels]]  # the selector already filtered; a deletion never slips by
+
+    def search(self, query: np.ndarray, k: int, exclude_person: str | None = None) -> list[Candidate]:
+        q = normalise(np.asarray(query, np.float32).reshape(self.dim))
+        with self._lock.read():
+            live = len(self._label_of)
+            exclude = self._code_of.get(exclude_person) if exclude_person is not None else None
+            want = min(live, 4 * (k + 1))  # a few samples per wanted person
+            while True:
+                labels = self._candidates(q, want) if want else np.zeros(0, np.int64)
+                scores = self._vecs[labels] @ q  # exact, as ExactIndex computes them
+                best = top_persons(scores, self._codes[labels], k, len(labels), exclude)
+                if len(best) >= k or want >= live:
+                    break
+                want = min(live, want * 4)  # persons with many samples crowd the candidates out
+            return [
+                Candidate(self._person_ids[int(self._codes[labels[r]])], float(min(1.0, max(-1.0, scores[r]))),
+                          self._sample_ids[int(labels[r])])
+                for _, r in best
+            ]
+
+    def measure_recall(self, queries: int | None = None, seed: int = 0, chunk: int = 65_536) -> dict:
+        """recall@1 against exact search, on leave-one-out searches: stored samples as queries with
+        their own person excluded (the duplicate check's search, and a non-mated search for the
+        index: the hard case). The exact answers come from one pass over the float32 rows."""
+        rng = np.random.default_rng(seed)
+        with self._lock.read():
+            n = self._n
+            rows = np.flatnonzero(self._alive[:n])
+            picked = rng.choice(rows, min(len(rows), queries or self.policy.recall_queries), replace=False)
+            q = self._vecs[picked].copy()
+            own = self._codes[picked]
+            best = np.full(len(picked), -np.inf, np.float32)
+            best_code = np.full(len(picked), -1, np.int64)
+            for lo in range(0, n, chunk):
+                hi = min(n, lo + chunk)
+                s = q @ self._vecs[lo:hi].T
+                s[:, ~self._alive[lo:hi]] = -np.inf
+                s[own[:, None] == self._codes[None, lo:hi]] = -np.inf
+                col = s.argmax(axis=1)
+                top = s[np.arange(len(picked)), col]
+                better = top > best
+                best[better], best_code[better] = top[better], self._codes[lo + col[better]]
+            exact = [self._person_ids[c] if c >= 0 else None for c in best_code]
+            owners = [self._person_ids[c] for c in own]
+        hits = 0
+        for v, owner, want in zip(q, owners, exact):
+            got = self.search(v, 1, exclude_person=owner)
+            hits += (got[0].person_id if got else None) == want
+        self.recall = {
+            "recall_at_1": None if not len(picked) else round(hits / len(picked), 4),
+            "queries": int(len(picked)),
+            "samples": len(self._label_of),
+            "how": "leave-one-out: stored samples searched with their own person excluded, against exact search",
+        }
+        return self.recall
+
+    def info(self) -> dict:
+        return {"kind": self.kind, "loaded": True, "samples": len(self), "dead_labels": self._n - len(self),
+                **self.policy.params(), "pca_dims": None if self.graph is None else self.pca_dims(),
+                "recall": self.recall, "build": self.build}
+
