@@ -278,3 +278,19 @@ def test_eval_of_the_reimported_model_gives_the_source_numbers(setup):
         assert (out["source"] / f).read_bytes() == (out["imported"] / f).read_bytes(), f
     np.testing.assert_array_equal(np.load(tmp / "emb_source.npz")["embedding"],
                                   np.load(tmp / "emb_imported.npz")["embedding"])
+
+
+@pytest.mark.parametrize("method", ["embedding_norm", "detector_score"])
+def test_an_aligned_input_has_no_detector_score_quality(setup, method):
+    from facerec.bundle import ModelBundle, find_graph
+    from facerec.runtime import FacePipeline, OnnxRuntimeBackend
+    from facerec.runtime.quality import QualityFallback
+
+    tmp, _ = setup
+    folder = ModelBundle(tmp / "imported")
+    fallback = QualityFallback(method, folder.contract().contract_id, np.linspace(0, 1, 101), "test")
+    pipeline = FacePipeline(OnnxRuntimeBackend(find_graph(folder.folder), device="cpu"), quality_fallback=fallback)
+    crop = next((tmp / "val").glob("*/*.jpg")).read_bytes()  # an aligned 112x112 crop: no detection, no score
+    face = pipeline.process(crop, aligned=True).faces[0]
+    assert np.isnan(face.det_score)
+    assert face.quality == (pytest.approx(face.embedding_norm) if method == "embedding_norm" else None)

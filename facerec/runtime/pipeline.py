@@ -285,7 +285,8 @@ class FacePipeline:
                 det_score=float(d.score),
                 embedding=unit[i],
                 embedding_norm=float(norms[i]),
-                quality=None if quality is None else float(quality[i]),
+                # None where the measure has no value: the detector score of an aligned input (NaN)
+                quality=None if quality is None or not np.isfinite(quality[i]) else float(quality[i]),
                 ood=scores[i],
                 features={n: v[i] for n, v in features.items()} if self.keep_features else None,
                 crop=located.crops[i] if self.keep_crops else None,
