@@ -213,3 +213,29 @@ def test_openset_cmc_and_det_at_fpir(sample):
     with pytest.raises(SystemExit, match="drop --pairs"):
         main(["eval", "openset", str(MODEL), "--images", str(sample / "aligned"), "--pairs",
               str(sample / "pairs.txt"), "--out", str(out)])
+
+
+def test_the_validation_protocol_splits_its_one_fold_into_stratified_folds(tmp_path):
+    """LFW fold 5 is one fold of pairs.txt: `--protocol validation` scores it by 10 stratified folds
+    (as benchmarks/evaluate_lfw.py does) instead of failing on 'at least two folds'."""
+    import argparse
+
+    from facerec.cli.eval_data import load_dataset
+    from facerec.data import protocol
+    from facerec.eval.verification import kfold_accuracy
+
+    data = os.environ.get("FACEREC_DATA")
+    if not data or not protocol.has_lfw(data):
+        pytest.skip("FACEREC_DATA with LFW's people.txt/pairs.txt is absent")
+    people = protocol.validation_people(data)
+    for path, name in protocol.lfw_images_of(people, data):  # empty stand-ins: only the paths are read
+        (tmp_path / name).mkdir(exist_ok=True)
+        (tmp_path / name / f"{path.stem}.jpg").touch()
+    args = argparse.Namespace(bin=None, images=str(tmp_path), pairs=None, protocol="validation", data=data,
+                              folds=10)
+    pairs = load_dataset(args).pairs
+    assert pairs.folds == 10 and pairs.a.size == 600 and pairs.same.sum() == 300
+    rng = np.random.default_rng(0)
+    scores = np.where(pairs.same, 0.6, 0.2) + rng.normal(0, 0.1, pairs.same.size)
+    result = kfold_accuracy(scores, pairs.same, pairs.folds)
+    assert result.accuracies.size == 10 and 0.9 < result.accuracies.mean() <= 1.0

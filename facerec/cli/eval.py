@@ -56,7 +56,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     v.add_argument("--detect-pose", action="store_true", help="detect landmarks on the evaluated crops")
     v.add_argument("--fars", type=_floats, default=[1e-2, 1e-3, 1e-4], help="e.g. 1e-2,1e-3,1e-4")
     v.add_argument("--yaw-edges", type=_floats, default=[15.0, 30.0], help="|yaw| bin edges, degrees")
-    v.add_argument("--folds", type=int, default=10, help="folds for a .bin (contiguous)")
+    v.add_argument("--folds", type=int, default=10, help="folds for a .bin (contiguous), or within a one-fold pair list such as --protocol validation (stratified by label)")
     v.add_argument("--threshold", type=float, default=None,
                    help="the operating threshold to mark and report (e.g. the model's calibrated one; "
                    "accept score >= it); default: the threshold at --operating-far on the evaluated impostors")

@@ -102,6 +102,8 @@ def load_dataset(args) -> DataSet:
         except KeyError as e:
             raise SystemExit(f"facerec eval: a pair uses an image that is not under {root}: {e}") from None
         folds = np.array([p.fold for p in pair_list])
+        if np.unique(folds).size < 2:  # one fold (validation: LFW fold 5): stratified folds within it
+            folds = getattr(args, "folds", None) or 10
         pairs = PairList(a, b, np.array([p.same for p in pair_list]), folds,
                          name=f"{args.protocol or Path(args.pairs).name} pairs")
     return DataSet(paths, keys, names, pairs, what)
