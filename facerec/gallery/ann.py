@@ -37,6 +37,8 @@ INSTALL_HINT = "pip install 'facerec[search]' (faiss-cpu)"
 #: sq8 learns each dimension's range from the first vectors added; an index trained on fewer is
 #: rebuilt (and so retrained) each time it doubles, until it was trained on this many.
 TRAIN_ENOUGH = 10_000
+#: The ef_search values tried, in order, when the index chooses its own (IndexPolicy.ef_search None).
+EF_LADDER = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 #: Fewer vectors than this say too little about the principal components: no PCA yet.
 PCA_MIN_VECTORS = 2_000
 
@@ -72,9 +74,12 @@ class IndexPolicy:
 
     kind: str = "auto"  # auto: approximate from min_samples on (when faiss is there) | exact | approximate
     min_samples: int = 50_000
-    m: int = 32  # graph degree (64 links per node on the bottom layer)
-    ef_construction: int = 40
-    ef_search: int = 64
+    m: int = 48  # graph degree (96 links per node on the bottom layer)
+    ef_construction: int = 64
+    # Candidates a search explores. None: the smallest of EF_LADDER whose measured recall@1 reaches
+    # target_recall, chosen at build (and again when the gallery has grown by half since).
+    ef_search: int | None = None
+    target_recall: float = 0.99
     storage: str = "sq8"  # what the graph search compares: sq8 | fp16 | flat (float32)
     # The graph works in the principal components holding this share of the variance, when they are
     # at most half the dimensions (face embeddings: ~160 of 512); 0: never.
@@ -82,12 +87,14 @@ class IndexPolicy:
     # OpenMP threads of one search: 1, since a search is one query (concurrent requests are the
     # parallelism) and on busy cores threads that wait for each other cost far more than they give
     search_threads: int = 1
-    recall_queries: int = 256  # leave-one-out searches that measure recall@1 at build
+    recall_queries: int = 512  # leave-one-out searches that measure recall@1 at build
     rebuild_dead_fraction: float = 0.2  # deleted share of the labels that triggers a rebuild
 
     def __post_init__(self) -> None:
         if self.kind not in ("auto", "exact", "approximate"):
             raise ValueError(f"index kind must be auto, exact or approximate, not {self.kind!r}")
+        if not 0.0 < self.target_recall <= 1.0:
+            raise ValueError("target_recall must be in (0, 1]")
         if self.storage not in ("sq8", "fp16", "flat"):
             raise ValueError(f"index storage must be sq8, fp16 or flat, not {self.storage!r}")
         if self.kind == "approximate":
@@ -196,6 +203,7 @@ class ApproxIndex:
         self._n = 0
         self._lock = ReadWriteLock()
         self.recall: dict | None = None  # what measure_recall found
+        self.ef_search = policy.ef_search or EF_LADDER[-1]  # until measure_recall chooses
         self.build: dict | None = None  # how long the graph took to build (wall, CPU seconds, threads)
         # vectors the quantiser learnt its ranges from (a loaded index: its file says)
         self.trained_on = 0 if policy.storage == "sq8" else TRAIN_ENOUGH
@@ -215,6 +223,11 @@ class ApproxIndex:
 
     def dead_fraction(self) -> float:
         return 0.0 if self._n == 0 else 1.0 - len(self._label_of) / self._n
+
+    def needs_recalibration(self) -> bool:
+        """The gallery has grown by half since recall was measured (recall falls as it grows)."""
+        measured = (self.recall or {}).get("samples") or 0
+        return len(self) >= max(1.5 * measured, measured + 1000)
 
     def needs_rebuild(self) -> bool:
         """Too many dead labels, or quantiser ranges learnt from too few vectors."""
@@ -373,9 +386,9 @@ class ApproxIndex:
         return self.hnsw().d if isinstance(self.graph, self.faiss.IndexPreTransform) else None
 
     # ------------------------------------------------------------------ search
-    def _candidates(self, q: np.ndarray, want: int) -> np.ndarray:
+    def _candidates(self, q: np.ndarray, want: int, ef_search: int) -> np.ndarray:
         params = self.faiss.SearchParametersHNSW()
-        params.efSearch = max(self.policy.ef_search, want)
+        params.efSearch = max(ef_search, want)
         params.sel = self._selector
         outer = params
         if isinstance(self.graph, self.faiss.IndexPreTransform):
@@ -386,14 +399,17 @@ class ApproxIndex:
         labels = found[0][found[0] >= 0]
         return labels[self._alive[labels]]  # the selector already filtered; a deletion never slips by
 
-    def search(self, query: np.ndarray, k: int, exclude_person: str | None = None) -> list[Candidate]:
+    def search(self, query: np.ndarray, k: int, exclude_person: str | None = None,
+               ef_search: int | None = None) -> list[Candidate]:
+        """``ef_search``: this search's, instead of the index's (recall measurements)."""
         q = normalise(np.asarray(query, np.float32).reshape(self.dim))
+        ef = ef_search or self.ef_search
         with self._lock.read():
             live = len(self._label_of)
             exclude = self._code_of.get(exclude_person) if exclude_person is not None else None
             want = min(live, 4 * (k + 1))  # a few samples per wanted person
             while True:
-                labels = self._candidates(q, want) if want else np.zeros(0, np.int64)
+                labels = self._candidates(q, want, ef) if want else np.zeros(0, np.int64)
                 scores = self._vecs[labels] @ q  # exact, as ExactIndex computes them
                 best = top_persons(scores, self._codes[labels], k, len(labels), exclude)
                 if len(best) >= k or want >= live:
@@ -429,12 +445,22 @@ class ApproxIndex:
                 best[better], best_code[better] = top[better], self._codes[lo + col[better]]
             exact = [self._person_ids[c] if c >= 0 else None for c in best_code]
             owners = [self._person_ids[c] for c in own]
-        hits = 0
-        for v, owner, want in zip(q, owners, exact):
-            got = self.search(v, 1, exclude_person=owner)
-            hits += (got[0].person_id if got else None) == want
+        ladder = [self.policy.ef_search] if self.policy.ef_search else list(EF_LADDER)
+        by_ef = {}
+        for ef in ladder:  # the smallest ef_search that reaches the target (or the last)
+            hits = 0
+            for v, owner, want in zip(q, owners, exact):
+                got = self.search(v, 1, exclude_person=owner, ef_search=ef)
+                hits += (got[0].person_id if got else None) == want
+            by_ef[str(ef)] = round(hits / max(1, len(picked)), 4)  # str keys: as JSON gives them back
+            if by_ef[str(ef)] >= self.policy.target_recall:
+                break
+        self.ef_search = ef
         self.recall = {
-            "recall_at_1": None if not len(picked) else round(hits / len(picked), 4),
+            "recall_at_1": None if not len(picked) else by_ef[str(ef)],
+            "ef_search": ef,
+            "target": None if self.policy.ef_search else self.policy.target_recall,
+            "by_ef_search": by_ef,
             "queries": int(len(picked)),
             "samples": len(self._label_of),
             "how": "leave-one-out: stored samples searched with their own person excluded, against exact search",
@@ -443,6 +469,6 @@ class ApproxIndex:
 
     def info(self) -> dict:
         return {"kind": self.kind, "loaded": True, "samples": len(self), "dead_labels": self._n - len(self),
-                **self.policy.params(), "pca_dims": None if self.graph is None else self.pca_dims(),
+                **self.policy.params(), "ef_search": self.ef_search, "pca_dims": None if self.graph is None else self.pca_dims(),
                 "recall": self.recall, "build": self.build}
 
