@@ -148,7 +148,7 @@ class Settings(BaseSettings):
         if self.gallery_backend == "pgvector" and not self.gallery_dsn:
             raise ValueError("FACEREC_GALLERY_BACKEND=pgvector needs FACEREC_GALLERY_DSN (a PostgreSQL DSN)")
         if self.gallery_index == "approximate":
-            from facerec.gallery.ann import INSTALL_HINT, faiss_module
+            from facerec.gallery.ann_policy import INSTALL_HINT, faiss_module
 
             if faiss_module() is None:
                 raise ValueError(f"FACEREC_GALLERY_INDEX=approximate needs faiss, which is not installed: "

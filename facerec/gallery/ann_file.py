@@ -27,7 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
-from facerec.gallery.ann import ApproxIndex, IndexPolicy, require_faiss
+from facerec.gallery.ann import ApproxIndex
+from facerec.gallery.ann_policy import IndexPolicy, require_faiss
 
 MAGIC = b"FRANN001"
 HEADER_BYTES = 16_384
@@ -155,6 +156,7 @@ def load(path: Path, policy: IndexPolicy) -> tuple[dict, ApproxIndex] | None:
     index.recall, index.build = header.get("recall"), header.get("build")
     if policy.ef_search is None and (index.recall or {}).get("ef_search"):
         index.ef_search = int(index.recall["ef_search"])  # as measured for this graph
+        index.exact_fallback = index.recall.get("searching") == "exact"
     index.trained_on = int(header.get("trained_on", 0))
     return header, index
 

@@ -35,7 +35,8 @@ from typing import Protocol
 
 
 from facerec.gallery import ann_file
-from facerec.gallery.ann import ApproxIndex, IndexPolicy, build_threads
+from facerec.gallery.ann import ApproxIndex
+from facerec.gallery.ann_policy import IndexPolicy, build_threads
 from facerec.gallery.index import ExactIndex
 
 log = logging.getLogger("facerec.gallery")

@@ -123,6 +123,11 @@ class OperatingPointOut(BaseModel):
 class IndexRecallOut(BaseModel):
     recall_at_1: float | None = Field(
         ..., description="share of the measuring searches whose best person is exact search's best person")
+    searching: Literal["graph", "exact"] | None = Field(
+        None, description="graph: searches go through the HNSW graph; exact: at the target recall the graph was "
+        "measured slower than comparing every sample, so every sample is compared (recall 1)")
+    graph_ms: float | None = Field(None, description="median time of one graph search at ef_search, when measured")
+    exact_ms: float | None = Field(None, description="median time of one search comparing every sample")
     ef_search: int | None = Field(None, description="the ef_search it was measured at (the index's)")
     target: float | None = Field(None, description="the recall the index chose its ef_search for (null: a "
                                  "fixed ef_search)")
