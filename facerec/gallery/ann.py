@@ -314,9 +314,13 @@ class ApproxIndex:
             live = len(self._label_of)
             exclude = self._code_of.get(exclude_person) if exclude_person is not None else None
             if self.exact_fallback if exact is None else exact:
-                labels = np.flatnonzero(self._alive[: self._n])
-                scores = self._vecs[labels] @ q
-                best = top_persons(scores, self._codes[labels], k, max(self._counts.values(), default=1), exclude)
+                n = self._n
+                labels = np.arange(n)
+                scores = self._vecs[:n] @ q  # the rows in place: no copy of the matrix
+                scores[~self._alive[:n]] = -np.inf
+                most = max(self._counts.values(), default=1)
+                best = [(c, r) for c, r in top_persons(scores, self._codes[:n], k, most, exclude)
+                        if scores[r] > -np.inf]
             else:
                 want = min(live, 4 * (k + 1))  # a few samples per wanted person
                 while True:
