@@ -40,7 +40,7 @@ from facerec.gallery import (
     assess,
     identification_metrics,
 )
-from facerec.gallery.ann import IndexPolicy
+from facerec.gallery.ann_policy import IndexPolicy
 from facerec.gallery.measure import Measured, OfflineModel, measure
 from facerec.gallery.openset import OPENSET_FILE, approximate_top1
 

@@ -154,7 +154,7 @@ def bench_hnsw(path, gallery_id, size, base, qs, truth, args) -> list[dict]:
     from facerec.gallery.sqlite_store import SQLiteStore
 
     policy = IndexPolicy(kind="approximate", m=args.m, ef_construction=args.ef_construction,
-                         recall_queries=args.recall_queries)
+                         recall_queries=args.recall_queries, target_recall=args.target_recall)
     store = SQLiteStore(path, index=policy)
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     t = time.perf_counter()
@@ -173,11 +173,17 @@ def bench_hnsw(path, gallery_id, size, base, qs, truth, args) -> list[dict]:
               "index_load_s": round(reload_s, 2), "leave_one_out": info["recall"]}
     out = []
     pca = f"PCA {info['pca_dims']}, " if info.get("pca_dims") else ""
-    for ef in args.ef:
+    chosen, fallback = index.ef_search, index.exact_fallback
+    for i, ef in enumerate([chosen] + [e for e in args.ef if e != chosen]):
+        how = f"ef_search {ef}" + (f" (its own choice for recall {args.target_recall})" if i == 0 else "")
+        if i == 0 and fallback:
+            how = f"its own choice for recall {args.target_recall}: every sample compared (the graph needed " \
+                  f"ef_search {ef}, slower)"
         row = {**common, "method": f"in-process HNSW (faiss, m {args.m}, ef_construction {args.ef_construction}, "
-               f"{pca}sq8, exact re-ranking), ef_search {ef}", "ef_search": ef, "search_by_threads": {}}
+               f"{pca}sq8, exact re-ranking), {how}", "ef_search": ef, "search_by_threads": {}}
+        index.ef_search, index.exact_fallback = ef, fallback and i == 0
         for threads in (2, 1):  # 1 (the default): what the service runs
-            index.policy = dataclasses.replace(policy, ef_search=ef, search_threads=threads)
+            index.policy = dataclasses.replace(policy, search_threads=threads)
             row["search_by_threads"][threads], answers = timed(lambda q: store.search(gallery_id, q, K), qs)
         row["search"] = row["search_by_threads"][1]
         row["quality"] = quality(answers, truth)
@@ -328,10 +334,14 @@ def main() -> None:
     ap.add_argument("--no-hnsw", dest="hnsw", action="store_false", help="skip the in-process HNSW index")
     ap.add_argument("--ivf", action="store_true", help="also a faiss IVF index, to compare with HNSW")
     ap.add_argument("--ivf-max", type=int, default=100_000, help="the IVF comparison up to this size")
-    ap.add_argument("--ef", type=int, nargs="+", default=[64, 128, 256], help="HNSW ef_search values")
-    ap.add_argument("--m", type=int, default=32, help="HNSW degree")
-    ap.add_argument("--ef-construction", type=int, default=40, help="HNSW ef_construction")
-    ap.add_argument("--recall-queries", type=int, default=256, help="leave-one-out searches measured at build")
+    ap.add_argument("--ef", type=int, nargs="+", default=[256, 512, 1024, 2048],
+                    help="HNSW ef_search values measured besides the index's own choice")
+    ap.add_argument("--m", type=int, default=IndexPolicy.m, help="HNSW degree")
+    ap.add_argument("--ef-construction", type=int, default=IndexPolicy.ef_construction, help="HNSW ef_construction")
+    ap.add_argument("--target-recall", type=float, default=IndexPolicy.target_recall,
+                    help="recall@1 the index chooses its ef_search for")
+    ap.add_argument("--recall-queries", type=int, default=IndexPolicy.recall_queries,
+                    help="leave-one-out searches measured at build")
     ap.add_argument("--budget-s", type=float, default=1800.0, help="largest import time per backend and size")
     ap.add_argument("--hnsw-max", type=int, default=100_000, help="pgvector: HNSW indexes up to this size")
     ap.add_argument("--pg-hnsw", nargs="+", default=["16:64"], help="pgvector HNSW builds, m:ef_construction")

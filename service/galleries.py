@@ -95,7 +95,8 @@ class Galleries:
                     store = open_store("pgvector", dsn=s.gallery_dsn, purge=s.gallery_pg_purge)
                 else:
                     policy = IndexPolicy(kind=s.gallery_index, min_samples=s.gallery_index_min_samples,
-                                         ef_search=s.gallery_index_ef_search)
+                                         ef_search=s.gallery_index_ef_search,
+                                         target_recall=s.gallery_index_recall)
                     store = open_store("sqlite", path=self.sqlite_path(), index=policy)
                 self._manager = GalleryManager(store, self.engine.backend.contract, self.calibration)
                 log.info("gallery store: %s", store.backend)

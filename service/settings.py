@@ -105,7 +105,10 @@ class Settings(BaseSettings):
         "auto", description="auto: approximate from gallery_index_min_samples on when faiss is installed; "
         "approximate: always (faiss required)")
     gallery_index_min_samples: int = Field(50_000, ge=0, le=10**9)
-    gallery_index_ef_search: int = Field(64, ge=8, le=4096)  # HNSW candidates explored per search
+    # HNSW candidates explored per search; unset: the index chooses the smallest that reaches
+    # gallery_index_recall (recall@1 against exact search, measured at build)
+    gallery_index_ef_search: int | None = Field(None, ge=8, le=4096)
+    gallery_index_recall: float = Field(0.99, ge=0.5, le=1.0)
 
     # ---- person metadata (docs/gallery.md): refused with 422 invalid_metadata above these limits.
     # The upper bounds are the stores' own hard caps (facerec.gallery.metadata.STORE_LIMITS).
@@ -161,7 +164,7 @@ class Settings(BaseSettings):
         if self.gallery_backend == "pgvector" and not self.gallery_dsn:
             raise ValueError("FACEREC_GALLERY_BACKEND=pgvector needs FACEREC_GALLERY_DSN (a PostgreSQL DSN)")
         if self.gallery_index == "approximate":
-            from facerec.gallery.ann import INSTALL_HINT, faiss_module
+            from facerec.gallery.ann_policy import INSTALL_HINT, faiss_module
 
             if faiss_module() is None:
                 raise ValueError(f"FACEREC_GALLERY_INDEX=approximate needs faiss, which is not installed: "

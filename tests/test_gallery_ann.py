@@ -11,7 +11,7 @@ import pytest
 
 from facerec.gallery import IndexPolicy, NewSample
 from facerec.gallery import ann as ann_mod
-from facerec.gallery import ann_file
+from facerec.gallery import ann_file, ann_policy
 from facerec.gallery.sqlite_store import SQLiteStore
 from facerec.gallery.store import check_embedding
 
@@ -119,6 +119,10 @@ def test_exact_below_the_size_then_approximate_built_in_the_background(tmp_path)
     assert index.kind == "hnsw" and len(index) == 601
     info = s.index_info(g.id)
     assert info["recall"]["queries"] == 64 and info["recall"]["recall_at_1"] >= 0.9
+    from service.routes.gallery_schemas import IndexOut
+
+    shown = IndexOut(**info)  # what GET /v1/galleries/{id} answers
+    assert shown.kind == "hnsw" and shown.recall.ef_search == 128 and shown.loaded
     for i in range(0, 600, 37):
         assert s.search(g.id, vecs[i], 1)[0].person_id == ids[i]
     assert s.search(g.id, vecs[600], 1)[0].person_id == more.id
@@ -161,7 +165,7 @@ def test_rebuild_after_deletions(tmp_path):
 
 
 def test_without_faiss_exact_search_or_a_clear_refusal(tmp_path, monkeypatch):
-    monkeypatch.setattr(ann_mod, "faiss_module", lambda: None)
+    monkeypatch.setattr(ann_policy, "faiss_module", lambda: None)
     with pytest.raises(RuntimeError, match=r"needs faiss.*facerec\[search\]"):
         IndexPolicy(kind="approximate")
     s = SQLiteStore(tmp_path / "g.sqlite3", index=IndexPolicy(kind="auto", min_samples=10))
@@ -318,3 +322,37 @@ def test_pgvector_import_builds_its_hnsw_index_after_the_rows(tmp_path, capsys):
     with pytest.raises(ValueError, match="maintenance_work_mem"):
         s.create_hnsw_index(g.id, maintenance_work_mem="1GB; DROP TABLE x")
     s.close()
+
+
+def test_the_index_chooses_the_smallest_ef_search_that_reaches_its_target_recall(tmp_path):
+    rng = np.random.default_rng(11)
+    vecs = clustered(rng, 3000, clusters=300, spread=1.5)  # near-uniform, and a sparse graph: a hard case
+    policy = IndexPolicy(kind="approximate", m=4, ef_construction=8, target_recall=0.99, recall_queries=300)
+    idx = ann_mod.ApproxIndex(D, policy)
+    idx.add([f"{i:032x}" for i in range(3000)], [f"{10**6 + i:032x}" for i in range(3000)], vecs)
+    recall = idx.measure_recall()
+    tried = [int(ef) for ef in recall["by_ef_search"]]
+    assert len(tried) >= 3 and tried == list(ann_mod.EF_LADDER[: len(tried)]) and idx.ef_search == recall["ef_search"] == tried[-1]
+    assert recall["recall_at_1"] >= 0.99 and all(r < 0.99 for r in list(recall["by_ef_search"].values())[:-1])
+    ann_file.save(idx, tmp_path / "index", "g", generation=1)
+    assert ann_file.load(tmp_path / "index", policy)[1].ef_search == idx.ef_search  # kept with the graph
+    assert ann_file.load(tmp_path / "index", IndexPolicy(ef_search=40))[1].ef_search == 40  # a fixed one rules
+
+
+def test_where_the_graph_is_slower_than_comparing_everything_the_index_searches_exactly():
+    """On embeddings without structure (uniform) the ef_search a recall needs can cost more than
+    comparing every sample: measure_recall then switches the index to that exact comparison."""
+    rng = np.random.default_rng(12)
+    vecs = clustered(rng, 2000)
+    owners = [f"p{i // 2}" for i in range(2000)]
+    idx = ann_mod.ApproxIndex(D, IndexPolicy(kind="approximate"))
+    idx.add([f"s{i}" for i in range(2000)], owners, vecs)
+    recall = idx.measure_recall(queries=50)
+    assert recall["searching"] in ("graph", "exact") and recall["graph_ms"] > 0 and recall["exact_ms"] > 0
+    idx.exact_fallback = True
+    idx.remove(person_id="p3")
+    for q in clustered(rng, 20):
+        u = q / np.linalg.norm(q)
+        want = brute_force(vecs[[o != "p3" for o in owners]], [o for o in owners if o != "p3"], u, 5, "p0")
+        got = idx.search(q, 5, exclude_person="p0")
+        assert [(c.person_id, round(c.similarity, 5)) for c in got] == [(p, round(x, 5)) for p, x in want]

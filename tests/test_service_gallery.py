@@ -699,10 +699,10 @@ def test_gallery_settings_and_unreachable_database_stop_the_start(tmp_path, monk
     from pydantic import ValidationError
 
     from facerec.gallery import StoreUnavailable
-    from facerec.gallery import ann
+    from facerec.gallery import ann_policy
 
     with monkeypatch.context() as m:
-        m.setattr(ann, "faiss_module", lambda: None)
+        m.setattr(ann_policy, "faiss_module", lambda: None)
         with pytest.raises(ValidationError, match=r"FACEREC_GALLERY_INDEX=approximate needs faiss"):
             Settings(model=DEFAULT_MODEL_DIR, api_keys=[KEY], gallery_index="approximate")
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from facerec.gallery.ann import IndexPolicy
+from facerec.gallery.ann_policy import IndexPolicy
 from facerec.gallery.index import Candidate, ExactIndex
 from facerec.gallery.manager import (
     Decision,

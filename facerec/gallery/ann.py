@@ -24,85 +24,24 @@ thread (``search_threads``), a build every core.
 
 from __future__ import annotations
 
-import os
+import logging
 import threading
+import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from facerec.gallery.ann_policy import (
+    EF_LADDER,
+    TRAIN_ENOUGH,
+    IndexPolicy,
+    build_threads,
+    make_graph,
+    require_faiss,
+)
 from facerec.gallery.index import Candidate, normalise, top_persons
 
-INSTALL_HINT = "pip install 'facerec[search]' (faiss-cpu)"
-#: sq8 learns each dimension's range from the first vectors added; an index trained on fewer is
-#: rebuilt (and so retrained) each time it doubles, until it was trained on this many.
-TRAIN_ENOUGH = 10_000
-#: Fewer vectors than this say too little about the principal components: no PCA yet.
-PCA_MIN_VECTORS = 2_000
-
-
-def faiss_module():
-    """The faiss module, or None when it is not installed."""
-    try:
-        import faiss
-    except ImportError:
-        return None
-    return faiss
-
-
-def build_threads() -> int:
-    """OpenMP threads for adding to a graph: ``OMP_NUM_THREADS``, else every core. Set per call,
-    since a thread that searched was left at ``search_threads``."""
-    try:
-        return max(1, int(os.environ.get("OMP_NUM_THREADS", "")))
-    except ValueError:
-        return os.cpu_count() or 1
-
-
-def require_faiss():
-    faiss = faiss_module()
-    if faiss is None:
-        raise RuntimeError(f"the approximate gallery index needs faiss, which is not installed: {INSTALL_HINT}")
-    return faiss
-
-
-@dataclass(frozen=True)
-class IndexPolicy:
-    """Which index a gallery gets, and the HNSW parameters of the approximate one."""
-
-    kind: str = "auto"  # auto: approximate from min_samples on (when faiss is there) | exact | approximate
-    min_samples: int = 50_000
-    m: int = 32  # graph degree (64 links per node on the bottom layer)
-    ef_construction: int = 40
-    ef_search: int = 64
-    storage: str = "sq8"  # what the graph search compares: sq8 | fp16 | flat (float32)
-    # The graph works in the principal components holding this share of the variance, when they are
-    # at most half the dimensions (face embeddings: ~160 of 512); 0: never.
-    pca_variance: float = 0.995
-    # OpenMP threads of one search: 1, since a search is one query (concurrent requests are the
-    # parallelism) and on busy cores threads that wait for each other cost far more than they give
-    search_threads: int = 1
-    recall_queries: int = 256  # leave-one-out searches that measure recall@1 at build
-    rebuild_dead_fraction: float = 0.2  # deleted share of the labels that triggers a rebuild
-
-    def __post_init__(self) -> None:
-        if self.kind not in ("auto", "exact", "approximate"):
-            raise ValueError(f"index kind must be auto, exact or approximate, not {self.kind!r}")
-        if self.storage not in ("sq8", "fp16", "flat"):
-            raise ValueError(f"index storage must be sq8, fp16 or flat, not {self.storage!r}")
-        if self.kind == "approximate":
-            require_faiss()
-
-    def approximate(self, samples: int) -> bool:
-        """Whether a gallery of ``samples`` samples gets the approximate index."""
-        if self.kind == "exact":
-            return False
-        if self.kind == "approximate":
-            return True
-        return samples >= self.min_samples and faiss_module() is not None
-
-    def params(self) -> dict:
-        return {k: v for k, v in asdict(self).items() if k not in ("kind", "min_samples")}
+log = logging.getLogger("facerec.gallery")
 
 
 class ReadWriteLock:
@@ -144,35 +83,6 @@ class ReadWriteLock:
                 self._cond.notify_all()
 
 
-def pca_dims(vectors: np.ndarray, variance: float) -> int | None:
-    """Principal components (a multiple of 16) holding ``variance`` of ``vectors``' variance, or
-    None where that is more than half the dimensions, or too few vectors to tell."""
-    n, dim = vectors.shape
-    if not variance or n < PCA_MIN_VECTORS:
-        return None
-    centred = vectors - vectors.mean(axis=0)
-    spectrum = np.linalg.eigvalsh(centred.T @ centred / n)[::-1]
-    dims = int(np.searchsorted(np.cumsum(spectrum) / spectrum.sum(), variance) + 1)
-    dims = -(-dims // 16) * 16
-    return dims if dims <= dim // 2 else None
-
-
-def _graph(dim: int, policy: IndexPolicy, train: np.ndarray):
-    """An untrained FAISS index for ``policy``; with PCA the graph compares L2 distances of the
-    projected vectors (the projection centres them, which would bias inner products; for unit
-    vectors L2 orders as the cosine does)."""
-    faiss = require_faiss()
-    dims = pca_dims(train, policy.pca_variance)
-    metric = faiss.METRIC_L2 if dims else faiss.METRIC_INNER_PRODUCT
-    if policy.storage == "flat":
-        index = faiss.IndexHNSWFlat(dims or dim, policy.m, metric)
-    else:
-        qtype = faiss.ScalarQuantizer.QT_8bit if policy.storage == "sq8" else faiss.ScalarQuantizer.QT_fp16
-        index = faiss.IndexHNSWSQ(dims or dim, qtype, policy.m, metric)
-    index.hnsw.efConstruction = policy.ef_construction
-    return faiss.IndexPreTransform(faiss.PCAMatrix(dim, dims), index) if dims else index
-
-
 class ApproxIndex:
     """The interface of :class:`~facerec.gallery.index.ExactIndex` over an HNSW graph."""
 
@@ -196,6 +106,9 @@ class ApproxIndex:
         self._n = 0
         self._lock = ReadWriteLock()
         self.recall: dict | None = None  # what measure_recall found
+        self.ef_search = policy.ef_search or EF_LADDER[-1]  # until measure_recall chooses
+        # measure_recall found the graph slower at the target recall than comparing every sample
+        self.exact_fallback = False
         self.build: dict | None = None  # how long the graph took to build (wall, CPU seconds, threads)
         # vectors the quantiser learnt its ranges from (a loaded index: its file says)
         self.trained_on = 0 if policy.storage == "sq8" else TRAIN_ENOUGH
@@ -215,6 +128,11 @@ class ApproxIndex:
 
     def dead_fraction(self) -> float:
         return 0.0 if self._n == 0 else 1.0 - len(self._label_of) / self._n
+
+    def needs_recalibration(self) -> bool:
+        """The gallery has grown by half since recall was measured (recall falls as it grows)."""
+        measured = (self.recall or {}).get("samples") or 0
+        return len(self) >= max(1.5 * measured, measured + 1000)
 
     def needs_rebuild(self) -> bool:
         """Too many dead labels, or quantiser ranges learnt from too few vectors."""
@@ -294,7 +212,7 @@ class ApproxIndex:
         its quantiser's ranges (sq8). Later calls do nothing (a rebuild retrains)."""
         if self.graph is None:
             vectors = normalise(vectors)
-            self.graph = _graph(self.dim, self.policy, vectors)
+            self.graph = make_graph(self.dim, self.policy, vectors)
             self.graph.train(vectors)
             self.trained_on = len(vectors)
 
@@ -373,9 +291,9 @@ class ApproxIndex:
         return self.hnsw().d if isinstance(self.graph, self.faiss.IndexPreTransform) else None
 
     # ------------------------------------------------------------------ search
-    def _candidates(self, q: np.ndarray, want: int) -> np.ndarray:
+    def _candidates(self, q: np.ndarray, want: int, ef_search: int) -> np.ndarray:
         params = self.faiss.SearchParametersHNSW()
-        params.efSearch = max(self.policy.ef_search, want)
+        params.efSearch = max(ef_search, want)
         params.sel = self._selector
         outer = params
         if isinstance(self.graph, self.faiss.IndexPreTransform):
@@ -386,19 +304,32 @@ class ApproxIndex:
         labels = found[0][found[0] >= 0]
         return labels[self._alive[labels]]  # the selector already filtered; a deletion never slips by
 
-    def search(self, query: np.ndarray, k: int, exclude_person: str | None = None) -> list[Candidate]:
+    def search(self, query: np.ndarray, k: int, exclude_person: str | None = None,
+               ef_search: int | None = None, exact: bool | None = None) -> list[Candidate]:
+        """``ef_search``: this search's, instead of the index's; ``exact``: compare every live
+        sample (default: when the graph was measured slower than that, see :meth:`measure_recall`)."""
         q = normalise(np.asarray(query, np.float32).reshape(self.dim))
+        ef = ef_search or self.ef_search
         with self._lock.read():
             live = len(self._label_of)
             exclude = self._code_of.get(exclude_person) if exclude_person is not None else None
-            want = min(live, 4 * (k + 1))  # a few samples per wanted person
-            while True:
-                labels = self._candidates(q, want) if want else np.zeros(0, np.int64)
-                scores = self._vecs[labels] @ q  # exact, as ExactIndex computes them
-                best = top_persons(scores, self._codes[labels], k, len(labels), exclude)
-                if len(best) >= k or want >= live:
-                    break
-                want = min(live, want * 4)  # persons with many samples crowd the candidates out
+            if self.exact_fallback if exact is None else exact:
+                n = self._n
+                labels = np.arange(n)
+                scores = self._vecs[:n] @ q  # the rows in place: no copy of the matrix
+                scores[~self._alive[:n]] = -np.inf
+                most = max(self._counts.values(), default=1)
+                best = [(c, r) for c, r in top_persons(scores, self._codes[:n], k, most, exclude)
+                        if scores[r] > -np.inf]
+            else:
+                want = min(live, 4 * (k + 1))  # a few samples per wanted person
+                while True:
+                    labels = self._candidates(q, want, ef) if want else np.zeros(0, np.int64)
+                    scores = self._vecs[labels] @ q  # exact, as ExactIndex computes them
+                    best = top_persons(scores, self._codes[labels], k, len(labels), exclude)
+                    if len(best) >= k or want >= live:
+                        break
+                    want = min(live, want * 4)  # persons with many samples crowd the candidates out
             return [
                 Candidate(self._person_ids[int(self._codes[labels[r]])], float(min(1.0, max(-1.0, scores[r]))),
                           self._sample_ids[int(labels[r])])
@@ -429,12 +360,38 @@ class ApproxIndex:
                 best[better], best_code[better] = top[better], self._codes[lo + col[better]]
             exact = [self._person_ids[c] if c >= 0 else None for c in best_code]
             owners = [self._person_ids[c] for c in own]
-        hits = 0
-        for v, owner, want in zip(q, owners, exact):
-            got = self.search(v, 1, exclude_person=owner)
-            hits += (got[0].person_id if got else None) == want
+        ladder = [self.policy.ef_search] if self.policy.ef_search else list(EF_LADDER)
+        by_ef = {}
+        for ef in ladder:  # the smallest ef_search that reaches the target (or the last)
+            hits, times = 0, []
+            for v, owner, want in zip(q, owners, exact):
+                t = time.perf_counter()
+                got = self.search(v, 1, exclude_person=owner, ef_search=ef, exact=False)
+                times.append(time.perf_counter() - t)
+                hits += (got[0].person_id if got else None) == want
+            by_ef[str(ef)] = round(hits / max(1, len(picked)), 4)  # str keys: as JSON gives them back
+            if by_ef[str(ef)] >= self.policy.target_recall:
+                break
+        exact_times = []
+        for v, owner in list(zip(q, owners))[:16]:
+            t = time.perf_counter()
+            self.search(v, 1, exclude_person=owner, exact=True)
+            exact_times.append(time.perf_counter() - t)
+        graph_ms = 1e3 * float(np.median(times)) if times else 0.0
+        exact_ms = 1e3 * float(np.median(exact_times)) if exact_times else 0.0
+        self.ef_search = ef
+        self.exact_fallback = bool(times) and graph_ms >= exact_ms
+        if self.exact_fallback:
+            log.warning("approximate index: at ef_search %d (recall@1 %.3f) the graph takes %.1f ms, comparing "
+                        "every sample %.1f ms: searching exactly", ef, by_ef[str(ef)], graph_ms, exact_ms)
         self.recall = {
-            "recall_at_1": None if not len(picked) else round(hits / len(picked), 4),
+            "recall_at_1": None if not len(picked) else (1.0 if self.exact_fallback else by_ef[str(ef)]),
+            "searching": "exact" if self.exact_fallback else "graph",
+            "graph_ms": round(graph_ms, 3),
+            "exact_ms": round(exact_ms, 3),
+            "ef_search": ef,
+            "target": None if self.policy.ef_search else self.policy.target_recall,
+            "by_ef_search": by_ef,
             "queries": int(len(picked)),
             "samples": len(self._label_of),
             "how": "leave-one-out: stored samples searched with their own person excluded, against exact search",
@@ -443,6 +400,6 @@ class ApproxIndex:
 
     def info(self) -> dict:
         return {"kind": self.kind, "loaded": True, "samples": len(self), "dead_labels": self._n - len(self),
-                **self.policy.params(), "pca_dims": None if self.graph is None else self.pca_dims(),
+                **self.policy.params(), "ef_search": self.ef_search, "pca_dims": None if self.graph is None else self.pca_dims(),
                 "recall": self.recall, "build": self.build}
 

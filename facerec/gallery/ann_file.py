@@ -27,7 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
-from facerec.gallery.ann import ApproxIndex, IndexPolicy, require_faiss
+from facerec.gallery.ann import ApproxIndex
+from facerec.gallery.ann_policy import IndexPolicy, require_faiss
 
 MAGIC = b"FRANN001"
 HEADER_BYTES = 16_384
@@ -127,7 +128,8 @@ def save(index: ApproxIndex, path: Path, gallery_id: str, generation: int) -> No
 
 def load(path: Path, policy: IndexPolicy) -> tuple[dict, ApproxIndex] | None:
     """(header, index) from the file, or None when there is none (or it is unreadable). The
-    search-time parameters (ef_search, ...) are ``policy``'s; the graph keeps its build's."""
+    graph keeps its build's parameters; ``ef_search`` is ``policy``'s, or the one chosen when its
+    recall was measured."""
     header = read_header(path)
     if header is None:
         return None
@@ -152,6 +154,9 @@ def load(path: Path, policy: IndexPolicy) -> tuple[dict, ApproxIndex] | None:
     index = ApproxIndex(dim, policy, graph=graph, capacity=max(1024, n))
     index.restore(samples, codes, persons, vectors, alive)
     index.recall, index.build = header.get("recall"), header.get("build")
+    if policy.ef_search is None and (index.recall or {}).get("ef_search"):
+        index.ef_search = int(index.recall["ef_search"])  # as measured for this graph
+        index.exact_fallback = index.recall.get("searching") == "exact"
     index.trained_on = int(header.get("trained_on", 0))
     return header, index
 

@@ -15,7 +15,8 @@ or ``kind="exact"``) the exact index; from there on the approximate one
   when deletions leave ``rebuild_dead_fraction`` of an approximate index's labels dead (or, for a
   gallery that started small, when it has doubled since its quantiser was trained); searches use
   the current index meanwhile and the new one replaces it when it is ready (with the writes made
-  during the build applied first). :meth:`IndexCache.wait` waits for running builds;
+  during the build applied first); its recall is measured again (and its ``ef_search`` chosen
+  again) when the gallery has grown by half. :meth:`IndexCache.wait` waits for these threads;
 - saved after a build or a reconcile, and at :meth:`IndexCache.close` when it is current;
   deletions are scrubbed from the file at once (:func:`~facerec.gallery.ann_file.scrub`).
 
@@ -34,7 +35,8 @@ from typing import Protocol
 
 
 from facerec.gallery import ann_file
-from facerec.gallery.ann import ApproxIndex, IndexPolicy, build_threads
+from facerec.gallery.ann import ApproxIndex
+from facerec.gallery.ann_policy import IndexPolicy, build_threads
 from facerec.gallery.index import ExactIndex
 
 log = logging.getLogger("facerec.gallery")
@@ -180,9 +182,11 @@ class IndexCache:
                 return
             index = cached[1]
         if isinstance(index, ExactIndex) and self.policy.approximate(len(index)):
-            self._start_build(gallery_id, index)
+            self._start(self._build, gallery_id, index)
         elif isinstance(index, ApproxIndex) and index.needs_rebuild():
-            self._start_build(gallery_id, index)
+            self._start(self._build, gallery_id, index)
+        elif isinstance(index, ApproxIndex) and index.needs_recalibration():
+            self._start(self._recalibrate, gallery_id, index)
 
     def removed(self, gallery_id: str, before: int, sample_ids=(), person_id: str | None = None) -> None:
         """After a committed deletion: out of the cached index and out of the index file."""
@@ -201,15 +205,25 @@ class IndexCache:
             ann_file.remove(path)
 
     # ------------------------------------------------------------------ builds
-    def _start_build(self, gallery_id: str, source_index) -> None:
+    def _start(self, work, gallery_id: str, index) -> None:
+        """``work(gallery_id, index)`` in a background thread, unless one runs for the gallery."""
         with self._lock:
             running = self._builds.get(gallery_id)
             if running is not None and running.is_alive():
                 return
-            thread = threading.Thread(target=self._build, args=(gallery_id, source_index), daemon=True,
+            thread = threading.Thread(target=work, args=(gallery_id, index), daemon=True,
                                       name=f"gallery-index-{gallery_id[:8]}")
             self._builds[gallery_id] = thread
         thread.start()
+
+    def _recalibrate(self, gallery_id: str, index: ApproxIndex) -> None:
+        """Measure recall again (and choose ef_search again) on the grown gallery."""
+        try:
+            recall = index.measure_recall()
+            log.info("gallery %s: recall@1 %s at ef_search %s (%d samples)", gallery_id, recall["recall_at_1"],
+                     recall["ef_search"], len(index))
+        except Exception:  # noqa: BLE001 - the index keeps serving with its earlier ef_search
+            log.exception("gallery %s: measuring the approximate index's recall failed", gallery_id)
 
     def _build(self, gallery_id: str, source_index) -> None:
         try:

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from facerec.gallery.ann import IndexPolicy
+from facerec.gallery.ann_policy import IndexPolicy
 from facerec.gallery.index import Candidate
 from facerec.gallery.index_cache import CHUNK, IndexCache
 from facerec.gallery.metadata import stored_json

@@ -123,6 +123,15 @@ class OperatingPointOut(BaseModel):
 class IndexRecallOut(BaseModel):
     recall_at_1: float | None = Field(
         ..., description="share of the measuring searches whose best person is exact search's best person")
+    searching: Literal["graph", "exact"] | None = Field(
+        None, description="graph: searches go through the HNSW graph; exact: at the target recall the graph was "
+        "measured slower than comparing every sample, so every sample is compared (recall 1)")
+    graph_ms: float | None = Field(None, description="median time of one graph search at ef_search, when measured")
+    exact_ms: float | None = Field(None, description="median time of one search comparing every sample")
+    ef_search: int | None = Field(None, description="the ef_search it was measured at (the index's)")
+    target: float | None = Field(None, description="the recall the index chose its ef_search for (null: a "
+                                 "fixed ef_search)")
+    by_ef_search: dict[str, float] | None = Field(None, description="recall@1 at each ef_search tried")
     queries: int = Field(..., description="searches measured")
     samples: int = Field(..., description="samples in the index when it was measured")
     how: str = Field(..., description="what the searches were")
@@ -144,6 +153,8 @@ class IndexOut(BaseModel):
     m: int | None = Field(None, description="HNSW graph degree")
     ef_construction: int | None = Field(None, description="HNSW candidates explored per insertion at build")
     ef_search: int | None = Field(None, description="HNSW candidates explored per search")
+    target_recall: float | None = Field(None, description="recall@1 the index tunes its ef_search to")
+    pca_dims: int | None = Field(None, description="principal components the graph compares (null: all)")
     storage: str | None = Field(None, description="what the HNSW graph compares: sq8 (8-bit), fp16 or flat "
                                 "(float32); results are re-ranked on the float32 embeddings")
     recall: IndexRecallOut | None = Field(None, description="recall@1 against exact search, measured when the "
