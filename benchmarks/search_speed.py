@@ -250,7 +250,7 @@ def bench_pg(size, data, args, dsn) -> list[dict]:
         for spec in args.pg_hnsw:
             m, efc = (int(x) for x in spec.split(":"))
             store.drop_hnsw_index(g.id)
-            t, c = time.perf_counter(), time.process_time()
+            t = time.perf_counter()  # the build's CPU is the server's, not this process's
             store.create_hnsw_index(g.id, m=m, ef_construction=efc, maintenance_work_mem=args.pg_work_mem)
             build = round(time.perf_counter() - t, 1)
             for ef in args.pg_ef:
@@ -293,10 +293,10 @@ def _cell(r: dict) -> list[str]:
 
 def render(results: dict) -> str:
     lines = ["# Gallery search speed", "",
-             "Runs newest first. Every run on this project's development machine: 2 cores of an AMD EPYC "
-             "shared with a training job at higher priority (the benchmark ran at `nice 15`), so latencies "
-             "and build times are pessimistic for a dedicated machine, and p95 mostly measures the other "
-             "jobs. CPU seconds are given where the wall clock misleads.", ""]
+             "Runs newest first, each with its command, its CPU and the load average at its start. The "
+             "development machine has 2 cores, at times shared with a training job at higher priority "
+             "(those runs ran at `nice 15`: their latencies and build times are pessimistic, and their p95 "
+             "measures the other jobs). CPU milliseconds per search move least with the load.", ""]
     for label, report in results["runs"].items():
         lines += [f"## {label}", "", f"Command: `{report['command']}`", "",
                   f"CPU: {report['cpu']} ({report['cores']} cores, load average {report['load_average_at_start'][0]:.1f} "
