@@ -17,7 +17,7 @@ from teacher_helpers import sample_paths  # noqa: E402
 
 from facerec.data.datasets import read_rgb  # noqa: E402
 from facerec.teachers.dlib_port import (  # noqa: E402
-    DlibFormatError, embed_chips, load_dlib_resnet, read_dlib_net)
+    DlibFormatError, embed_chips, export_dlib_onnx, load_dlib_resnet, read_dlib_net)
 from facerec.teachers.dlib_teacher import SHAPE_5, WEIGHTS, MissingExtraError, default_models_dir  # noqa: E402
 
 torch = pytest.importorskip("torch")
@@ -81,6 +81,14 @@ def test_port_architecture(port):
     assert strides == [1, 1, 1, 2, 1, 1, 1, 2, 1, 1, 2, 1, 1, 2]
     assert [b.conv2.out_channels for b in port.blocks] == [32] * 3 + [64] * 4 + [128] * 3 + [256] * 4
     assert sum(p.numel() for p in port.parameters()) == 5_614_592
+    # 150 -> 72 (con 7x7/2, no padding) -> 35 (max-pool 3x3/2) -> 17 -> 8 -> 4 -> 2: at 8 -> 4 and
+    # 4 -> 2 the unpadded 3x3/2 convolution gives 3 and 1, and dlib's add_prev zero-pads them up
+    # to the 2x2 average-pooled shortcut; the first block of each stage zero-pads its channels
+    assert [b.out_shape for b in port.blocks] == [(32, 35)] * 3 + [(64, 17)] * 4 + [(128, 8)] * 3 \
+        + [(256, 4)] * 3 + [(256, 2)]
+    last = port.blocks[-1]
+    assert last.pad_body == (0, 1, 0, 1, 0, 0) and last.pad_short == (0, 0, 0, 0, 0, 0)
+    assert port.blocks[3].pad_short == (0, 0, 0, 0, 0, 32) and port.blocks[3].pad_body == (0,) * 6
 
 
 def test_truncated_or_foreign_files_fail_with_one_clear_error(weights, tmp_path):
@@ -122,6 +130,25 @@ def test_port_matches_dlib_off_the_face_manifold(port, dlib_parts):
     ours = embed_chips(port, odd)
     theirs = np.array([np.asarray(net.compute_face_descriptor(c)) for c in odd])
     assert np.abs(ours - theirs).max() <= 1e-4
+
+
+@pytest.mark.timeout(120)
+def test_onnx_export_matches_the_port(port, tmp_path):
+    ort = pytest.importorskip("onnxruntime")
+    onnx = pytest.importorskip("onnx")
+    path = export_dlib_onnx(port, tmp_path / "dlib_resnet.onnx")
+    assert [o.version for o in onnx.load(str(path)).opset_import if o.domain in ("", "ai.onnx")] == [17]
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(1)
+    for n in (1, 3):  # the batch axis is dynamic
+        x = rng.integers(0, 256, (n, 3, 150, 150)).astype(np.float32)
+        got = session.run(["descriptor"], {"chip": x})[0]
+        with torch.no_grad():
+            want = port(torch.from_numpy(x)).numpy()
+        max_abs, min_cos = _parity(got, want)
+        assert got.shape == (n, 128) and max_abs <= 1e-4 and min_cos >= 0.9999, (max_abs, min_cos)
 
 
 def test_embed_chips_rejects_other_sizes(port):

@@ -201,21 +201,19 @@ def read_dlib_net(path: str | Path) -> tuple[dict, list[Layer]]:
     return {"loss": loss, "input_means": means, "input_size": size}, layers
 
 
+def _out_size(size: int, layer: Layer) -> int:
+    """Rows (= columns) out of a square conv or pool: dlib's 1 + (n + 2 pad - k) // stride."""
+    return 1 + (size + 2 * layer.info["padding"][0] - layer.info["kernel"][0]) // layer.info["stride"][0]
+
+
 def _torch_modules():
     """The nn.Module classes, built on first use so that parsing needs numpy only."""
     import torch
     from torch import nn
     from torch.nn import functional as F
 
-    def add_padded(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        """dlib's add_prev: sum over the larger shape, the smaller operand zero-padded at the end."""
-        shape = [max(x, y) for x, y in zip(a.shape[1:], b.shape[1:])]
-
-        def grow(t):
-            pads = [0, shape[2] - t.shape[3], 0, shape[1] - t.shape[2], 0, shape[0] - t.shape[1]]
-            return F.pad(t, pads) if any(pads) else t
-
-        return grow(a) + grow(b)
+    def pad_to(t: torch.Tensor, pads: tuple[int, ...]) -> torch.Tensor:
+        return F.pad(t, pads) if any(pads) else t
 
     def conv(layer: Layer) -> nn.Conv2d:
         w = layer.arrays["weight"]
@@ -239,16 +237,27 @@ def _torch_modules():
     class Block(nn.Module):
         """relu(BN(con(relu(BN(con(x))))) + shortcut), shortcut = x or its 2x2 average."""
 
-        def __init__(self, con1: Layer, aff1: Layer, con2: Layer, aff2: Layer, down: bool):
+        def __init__(self, con1: Layer, aff1: Layer, con2: Layer, aff2: Layer, down: bool,
+                     in_shape: tuple[int, int]):
             super().__init__()
             self.conv1, self.bn1 = conv(con1), Affine(aff1)
             self.conv2, self.bn2 = conv(con2), Affine(aff2)
             self.down = down
+            # dlib's add_prev sums over the larger shape, the smaller operand zero-padded at the
+            # end of each axis (channels, rows, columns). Shapes are fixed by the 150 x 150 input,
+            # so the pads are constants (and the ONNX graph has no shape arithmetic).
+            channels, size = in_shape
+            body = (con2.arrays["weight"].shape[0], _out_size(_out_size(size, con1), con2))
+            short = (channels, (size - 2) // 2 + 1 if down else size)
+            self.out_shape = (max(body[0], short[0]), max(body[1], short[1]))
+            c, n = self.out_shape
+            self.pad_body = (0, n - body[1], 0, n - body[1], 0, c - body[0])
+            self.pad_short = (0, n - short[1], 0, n - short[1], 0, c - short[0])
 
         def forward(self, x):
             y = self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x)))))
             shortcut = F.avg_pool2d(x, 2, 2) if self.down else x
-            return F.relu(add_padded(y, shortcut))
+            return F.relu(pad_to(y, self.pad_body) + pad_to(shortcut, self.pad_short))
 
     class DlibResNet(nn.Module):
         """dlib's face-recognition ResNet: (N, 3, 150, 150) RGB in 0..255 -> (N, 128) descriptor."""
@@ -263,6 +272,8 @@ def _torch_modules():
             self.stem, self.stem_bn = conv(seq[0]), Affine(seq[1])
             mp = seq[3].info
             self.pool = nn.MaxPool2d(mp["kernel"], mp["stride"], mp["padding"])
+            size = _out_size(_out_size(meta["input_size"][0], seq[0]), seq[3])
+            shape = (seq[0].arrays["weight"].shape[0], size)  # (channels, rows = columns)
             blocks, i = [], 4
             while kinds[i] == "con":
                 body = kinds[i:i + 5]
@@ -270,7 +281,8 @@ def _torch_modules():
                 tail = kinds[i + 5:i + 8] if down else kinds[i + 5:i + 7]
                 if body != ["con", "affine", "relu", "con", "affine"] or tail[-2:] != ["add_prev", "relu"]:
                     raise DlibFormatError(f"unexpected residual block at layer {i}: {kinds[i:i + 8]}")
-                blocks.append(Block(seq[i], seq[i + 1], seq[i + 3], seq[i + 4], down))
+                blocks.append(Block(seq[i], seq[i + 1], seq[i + 3], seq[i + 4], down, shape))
+                shape = blocks[-1].out_shape
                 i += 5 + len(tail)
             if i != len(seq) - 2 or seq[i].info["kernel"] != (0, 0):
                 raise DlibFormatError(f"unexpected layers after the residual stages: {kinds[i:]}")
@@ -312,3 +324,18 @@ def embed_chips(model, chips: np.ndarray, batch: int = 16) -> np.ndarray:
             x = torch.from_numpy(chips[s:s + batch].astype(np.float32)).permute(0, 3, 1, 2).contiguous()
             out.append(model(x).numpy())
     return np.concatenate(out) if out else np.zeros((0, EMBEDDING_SIZE), np.float32)
+
+
+def export_dlib_onnx(model, path: str | Path, opset: int = 17) -> Path:
+    """Write the port as ONNX: input ``chip`` (N, 3, 150, 150) float32 RGB in 0..255, output
+    ``descriptor`` (N, 128), dynamic batch. TorchScript exporter (its opset 17 is native)."""
+    import torch
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    example = torch.zeros(2, 3, CHIP_SIZE, CHIP_SIZE)
+    with torch.no_grad():
+        torch.onnx.export(model.eval(), (example,), str(path), input_names=["chip"],
+                          output_names=["descriptor"], opset_version=opset, dynamo=False,
+                          dynamic_axes={"chip": {0: "batch"}, "descriptor": {0: "batch"}})
+    return path
