@@ -339,3 +339,32 @@ def export_dlib_onnx(model, path: str | Path, opset: int = 17) -> Path:
                           output_names=["descriptor"], opset_version=opset, dynamo=False,
                           dynamic_axes={"chip": {0: "batch"}, "descriptor": {0: "batch"}})
     return path
+
+
+# --- chip geometry --------------------------------------------------------------------------
+
+#: dlib's get_face_chip_details for the 5-point model (image_transforms/interpolation.h): where
+#: the shape predictor's parts 0..4 (eye corners, outer then inner, of the viewer's right eye, then
+#: of the left eye; the base of the nose) go, as fractions of the unpadded face square.
+DLIB_5_POINTS = np.array([[0.8595674595992, 0.2134981538014], [0.6460604764104, 0.2289674387677],
+                          [0.1205750620789, 0.2137274526848], [0.3340850613712, 0.2290642403242],
+                          [0.4901123135679, 0.6277975316475]])
+
+
+def dlib_chip_matrix(parts: np.ndarray, size: int = CHIP_SIZE, padding: float = 0.25) -> np.ndarray:
+    """The 2 x 3 image -> chip matrix of ``dlib.get_face_chip(image, shape, size, padding)``.
+
+    dlib (``chip_details``, ``get_mapping_to_chip``) fits the chip -> image similarity T (least
+    squares, Umeyama; scale ``s``) from the template above to the five parts, centres an extraction
+    rectangle of side ``size * s - 1`` image pixels (``centered_drect``) on T(size / 2, size / 2),
+    and maps its corners to pixels 0 and ``size - 1``: in T's chip frame the corners sit at
+    ``a = 1 / (2 s)`` and ``size - a``. ``cv2.warpAffine`` with this matrix (bilinear, black
+    border) reproduces dlib's chip up to interpolation rounding.
+    """
+    from facerec.data.align import umeyama
+
+    chip_points = (padding + DLIB_5_POINTS) / (2 * padding + 1) * size
+    t = umeyama(chip_points, np.asarray(parts, np.float64).reshape(5, 2))
+    a = 0.5 / np.sqrt(abs(np.linalg.det(t[:2, :2])))
+    k = (size - 1) / (size - 2 * a)
+    return (np.array([[k, 0, -k * a], [0, k, -k * a], [0, 0, 1]]) @ np.linalg.inv(t))[:2]
