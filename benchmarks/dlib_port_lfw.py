@@ -15,7 +15,7 @@
        shape, dlib's chip, dlib's network), and the port on that same chip;
    (b) the port on a chip cut from the ORIGINAL photo with facerec's MTCNN landmarks (largest
        face, padded retry) mapped onto the template of step 1 (``cv2.warpAffine``, bilinear).
-   Work is cached (benchmarks/results/dlib_port_lfw_cache.npz) and stops after ``--budget-s``
+   Work is cached (runs/dlib_port_lfw_cache.npz, ignored by git) and stops after ``--budget-s``
    seconds, so the run can be resumed in short steps; when every image is done:
 3. accuracy: 10-fold stratified cross-validated accuracy on cosine scores (the house rule), and
    the accuracy at dlib's fixed Euclidean threshold 0.6 on the raw descriptors (nothing fitted).
@@ -168,7 +168,7 @@ def report(cache: dict, pairs, template_info: dict, args, seconds: float) -> dic
     both = ok & ~np.isnan(m).any(axis=1)
     cos_dm = np.sum(d[both] * m[both], 1) / np.linalg.norm(d[both], axis=1) / np.linalg.norm(m[both], axis=1)
     return {
-        "command": "python benchmarks/dlib_port_lfw.py " + " ".join(sys.argv[1:]),
+        "command": " ".join(["python benchmarks/dlib_port_lfw.py", *sys.argv[1:]]),
         "pairs": f"{len(pairs)} pairs of LFW fold 5 (every other pair; {int(labels.sum())} genuine)",
         "images": len(keys), "hog_found": int(sum(cache[k]["hog"] for k in keys)),
         "parity_port_vs_dlib_same_chip": {
@@ -183,7 +183,8 @@ def report(cache: dict, pairs, template_info: dict, args, seconds: float) -> dic
 
 def write_md(result: dict, path: Path) -> None:
     lines = ["# dlib's ResNet: dlib-bin vs the torch port (facerec/teachers/dlib_port.py)", "",
-             f"`{result['command']}`", "", f"{result['pairs']}; {result['images']} images "
+             f"`{result['command']}` (resumable: run until every image is cached)", "",
+             f"{result['pairs']}; {result['images']} images "
              f"(HOG found {result['hog_found']}, facerec's box for the rest).", "",
              "| pipeline | 10-fold acc. (cosine) | acc. at dlib's 0.6 | images without a face |",
              "|---|---|---|---|"]
@@ -226,7 +227,8 @@ def main() -> int:
         template_path.write_text(json.dumps(fit_template(teacher, detector), indent=1))
     template_info = json.loads(template_path.read_text())
     template = np.asarray(template_info["mtcnn_template_150"])
-    cache_path = RESULTS / "dlib_port_lfw_cache.npz"
+    cache_path = REPO / "runs" / "dlib_port_lfw_cache.npz"
+    cache_path.parent.mkdir(exist_ok=True)
     cache = load_cache(cache_path)
     todo = [k for k in pair_images(pairs) if k not in cache]
     try:
