@@ -138,6 +138,12 @@ class GalleryIndexRecall:
     queries: int
     samples: int  # samples in the index when it was measured
     how: str
+    searching: str | None = None  # graph | exact (the graph measured slower than comparing every sample)
+    graph_ms: float | None = None  # median time of one graph search at ef_search
+    exact_ms: float | None = None  # median time of one search comparing every sample
+    ef_search: int | None = None  # the ef_search it was measured at
+    target: float | None = None  # the recall the index chose its ef_search for (None: a fixed ef_search)
+    by_ef_search: dict[str, float] | None = None  # recall@1 at each ef_search tried
 
 
 @dataclass(frozen=True)
@@ -151,6 +157,8 @@ class GalleryIndex:
     m: int | None = None
     ef_construction: int | None = None
     ef_search: int | None = None
+    target_recall: float | None = None  # recall@1 the index tunes its ef_search to
+    pca_dims: int | None = None  # principal components the graph compares (None: all)
     storage: str | None = None  # sq8 | fp16 | flat: what the graph compares
     recall: GalleryIndexRecall | None = None
 

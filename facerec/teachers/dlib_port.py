@@ -22,7 +22,6 @@ normalised; its length is about 1). The weights are dlib's (CC0); the code follo
 
 from __future__ import annotations
 
-import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 
