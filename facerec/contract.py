@@ -14,6 +14,8 @@ from dataclasses import asdict, dataclass, field
 
 # Identifies the 5-point ArcFace template for 112x112 crops (shared/reference/methods.md §6.3).
 ARCFACE_TEMPLATE_112 = "arcface-5pt-112-v1"
+# dlib's 150 x 150 face chip (padding 0.25) located by the same 5 points (facerec.data.align).
+DLIB_CHIP_150 = "dlib-chip-5pt-150-v1"
 
 
 def training_alignment(config: dict | None) -> str:

@@ -1,4 +1,4 @@
-"""``facerec align``: detect and align faces into 112x112 crops (a folder tree or a ``.rec``).
+"""``facerec align``: detect and align faces into a model's crops (a folder tree or a ``.rec``).
 
 The core, :func:`align_jobs`, takes a detector object or a detector factory, so tests and other
 callers can inject any detector; the command line only builds the job list and the factory.
@@ -18,7 +18,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from facerec.data.align import center_crop, ensure_three_channels, norm_crop
+from facerec.data.align import ALIGNMENTS, TEMPLATE_ID, center_crop, ensure_three_channels, get_alignment, norm_crop
 
 REPORT_NAME = "align_report.json"
 FAILURES = ("decode_error", "no_face", "many_faces")
@@ -33,7 +33,8 @@ examples:
   facerec align --preset pool --pins /data/pins_raw --out /data/pool112 --prune
 
 The input is a folder tree <input>/<identity>/<image>; the output is <out>/<identity>/<stem>.jpg
-(JPEG quality 95), aligned to the ArcFace 5-point template. Files already aligned are skipped,
+(JPEG quality 95), aligned to the ArcFace 5-point template (--alignment: another model's, such as
+dlib-chip-5pt-150-v1 for `facerec import --dlib`; its folder's contract.json names it). Files already aligned are skipped,
 so an interrupted run can be restarted. <out>/align_report.json lists every image that failed
 (decode_error, no_face, many_faces) or got the centre-crop fallback. Grey images become RGB.
 Presets follow ../shared/data/README.md: 'pool' = LFW folds 1-4 + celeba + yaleb + orl + yale
@@ -56,6 +57,7 @@ class AlignOptions:
     center_fraction: float = 0.5
     pad_retry: bool = True
     jpeg_quality: int = 95
+    alignment: str = TEMPLATE_ID  # a registered alignment id (facerec.data.align.ALIGNMENTS)
 
 
 @dataclass(frozen=True)
@@ -89,7 +91,7 @@ def align_image(detector, image: np.ndarray, opts: AlignOptions) -> tuple[np.nda
     image = ensure_three_channels(image)
     faces = find_faces(detector, image, opts)
     if len(faces) == 1:
-        return norm_crop(image, faces[0].landmarks, opts.size), "ok"
+        return norm_crop(image, faces[0].landmarks, opts.size, opts.alignment), "ok"
     reason = "no_face" if not faces else "many_faces"
     if opts.on_fail == "center-crop":
         return center_crop(image, opts.size, opts.center_fraction), f"center_crop:{reason}"
@@ -304,7 +306,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--data",
         help="shared data root for --preset (default $FACEREC_DATA or ../shared/data)",
     )
-    parser.add_argument("--size", type=int, default=112, help="crop size, multiple of 112/128")
+    parser.add_argument("--size", type=int, default=None,
+                        help="crop size (default: the alignment's, 112; ArcFace takes multiples of 112/128)")
+    parser.add_argument("--alignment", choices=sorted(ALIGNMENTS), default=TEMPLATE_ID,
+                        help="the template the faces are cut to: a model folder's contract.json `alignment` "
+                             f"(default {TEMPLATE_ID})")
     parser.add_argument(
         "--policy",
         choices=("largest", "central", "single"),
@@ -385,14 +391,21 @@ def run(args) -> int:
     from facerec.data.verification import bin_from_pairs
 
     on_fail = args.on_fail or ("center-crop" if args.preset == "lfw" else "skip")
+    alignment = get_alignment(args.alignment)
+    size = alignment.size if args.size is None else args.size
+    try:
+        alignment.points(size)
+    except ValueError as err:
+        raise SystemExit(f"facerec align: {err}") from None
     opts = AlignOptions(
-        args.size,
+        size,
         args.policy,
         args.min_size,
         args.min_score,
         on_fail,
         args.center_fraction,
         not args.no_pad_retry,
+        alignment=alignment.id,
     )
     jobs, pairs = build_jobs(args)
     if args.limit:
@@ -422,7 +435,7 @@ def run(args) -> int:
     )
     print(json.dumps(report["counts"]))
     if args.format == "rec":
-        classes = pack_rec(tree, out, args.size)
+        classes = pack_rec(tree, out, size)
         print(f"wrote {out / 'train.rec'} ({classes} classes)")
     if args.preset == "lfw":
         from facerec.data import protocol

@@ -14,14 +14,15 @@ from pathlib import Path
 
 import numpy as np
 
+from facerec.contract import ARCFACE_TEMPLATE_112
 from facerec.runtime.errors import DecodeError
 
 
-def _crop_scale(landmarks: np.ndarray, size: int) -> float:
+def _crop_scale(landmarks: np.ndarray, size: int, alignment: str = ARCFACE_TEMPLATE_112) -> float:
     """Crop pixels per image pixel of the alignment for these landmarks."""
     from facerec.data.align import estimate_norm
 
-    return float(np.sqrt(abs(np.linalg.det(estimate_norm(landmarks, size)[:, :2]))))
+    return float(np.sqrt(abs(np.linalg.det(estimate_norm(landmarks, size, alignment)[:, :2]))))
 
 
 @dataclass
@@ -93,28 +94,30 @@ def _decode(data, max_pixels: int | None, max_bytes: int | None, max_side: int |
     return _Decoded(image, (h, w), full)
 
 
-def aligned_crop(image: np.ndarray, landmarks: np.ndarray, size: int) -> np.ndarray:
-    """``norm_crop``, anti-aliased: a face over twice the crop's resolution is first shrunk (area
-    interpolation, only the part of the image the crop covers) to the crop's scale; a bilinear warp
-    straight from a 3000-pixel face to 112 would sample every 27th pixel and alias."""
+def aligned_crop(image: np.ndarray, landmarks: np.ndarray, size: int,
+                 alignment: str = ARCFACE_TEMPLATE_112) -> np.ndarray:
+    """``norm_crop`` to the template of ``alignment`` (a contract's alignment id), anti-aliased: a
+    face over twice the crop's resolution is first shrunk (area interpolation, only the part of the
+    image the crop covers) to the crop's scale; a bilinear warp straight from a 3000-pixel face to
+    112 would sample every 27th pixel and alias."""
     import cv2
 
     from facerec.data.align import estimate_norm, norm_crop
 
-    m = estimate_norm(landmarks, size)
-    scale = _crop_scale(landmarks, size)
+    m = estimate_norm(landmarks, size, alignment)
+    scale = _crop_scale(landmarks, size, alignment)
     if scale >= 0.5:
-        return norm_crop(image, landmarks, size)
+        return norm_crop(image, landmarks, size, alignment)
     corners = np.array([[0, 0, 1], [size, 0, 1], [0, size, 1], [size, size, 1]], np.float64)
     back = corners @ cv2.invertAffineTransform(m).T  # the crop's corners in the image
     h, w = image.shape[:2]
     x0, y0 = (max(0, int(np.floor(v)) - 2) for v in back.min(axis=0))
     x1, y1 = min(w, int(np.ceil(back[:, 0].max())) + 2), min(h, int(np.ceil(back[:, 1].max())) + 2)
     if x1 - x0 < 2 or y1 - y0 < 2:  # the crop lies (almost) outside the image: nothing to shrink
-        return norm_crop(image, landmarks, size)
+        return norm_crop(image, landmarks, size, alignment)
     region = image[y0:y1, x0:x1]
     rw, rh = max(1, round((x1 - x0) * scale)), max(1, round((y1 - y0) * scale))
     small = cv2.resize(region, (rw, rh), interpolation=cv2.INTER_AREA)
     f = np.array([rw / (x1 - x0), rh / (y1 - y0)])
     # Pixel centres: source x lands at (x + 0.5) * f - 0.5 in the resized region.
-    return norm_crop(small, (np.asarray(landmarks, np.float64) - [x0, y0] + 0.5) * f - 0.5, size)
+    return norm_crop(small, (np.asarray(landmarks, np.float64) - [x0, y0] + 0.5) * f - 0.5, size, alignment)

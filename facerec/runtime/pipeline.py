@@ -44,7 +44,7 @@ from typing import Any
 import numpy as np
 
 from facerec.bundle import ood_layer_outputs
-from facerec.contract import ARCFACE_TEMPLATE_112, ContractMismatchError, require_same_contract
+from facerec.contract import ContractMismatchError, require_same_contract
 from facerec.runtime.errors import (  # noqa: F401 - re-exported: the pipeline's errors
     DecodeError,
     FaceIndexError,
@@ -163,11 +163,17 @@ class FacePipeline:
         executor: Executor | None = None,
     ) -> None:
         contract = backend.contract
-        if contract.alignment != ARCFACE_TEMPLATE_112:
+        from facerec.data.align import ALIGNMENTS, alignment_template
+
+        if contract.alignment not in ALIGNMENTS:
             raise ContractMismatchError(
                 f"the model expects alignment {contract.alignment!r}; this pipeline aligns to "
-                f"{ARCFACE_TEMPLATE_112!r}"
+                f"{', '.join(sorted(ALIGNMENTS))}"
             )
+        try:
+            alignment_template(contract.alignment, contract.input_size)
+        except ValueError as err:
+            raise ContractMismatchError(f"the model's input size does not fit its alignment: {err}") from None
         if ood_scorer is not None:
             needed = getattr(ood_scorer, "layer_outputs", None)
             missing = [n for n in needed if n not in backend.output_names] if needed else []
@@ -233,24 +239,25 @@ class FacePipeline:
         if index is not None and not 0 <= index < len(found):
             raise FaceIndexError(index, len(found))
         chosen = [map_detection(d, fx, fy) for d in (found if all_faces else found[index or 0:][:1])]
-        size = self.contract.input_size
+        size, alignment = self.contract.input_size, self.contract.alignment
         crops, full = [], None
         for d in chosen:
             # From the reduced decode when it holds the face at no less than the crop's
             # resolution; else from the full-resolution image (decoded once, on demand).
-            if decoded.full is None or _crop_scale(d.landmarks, size) * max(fx, fy) <= 1.0:
+            if decoded.full is None or _crop_scale(d.landmarks, size, alignment) * max(fx, fy) <= 1.0:
                 on_reduced = (d.landmarks + 0.5) / np.float32([fx, fy]) - 0.5
-                crops.append(aligned_crop(decoded.image, on_reduced, size))
+                crops.append(aligned_crop(decoded.image, on_reduced, size, alignment))
             else:
                 full = decoded.full() if full is None else full
-                crops.append(aligned_crop(full, d.landmarks, size))
+                crops.append(aligned_crop(full, d.landmarks, size, alignment))
         return _Located(decoded.shape, chosen, np.stack(crops), len(found))
 
     def locate_aligned(self, data) -> _Located:
-        """An image that is already the model's crop (S x S on the ArcFace template): detection is
-        skipped; its face is the whole image, with the template's landmarks and no detection
-        score (NaN: the OOD detector's confidence layer treats it as not available)."""
-        from facerec.data.align import template_for_size
+        """An image that is already the model's crop (S x S on the template of the model's
+        alignment): detection is skipped; its face is the whole image, with the template's
+        landmarks and no detection score (NaN: the OOD detector's confidence layer treats it as
+        not available)."""
+        from facerec.data.align import alignment_template
         from facerec.data.detection import Detection
 
         decoded = _decode(data, self.max_pixels, self.max_bytes)
@@ -258,10 +265,11 @@ class FacePipeline:
         h, w = decoded.image.shape[:2]
         if (h, w) != (size, size):
             raise NotAlignedError(
-                f"an aligned input must be a {size}x{size} crop on the ArcFace template, got {w}x{h}; "
+                f"an aligned input must be a {size}x{size} crop on the {self.contract.alignment} template, "
+                f"got {w}x{h}; "
                 "send the photo without `aligned` to have the face found and aligned")
         face = Detection(box=np.array([0, 0, size, size], np.float32), score=float("nan"),
-                         landmarks=template_for_size(size).astype(np.float32))
+                         landmarks=alignment_template(self.contract.alignment, size).astype(np.float32))
         return _Located((h, w), [face], decoded.image[None].copy(), 1)
 
     def _assemble(self, located: _Located, outputs: dict[str, np.ndarray]) -> ImageResult:

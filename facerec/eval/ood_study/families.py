@@ -115,7 +115,8 @@ class ServiceLocator:
                 kept.append(found[0])
                 source.append(i)
                 score.append(found[2])
-        crops = np.stack(kept) if kept else np.zeros((0, 112, 112, 3), np.uint8)
+        size = self.pipeline.contract.input_size
+        crops = np.stack(kept) if kept else np.zeros((0, size, size, 3), np.uint8)
         return EvalSet(crops, len(photos), np.asarray(source, np.int64), np.asarray(score, np.float64))
 
 
