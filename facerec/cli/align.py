@@ -18,7 +18,14 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from facerec.data.align import ALIGNMENTS, TEMPLATE_ID, center_crop, ensure_three_channels, get_alignment, norm_crop
+from facerec.data.align import (
+    ALIGNMENTS,
+    TEMPLATE_ID,
+    center_crop,
+    ensure_three_channels,
+    get_alignment,
+    norm_crop,
+)
 
 REPORT_NAME = "align_report.json"
 FAILURES = ("decode_error", "no_face", "many_faces")

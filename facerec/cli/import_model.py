@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-HELP = ("import an insightface-style ONNX recognition graph or an arcface_torch backbone.pth into a model "
-        "folder that facerec serves")
+HELP = ("import an insightface-style ONNX recognition graph, an arcface_torch backbone.pth or dlib's ResNet "
+        "(--dlib) into a model folder that facerec serves")
 
 EPILOG = """\
 examples:
@@ -13,6 +13,8 @@ examples:
   facerec import my_bgr_model.onnx --out models/mine --bgr
   facerec import ms1mv3_arcface_r50/backbone.pth --arch r50 --out models/ms1mv3_r50
   facerec import wf42m_pfc03_vit_s/backbone.pth --arch vit_s --out models/wf42m_vit_s
+  facerec import --dlib --out models/dlib_resnet
+  facerec import --dlib --weights dlib_face_recognition_resnet_model_v1.dat --out models/dlib_resnet
 
 The source takes one input (N, 3, S, S) and gives the embedding as its first output. How it is fed
 is detected as insightface's ArcFaceONNX does: Sub and Mul nodes first mean the graph normalises
@@ -26,6 +28,14 @@ IResNet, vit_t|vit_s|vit_b for its ViT): its layers are mapped onto facerec's ir
 model is exported as `facerec export` does (fp32 and fp16 graphs, torch artefact, insightface graph);
 a key too many or too few is refused.
 
+--dlib imports dlib's ResNet face descriptor (dlib_face_recognition_resnet_model_v1.dat by Davis
+King, CC0), computed by facerec's torch port, without dlib: --weights, or face_recognition_models'
+copy (pip install 'facerec[dlib]'). Its folder's contract says alignment dlib-chip-5pt-150-v1
+(a 150x150 chip cut from the photo with facerec's MTCNN landmarks), input 150, embedding 128; the
+service cuts that chip itself. Trees for calibrate / fit-quality / fit-ood's --aligned-pool must
+be cut the same way: `facerec align ... --alignment dlib-chip-5pt-150-v1`. MODEL_CARD.md says the
+licence. No insightface graph is written: insightface cuts ArcFace crops only.
+
 An imported model has no quality head: `facerec fit-quality DIR ...` chooses its quality measure.
 """
 
@@ -35,8 +45,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.epilog = EPILOG
     from facerec.export.arcface_torch import ARCHS
 
-    parser.add_argument("source", help="an ONNX recognition graph (insightface model-zoo conventions) "
-                                       "or an arcface_torch backbone.pth")
+    parser.add_argument("source", nargs="?", help="an ONNX recognition graph (insightface model-zoo "
+                                                  "conventions) or an arcface_torch backbone.pth")
+    parser.add_argument("--dlib", action="store_true", help="import dlib's ResNet face descriptor (no source)")
+    parser.add_argument("--weights", help="with --dlib: dlib_face_recognition_resnet_model_v1.dat "
+                                          "(default: face_recognition_models' copy)")
     parser.add_argument("--arch", choices=sorted(ARCHS), help="the arcface_torch network of a .pth source")
     parser.add_argument("--out", required=True, help="the model folder to write")
     parser.add_argument("--bgr", action="store_true", help="the graph takes BGR input (nothing in a graph says so)")
@@ -48,6 +61,12 @@ def run(args) -> int:
     from facerec.export.onnx_import import GraphImportError, import_onnx
     from facerec.export.parity import ParityError
 
+    if args.dlib:
+        return _run_dlib(args)
+    if args.source is None:
+        raise SystemExit("facerec import: give a source (.onnx or .pth) or --dlib")
+    if args.weights:
+        raise SystemExit("facerec import: --weights is for --dlib")
     if args.arch is not None or not args.source.endswith(".onnx"):
         return _run_state_dict(args)
     try:
@@ -80,9 +99,27 @@ def _run_state_dict(args) -> int:
     return _written(report, args.out, f" (arcface_torch {args.arch})")
 
 
+def _run_dlib(args) -> int:
+    from facerec.export.dlib_import import import_dlib
+    from facerec.export.onnx_import import GraphImportError
+    from facerec.export.parity import ParityError
+
+    if args.source is not None or args.arch or args.bgr:
+        raise SystemExit("facerec import: --dlib takes no source, --arch or --bgr (give the .dat as --weights)")
+    try:
+        report = import_dlib(args.out, args.weights, name=args.name, version=args.version)
+    except (GraphImportError, ParityError) as err:
+        raise SystemExit(f"facerec import: {err}") from None
+    graph = report["onnx"][0]
+    print(f"wrote {graph['path']} (embedding cosine vs the port's graph >= {graph['embedding_cosine_vs_source']:.6f})")
+    print(f"wrote {report['model_card']}")
+    return _written(report, args.out, f" (dlib ResNet, alignment {report['contract']['alignment']})")
+
+
 def _written(report: dict, out: str, origin: str = "") -> int:
-    """The lines both import paths end with: the insightface graph, the contract, the next step."""
-    print(f"wrote {report['insightface']['path']} (insightface model zoo)")
+    """The lines every import path ends with: the insightface graph, the contract, the next step."""
+    if report["insightface"] is not None:
+        print(f"wrote {report['insightface']['path']} (insightface model zoo)")
     contract = report["contract"]
     print(f"contract {contract['contract_id']}: {report['model_name']} {contract['model_version']}{origin}; "
           f"not calibrated: run `facerec calibrate {out} ...`")

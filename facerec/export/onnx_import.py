@@ -174,13 +174,25 @@ def import_onnx(src: str | Path, out_dir: str | Path, *, bgr: bool = False, name
     digest = hashlib.sha256(src.read_bytes()).hexdigest()
     model = onnx.load(str(src))
     found = detect(model, bgr)
-    stem = name or src.stem
     # The source's hash and how it is fed name the model: the same file read as BGR is another model.
     version = version or f"imported-{digest[:12]}" + ("-bgr" if found.colour_order == "BGR" else "")
+    return write_imported(model, found, src, out_dir, name=name or src.stem, version=version,
+                          origin=src.name, digest=digest)
+
+
+def write_imported(model, found: Detected, src: Path, out_dir: str | Path, *, name: str, version: str,
+                   origin: str, digest: str, alignment: str = ARCFACE_TEMPLATE_112,
+                   extra: dict | None = None) -> dict:
+    """The model folder of the source graph ``model`` (read from ``src``, fed as ``found`` says):
+    the wrapped graph (checked against ``src``), contract.json, export_report.json and, for the
+    ArcFace alignment, the insightface graph. ``origin``/``digest``: the file the model came from."""
+    import onnx
+
+    stem = name
     contract = EmbeddingContract(
         model_name=stem, model_version=version, embedding_size=found.embedding_size,
-        input_size=found.input_size, alignment=ARCFACE_TEMPLATE_112,
-        extra={"imported_from": src.name, "source_sha256": digest, "source_input": asdict(found)},
+        input_size=found.input_size, alignment=alignment,
+        extra={"imported_from": origin, "source_sha256": digest, "source_input": asdict(found), **(extra or {})},
     )
     wrapped = wrap(model, found)
     out = Path(out_dir)
@@ -192,7 +204,7 @@ def import_onnx(src: str | Path, out_dir: str | Path, *, bgr: bool = False, name
         "output_names": json.dumps(["embedding"]), "feature_dims": "[]", "feature_kinds": "[]",
         "input": json.dumps(input_convention(contract)), "precision": "fp32",
         "facerec_version": facerec.__version__, "exporter": "facerec import",
-        "imported_from": json.dumps({"file": src.name, "sha256": digest, "detected": asdict(found)}),
+        "imported_from": json.dumps({"file": origin, "sha256": digest, "detected": asdict(found)}),
     })
     kept = [p for p in wrapped.metadata_props if not p.key.startswith(bundle.METADATA_PREFIX)]
     del wrapped.metadata_props[:]
@@ -207,11 +219,12 @@ def import_onnx(src: str | Path, out_dir: str | Path, *, bgr: bool = False, name
         tmp.unlink(missing_ok=True)
         raise
     os.replace(tmp, path)
-    interop, _ = write_interop_graph(path)
-    report = {"model_name": stem, "origin": f"facerec import {src.name}", "detected": asdict(found),
+    # insightface cuts ArcFace crops only: another alignment's graph would be fed the wrong faces.
+    interop = write_interop_graph(path)[0] if alignment == ARCFACE_TEMPLATE_112 else None
+    report = {"model_name": stem, "origin": f"facerec import {origin}", "detected": asdict(found),
               "detected_text": found.describe(), "contract": json.loads(contract.to_json()),
               "onnx": [{"path": str(path), "precision": "fp32", "embedding_cosine_vs_source": round(cosine, 7)}],
-              "insightface": {"path": str(interop)}}
+              "insightface": None if interop is None else {"path": str(interop)}}
     (out / bundle.CONTRACT_FILE).write_text(contract.to_json() + "\n")
     (out / bundle.EXPORT_REPORT_FILE).write_text(json.dumps(report, indent=1) + "\n")
     return report
