@@ -100,16 +100,36 @@ def _run_state_dict(args) -> int:
 
 
 def _run_dlib(args) -> int:
-    from facerec.export.dlib_import import import_dlib
+    import tempfile
+    import warnings
+    from pathlib import Path
+
+    from facerec.export.dlib_import import import_dlib_graph
     from facerec.export.onnx_import import GraphImportError
     from facerec.export.parity import ParityError
+    from facerec.teachers.dlib_port import DlibFormatError, export_dlib_onnx, load_dlib_resnet
+    from facerec.teachers.dlib_teacher import WEIGHTS, MissingExtraError, default_models_dir
 
     if args.source is not None or args.arch or args.bgr:
         raise SystemExit("facerec import: --dlib takes no source, --arch or --bgr (give the .dat as --weights)")
     try:
-        report = import_dlib(args.out, args.weights, name=args.name, version=args.version)
-    except (GraphImportError, ParityError) as err:
-        raise SystemExit(f"facerec import: {err}") from None
+        weights = Path(args.weights) if args.weights else default_models_dir() / WEIGHTS
+    except MissingExtraError as err:
+        raise SystemExit(f"facerec import: no --weights given and {err}") from None
+    if not weights.is_file():
+        raise SystemExit(f"facerec import: {weights}: no such dlib weights file")
+    try:
+        port = load_dlib_resnet(weights)
+    except DlibFormatError as err:
+        raise SystemExit(f"facerec import: {weights}: not dlib's face-recognition ResNet ({err})") from None
+    with tempfile.TemporaryDirectory(prefix="facerec-dlib-") as tmp:
+        with warnings.catch_warnings():  # the TorchScript exporter's notes on constant folding
+            warnings.simplefilter("ignore", UserWarning)
+            source = export_dlib_onnx(port, Path(tmp) / "dlib_port.onnx")
+        try:
+            report = import_dlib_graph(source, weights, args.out, name=args.name, version=args.version)
+        except (GraphImportError, ParityError) as err:
+            raise SystemExit(f"facerec import: {err}") from None
     graph = report["onnx"][0]
     print(f"wrote {graph['path']} (embedding cosine vs the port's graph >= {graph['embedding_cosine_vs_source']:.6f})")
     print(f"wrote {report['model_card']}")

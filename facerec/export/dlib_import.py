@@ -7,7 +7,8 @@ and computed without dlib by :mod:`facerec.teachers.dlib_port`. It takes a 150 x
 landmarks fall in dlib's own chip), so the service, ``facerec align --alignment`` and everything
 reading the folder's contract cut the faces dlib's network was trained on.
 
-The port is exported to ONNX and imported as any graph that normalises inside: facerec feeds it
+The port's ONNX graph (exported by the caller, ``facerec.cli.import_model``: this room does not
+import the teachers) is imported as any graph that normalises inside: facerec feeds it
 (x - 127.5) / 127.5 (the contract's mean and std), and two nodes in front give back x in 0..255
 (x * 127.5 + 127.5), exactly what the port takes; the wrapped graph is checked against the port's
 own graph before the folder is written (:func:`facerec.export.onnx_import.write_imported`).
@@ -16,12 +17,11 @@ own graph before the folder is written (:func:`facerec.export.onnx_import.write_
 from __future__ import annotations
 
 import hashlib
-import tempfile
-import warnings
+from dataclasses import replace
 from pathlib import Path
 
 from facerec.contract import DLIB_CHIP_150
-from facerec.export.onnx_import import Detected, GraphImportError, write_imported
+from facerec.export.onnx_import import GraphImportError, write_imported
 
 DLIB_NAME = "dlib_resnet_v1"
 MODEL_CARD_FILE = "MODEL_CARD.md"
@@ -45,49 +45,33 @@ dlib's ResNet face descriptor (`dlib_face_recognition_resnet_model_v1.dat`), imp
 """
 
 
-def dlib_weights(weights: str | Path | None = None) -> Path:
-    """The weights file: ``weights``, or face_recognition_models' copy."""
-    from facerec.teachers.dlib_teacher import WEIGHTS, MissingExtraError, default_models_dir
+def import_dlib_graph(source: str | Path, weights: str | Path, out_dir: str | Path, *, name: str | None = None,
+                      version: str | None = None) -> dict:
+    """Write the model folder of the port's ONNX graph ``source`` (``export_dlib_onnx``: RGB in
+    0..255, 150 x 150) made from the dlib weights file ``weights`` into ``out_dir``.
 
-    if weights is None:
-        try:
-            weights = default_models_dir() / WEIGHTS
-        except MissingExtraError as err:
-            raise GraphImportError(f"no --weights given and {err}") from None
-    path = Path(weights)
-    if not path.is_file():
-        raise GraphImportError(f"{path}: no such dlib weights file")
-    return path
-
-
-def import_dlib(out_dir: str | Path, weights: str | Path | None = None, *, name: str | None = None,
-                version: str | None = None) -> dict:
-    """Write the model folder of dlib's ResNet (``weights``: the .dat file) into ``out_dir``."""
+    The caller (``facerec import --dlib``) loads and exports the port: ``facerec.export`` does not
+    import the teachers, which sit above it."""
     import onnx
 
-    from facerec.teachers.dlib_port import (
-        CHIP_SIZE, EMBEDDING_SIZE, DlibFormatError, export_dlib_onnx, load_dlib_resnet)
+    from facerec.export.onnx_import import detect
 
-    path = dlib_weights(weights)
-    digest = hashlib.sha256(path.read_bytes()).hexdigest()
-    try:
-        port = load_dlib_resnet(path)
-    except DlibFormatError as err:
-        raise GraphImportError(f"{path}: not dlib's face-recognition ResNet ({err})") from None
+    source, weights = Path(source), Path(weights)
+    digest = hashlib.sha256(weights.read_bytes()).hexdigest()
+    model = onnx.load(str(source))
+    found = replace(detect(model), normalisation="inside")  # the port takes dlib's 0..255 pixels
+    if (found.input_size, found.embedding_size) != (150, 128):
+        raise GraphImportError(f"{source}: not dlib's ResNet port (input {found.input_size}, "
+                               f"embedding {found.embedding_size}; expected 150 and 128)")
     name = name or DLIB_NAME
-    found = Detected("chip", CHIP_SIZE, "inside", "RGB", "descriptor", EMBEDDING_SIZE, 1)
-    with tempfile.TemporaryDirectory(prefix="facerec-dlib-") as tmp:
-        with warnings.catch_warnings():  # the TorchScript exporter's notes on constant folding
-            warnings.simplefilter("ignore", UserWarning)
-            source = export_dlib_onnx(port, Path(tmp) / f"{name}_port.onnx")
-        report = write_imported(
-            onnx.load(str(source)), found, source, out_dir, name=name, version=version or f"dlib-{digest[:12]}",
-            origin=path.name, digest=digest, alignment=DLIB_CHIP_150,
-            extra={"licence": LICENCE, "descriptor": "dlib's raw 128-d descriptor (not L2-normalised)"},
-        )
-    report["origin"] = f"facerec import --dlib {path.name}"
+    report = write_imported(
+        model, found, source, out_dir, name=name, version=version or f"dlib-{digest[:12]}",
+        origin=weights.name, digest=digest, alignment=DLIB_CHIP_150,
+        extra={"licence": LICENCE, "descriptor": "dlib's raw 128-d descriptor (not L2-normalised)"},
+    )
+    report["origin"] = f"facerec import --dlib {weights.name}"
     card = Path(out_dir) / MODEL_CARD_FILE
-    card.write_text(MODEL_CARD.format(name=name, weights=path.name, digest=digest, licence=LICENCE,
+    card.write_text(MODEL_CARD.format(name=name, weights=weights.name, digest=digest, licence=LICENCE,
                                       alignment=DLIB_CHIP_150))
     report["model_card"] = str(card)
     return report
