@@ -121,3 +121,14 @@ def test_facerec_align_cuts_to_the_chosen_alignment():
     crop, status = align_image(Detector(), photo, opts)
     assert status == "ok" and crop.shape == (150, 150, 3)
     assert np.abs(_spot_centres(crop, DLIB_CHIP_TEMPLATE_150) - DLIB_CHIP_TEMPLATE_150).max() < 0.5
+
+
+def test_a_tree_cut_for_another_alignment_is_refused_in_one_line(tmp_path):
+    from facerec.cli.eval_data import require_crop_size
+
+    dlib = EmbeddingContract("dlib", "1", 128, input_size=150, alignment=DLIB_CHIP_150)
+    crop = tmp_path / "a.jpg"
+    cv2.imwrite(str(crop), np.zeros((112, 112, 3), np.uint8))
+    with pytest.raises(SystemExit, match=f"112x112, the model takes 150x150 crops on alignment {DLIB_CHIP_150}"):
+        require_crop_size(dlib, crop, "--images t")
+    require_crop_size(dlib, np.zeros((150, 150, 3), np.uint8), "--images t")  # the model's crop: fine

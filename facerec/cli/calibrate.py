@@ -31,6 +31,7 @@ def run(args: argparse.Namespace) -> int:
     import onnxruntime as ort
 
     from facerec.bundle import BundleError, Calibration, ModelBundle
+    from facerec.cli.eval_data import require_crop_size
     from facerec.data import protocol
     from facerec.eval.calibration import (
         all_pairs_scores,
@@ -58,6 +59,7 @@ def run(args: argparse.Namespace) -> int:
     missing = [p for p in paths if not p.exists()]
     if missing:
         raise SystemExit(f"{len(missing)} validation images are not aligned, e.g. {missing[0]}")
+    require_crop_size(model.contract(), paths[0] if paths else None, f"--aligned-lfw {args.aligned_lfw}")
     emb, quality = embed_images(embed, paths, flip=args.flip)
     genuine, impostor = all_pairs_scores(emb, [name for _, name in items])
     threshold = threshold_at_far(impostor, args.far)

@@ -163,3 +163,21 @@ def _embed(args, ds: DataSet):
         raise SystemExit(f"facerec eval: {e}") from None
     return embedder, embed_cached(embedder, ds.images, args.cache, flip=args.flip, batch=args.batch,
                                   progress=not args.no_progress)
+
+
+def require_crop_size(contract, image, what: str) -> None:
+    """One line (SystemExit) when an aligned tree's image is not the model's crop: a tree cut for
+    another alignment (ArcFace 112 for a dlib model, say) would be embedded as the wrong faces."""
+    if image is None:
+        return
+    if isinstance(image, (str, Path)):
+        from facerec.data.datasets import read_rgb
+
+        image = read_rgb(image)
+    h, w = np.asarray(image).shape[:2]
+    size = contract.input_size
+    if (h, w) != (size, size):
+        raise SystemExit(
+            f"{what}: the images are {w}x{h}, the model takes {size}x{size} crops on alignment "
+            f"{contract.alignment}: align the photos with `facerec align ... --alignment {contract.alignment}"
+            f" --size {size}`")

@@ -180,6 +180,7 @@ def markdown(report: dict) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    from facerec.cli.eval_data import require_crop_size
     from facerec.eval.ood_study import driver
     from facerec.eval.ood_study.scoring import evaluate
     from facerec.ood import save
@@ -203,6 +204,7 @@ def run(args: argparse.Namespace) -> int:
     dims = json.loads(meta.get("facerec.feature_dims", "[]")) or [contract.embedding_size]  # the cache's key
     study = driver.open_study(args, source, contract, [int(d) for d in dims])
     pool = study.pool
+    require_crop_size(contract, pool[0][0] if len(pool) else None, f"--aligned-pool {args.aligned_pool}")
 
     det, fitter = fit_statistics(
         onnx_run,

@@ -96,7 +96,7 @@ def _candidates(args, embedder, es, keys) -> tuple[dict, object]:
 
 def run(args: argparse.Namespace) -> int:
     from facerec.bundle import BundleError, ModelBundle
-    from facerec.cli.eval_data import load_dataset
+    from facerec.cli.eval_data import load_dataset, require_crop_size
     from facerec.eval.calibration import quality_percentiles
     from facerec.eval.embedder import embed_cached, onnx_embedder
     from facerec.eval.quality_choice import choose_measure
@@ -113,6 +113,12 @@ def run(args: argparse.Namespace) -> int:
     data = argparse.Namespace(images=args.images, pairs=None, data=args.data,
                               protocol=None if args.protocol == "none" else args.protocol)
     ds = load_dataset(data)
+    require_crop_size(model.contract(), ds.images[0] if len(ds.images) else None, f"--images {args.images}")
+    if args.pool:
+        from pathlib import Path
+
+        first = next((f for f in sorted(Path(args.pool).glob("*/*")) if f.is_file()), None)
+        require_crop_size(model.contract(), first, f"--pool {args.pool}")
     es = embed_cached(embedder, ds.images, args.cache, flip=False, batch=args.batch, progress=not args.no_progress)
     measures, head = _candidates(args, embedder, es, ds.keys)
     if args.method != "auto" and args.method not in measures:
