@@ -161,6 +161,10 @@ def _embed(args, ds: DataSet):
         embedder = load_embedder(args.model, threads=args.threads)
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(f"facerec eval: {e}") from None
+    if Path(args.model).is_dir() and len(ds.images):  # a model folder: its contract says the crop
+        from facerec.bundle import ModelBundle
+
+        require_crop_size(ModelBundle(args.model).contract(), ds.images[0], "facerec eval")
     return embedder, embed_cached(embedder, ds.images, args.cache, flip=args.flip, batch=args.batch,
                                   progress=not args.no_progress)
 
