@@ -22,9 +22,10 @@ class _Strict(BaseModel):
 B64Image = Annotated[str, Field(description=_B64, json_schema_extra={"minLength": 1, "pattern": B64_PATTERN})]
 
 
-ALIGNED = ("the image is already a crop of the model's input size (112x112) on the ArcFace 5-point "
-           "template, as the service cuts them: detection is skipped and the whole image is the face; "
-           "an image of any other size is refused with 422 `not_aligned`")
+ALIGNED = ("the image is already a crop of the model's input size (112x112 for ArcFace models) on the "
+           "template of the model's alignment (ArcFace 5-point, or the one /v1/models names as "
+           "contract.alignment), as the service cuts them: detection is skipped and the whole image is "
+           "the face; an image of any other size is refused with 422 `not_aligned`")
 FACE_INDEX = ("which face of image_{side} to compare: its index in /v1/detect's order (0 = largest); "
               "default: the largest face. More than the faces found: 422 `face_index_out_of_range`")
 EMBEDDING_IN = ("an embedding as /v1/embed returns it (any length-{n} vector of finite numbers; it is "
