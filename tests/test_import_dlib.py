@@ -7,7 +7,7 @@ registry code: ``cv2.warpAffine`` by the similarity taking the landmarks to dlib
 
 from __future__ import annotations
 
-import argparse
+import sys
 from pathlib import Path
 
 import cv2
@@ -22,39 +22,14 @@ ort = pytest.importorskip("onnxruntime")
 onnx = pytest.importorskip("onnx")
 torch = pytest.importorskip("torch")
 
+sys.path.insert(0, str(Path(__file__).parent))
+from test_dlib_port import port, weights  # noqa: E402,F401 - the fixtures (skip without the weights)
+from test_import import _run_import  # noqa: E402
+
 pytestmark = [pytest.mark.timeout(600), pytest.mark.filterwarnings("ignore::DeprecationWarning"),
               pytest.mark.filterwarnings("ignore::UserWarning")]
 
 SAMPLES = Path(__file__).parent / "data" / "lfw_sample"
-
-
-@pytest.fixture(scope="module")
-def weights() -> Path:
-    from facerec.teachers.dlib_teacher import WEIGHTS, MissingExtraError, default_models_dir
-
-    try:
-        path = default_models_dir() / WEIGHTS
-    except MissingExtraError as err:
-        pytest.skip(str(err))
-    if not path.is_file():
-        pytest.skip(f"{path} is missing")
-    return path
-
-
-@pytest.fixture(scope="module")
-def port(weights):
-    from facerec.teachers.dlib_port import load_dlib_resnet
-
-    torch.set_num_threads(1)
-    return load_dlib_resnet(weights)
-
-
-def _run_import(*argv):
-    from facerec.cli import import_model as cli
-
-    parser = argparse.ArgumentParser()
-    cli.add_arguments(parser)
-    return cli.run(parser.parse_args([str(a) for a in argv]))
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +40,7 @@ def folder(weights, tmp_path_factory):
 
 
 def _unit(x):
-    x = np.asarray(x, np.float64).reshape(len(x) if np.ndim(x) > 1 else 1, -1)
+    x = np.atleast_2d(np.asarray(x, np.float64))
     return x / np.linalg.norm(x, axis=1, keepdims=True)
 
 
