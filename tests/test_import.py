@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 
 import numpy as np
 import pytest
@@ -105,15 +106,17 @@ def test_detects_inside_normalisation_and_writes_a_model_folder(imported, capsys
     assert ModelBundle(folder2).contract().contract_id == contract.contract_id  # same source, same contract
 
 
-def test_served_embedding_is_the_source_graph_on_the_service_crop(imported):
+@contextlib.contextmanager
+def uncalibrated_service(folder):
+    """The service on an imported (not calibrated) ``folder``: (client, key header, a bundled
+    photo, its /v1/embed answer), after checking that verify without a threshold is refused
+    (no threshold is invented)."""
     from fastapi.testclient import TestClient
 
-    from facerec.runtime import FacePipeline, OnnxRuntimeBackend
     from service.app import create_app
     from service.settings import Settings
     from service.testing import SAMPLES, wait_ready
 
-    src, folder = imported
     photo = (SAMPLES / "Adrien_Brody/Adrien_Brody_0001.jpg").read_bytes()
     key = {"X-API-Key": "test-key-0123456789abcdef"}
     settings = Settings(model=folder, api_keys=[key["X-API-Key"]], device="cpu")
@@ -121,10 +124,17 @@ def test_served_embedding_is_the_source_graph_on_the_service_crop(imported):
         wait_ready(client.get)
         r = client.post("/v1/embed", files={"image": photo}, headers=key)
         assert r.status_code == 200, r.text
-        served = r.json()
-        # Not calibrated: no threshold is invented; a request's own threshold is marked as such.
         v = client.post("/v1/verify", files={"image_a": photo, "image_b": photo}, headers=key)
         assert v.status_code == 422 and v.json()["error"]["code"] == "threshold_required"
+        yield client, key, photo, r.json()
+
+
+def test_served_embedding_is_the_source_graph_on_the_service_crop(imported):
+    from facerec.runtime import FacePipeline, OnnxRuntimeBackend
+
+    src, folder = imported
+    with uncalibrated_service(folder) as (client, key, photo, served):
+        # A request's own threshold is marked as such.
         v = client.post("/v1/verify", files={"image_a": photo, "image_b": photo}, data={"threshold": "0.4"},
                         headers=key).json()
         assert v["operating_point"] == {"far": None, "calibrated_on": None, "source": "request"}

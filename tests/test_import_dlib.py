@@ -24,7 +24,7 @@ torch = pytest.importorskip("torch")
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_dlib_port import port, weights  # noqa: E402,F401 - the fixtures (skip without the weights)
-from test_import import _run_import  # noqa: E402
+from test_import import _run_import, uncalibrated_service  # noqa: E402
 
 pytestmark = [pytest.mark.timeout(600), pytest.mark.filterwarnings("ignore::DeprecationWarning"),
               pytest.mark.filterwarnings("ignore::UserWarning")]
@@ -94,22 +94,8 @@ def test_the_service_pipeline_cuts_dlibs_chip_from_the_photo(folder, port):
 
 
 def test_the_service_serves_it_and_asks_for_a_threshold_until_calibrated(folder):
-    from fastapi.testclient import TestClient
-
-    from service.app import create_app
-    from service.settings import Settings
-    from service.testing import wait_ready
-
-    photo = (SAMPLES / "Adrien_Brody" / "Adrien_Brody_0001.jpg").read_bytes()
-    key = {"X-API-Key": "test-key-0123456789abcdef"}
-    settings = Settings(model=folder, api_keys=[key["X-API-Key"]], device="cpu")
-    with TestClient(create_app(settings, announce_key=False)) as client:
-        wait_ready(client.get)
-        r = client.post("/v1/embed", files={"image": photo}, headers=key)
-        assert r.status_code == 200, r.text
-        assert len(r.json()["embedding"]) == 128
-        v = client.post("/v1/verify", files={"image_a": photo, "image_b": photo}, headers=key)
-        assert v.status_code == 422 and v.json()["error"]["code"] == "threshold_required"
+    with uncalibrated_service(folder) as (client, key, photo, served):
+        assert len(served["embedding"]) == 128
         v = client.post("/v1/verify", files={"image_a": photo, "image_b": photo}, data={"threshold": "0.4"},
                         headers=key)
         assert v.status_code == 200 and v.json()["match"] is True
