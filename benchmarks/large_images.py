@@ -18,7 +18,6 @@ import base64
 import json
 import os
 import platform
-import socket
 import statistics
 import subprocess
 import sys
@@ -103,12 +102,6 @@ def pipeline_cases(runs: int) -> dict:
 
 
 # ------------------------------------------------------------------------------- live service
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _rss_mb(pid: int) -> dict:
     fields = {}
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
@@ -119,33 +112,15 @@ def _rss_mb(pid: int) -> dict:
 
 
 def live_service() -> dict:
-    import httpx
-
+    from service.testing import service_process
     from tests.test_image_bombs import gif_bomb, tiff_bomb
 
-    port = _free_port()
     tmp = tempfile.mkdtemp(prefix="facerec-bench-")
-    env = {**os.environ, "FACEREC_API_KEYS": KEY, "FACEREC_DEVICE": "cpu", "FACEREC_MODEL": str(MODEL_DIR),
-           "FACEREC_GALLERY_PATH": str(Path(tmp) / "g.sqlite3"), "PYTHONUNBUFFERED": "1"}
-    log = open(Path(tmp) / "serve.log", "wb")
-    proc = subprocess.Popen([sys.executable, "-m", "service", "--port", str(port), "--log-level", "warning"],
-                            cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    env = {"FACEREC_API_KEYS": KEY, "FACEREC_DEVICE": "cpu", "FACEREC_MODEL": str(MODEL_DIR),
+           "FACEREC_GALLERY_PATH": str(Path(tmp) / "g.sqlite3")}
     h = {"X-API-Key": KEY}
-    client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=600)
     out: dict = {}
-    try:
-        deadline = time.monotonic() + 180
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError((Path(tmp) / "serve.log").read_text())
-            try:
-                if client.get("/v1/health/ready").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                raise TimeoutError("service not ready in 180 s")
-            time.sleep(0.2)  # polling a separate process's readiness: nothing to wait on but time
+    with service_process(env, Path(tmp) / "serve.log", ready_timeout_s=180, client_timeout_s=600) as (proc, client, _):
         a = (SAMPLES / "Adrien_Brody/Adrien_Brody_0001.jpg").read_bytes()
         b = (SAMPLES / "Adrien_Brody/Adrien_Brody_0002.jpg").read_bytes()
 
@@ -196,14 +171,6 @@ def live_service() -> dict:
             "median": round(statistics.median(t for t, _ in during), 3) if during else None,
             "max": round(max(t for t, _ in during), 3) if during else None}
         out["rss_after_enrollment"] = _rss_mb(proc.pid)
-    finally:
-        client.close()
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
     return out
 
 

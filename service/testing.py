@@ -10,6 +10,11 @@ the API; they say nothing about accuracy.
 
 from __future__ import annotations
 
+import contextlib
+import os
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -97,3 +102,44 @@ def wait_ready(get, timeout_s: float = 60.0, interval_s: float = 0.05, retry_on:
             pass
         time.sleep(interval_s)
     raise TimeoutError(f"not ready after {timeout_s} s: {getattr(last, 'text', None)}")
+
+
+def free_port() -> int:
+    """A TCP port on the loopback interface that is free now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def service_process(env: dict, log: Path, ready_timeout_s: float = 90.0, client_timeout_s: float = 60.0):
+    """A real ``python -m service`` on a free loopback port, with ``os.environ`` plus ``env`` and its
+    output in ``log``; yields ``(proc, client, base)`` (an httpx client on ``base``) once
+    ``/v1/health/ready`` answers 200 (a server that exits first raises with its log). On exit the
+    server is stopped if it still runs (terminate, then kill)."""
+    import httpx
+
+    port = free_port()
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "service", "--port", str(port), "--log-level", "warning"],
+                                cwd=REPO_ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1", **env},
+                                stdout=out, stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}"
+    client = httpx.Client(base_url=base, timeout=client_timeout_s)
+    try:
+        def get(path):
+            if proc.poll() is not None:
+                raise RuntimeError(f"server exited with {proc.returncode}:\n{Path(log).read_text()}")
+            return client.get(path)
+
+        wait_ready(get, timeout_s=ready_timeout_s, interval_s=0.1, retry_on=(httpx.TransportError,))
+        yield proc, client, base
+    finally:
+        client.close()
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(10)

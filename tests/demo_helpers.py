@@ -11,9 +11,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -21,16 +18,10 @@ import pytest
 httpx = pytest.importorskip("httpx")
 
 from service.settings import DEFAULT_MODEL_DIR
-from service.testing import REPO_ROOT, wait_ready
+from service.testing import service_process
 
 KEY = "demo-page-key-0123456789abcdef"
 MAX_IMAGE_BYTES = 256 * 1024  # small, so the 413 case needs only a small file
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -40,33 +31,12 @@ def server(tmp_path_factory):
     model = os.environ.get("FACEREC_MODEL") or str(DEFAULT_MODEL_DIR)
     if not Path(model).exists():
         pytest.skip(f"no model at {model}")
-    port = free_port()
     folder = tmp_path_factory.mktemp("demo_serve")
-    log = folder / "serve.log"
-    env = {**os.environ, "FACEREC_API_KEYS": KEY, "FACEREC_DEVICE": "cpu", "FACEREC_MODEL": model,
+    env = {"FACEREC_API_KEYS": KEY, "FACEREC_DEVICE": "cpu", "FACEREC_MODEL": model,
            "FACEREC_MAX_IMAGE_BYTES": str(MAX_IMAGE_BYTES), "FACEREC_DEMO_PAGE": "true",
-           "FACEREC_GALLERY_PATH": str(folder / "galleries.sqlite3"), "PYTHONUNBUFFERED": "1"}
-    with open(log, "wb") as out:
-        cmd = [sys.executable, "-m", "service", "--port", str(port), "--log-level", "warning"]
-        proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
-    base = f"http://127.0.0.1:{port}"
-    client = httpx.Client(base_url=base, timeout=60)
-    try:
-        def get(path):
-            if proc.poll() is not None:
-                raise RuntimeError(f"server exited with {proc.returncode}:\n{log.read_text()}")
-            return client.get(path)
-
-        wait_ready(get, timeout_s=120, interval_s=0.1, retry_on=(httpx.TransportError,))
+           "FACEREC_GALLERY_PATH": str(folder / "galleries.sqlite3")}
+    with service_process(env, folder / "serve.log", ready_timeout_s=120) as (_, client, base):
         yield client, base
-    finally:
-        client.close()
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
 
 
 def chromium_paths() -> tuple[str, str]:

@@ -3,11 +3,7 @@ OpenAPI documentation contract, and a bounded schemathesis fuzz run against that
 
 from __future__ import annotations
 
-import os
 import signal
-import socket
-import subprocess
-import sys
 import time
 
 import pytest
@@ -17,7 +13,7 @@ pytest.importorskip("pydantic_settings")
 httpx = pytest.importorskip("httpx")
 from fastapi.routing import APIRoute
 
-from service.testing import REPO_ROOT, SAMPLES, shared_model_dir, wait_ready
+from service.testing import SAMPLES, service_process, shared_model_dir
 
 KEY = "live-key-0123456789abcdef"
 H = {"X-API-Key": KEY}
@@ -27,39 +23,15 @@ B1 = (SAMPLES / "Mariah_Carey/Mariah_Carey_0001.jpg").read_bytes()
 UNDOCUMENTED_OK = {"/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     model = shared_model_dir(tmp_path_factory)
-    port = _free_port()
     log = tmp_path_factory.mktemp("serve") / "serve.log"
-    env = {**os.environ, "FACEREC_API_KEYS": KEY, "FACEREC_DEVICE": "cpu", "FACEREC_MODEL": str(model),
-           "PYTHONUNBUFFERED": "1",
+    env = {"FACEREC_API_KEYS": KEY, "FACEREC_DEVICE": "cpu", "FACEREC_MODEL": str(model),
            # the fuzzer reaches the gallery routes: keep their database in the test's folder
            "FACEREC_GALLERY_PATH": str(log.parent / "galleries.sqlite3")}
-    with open(log, "wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "service", "--port", str(port), "--log-level", "warning"],
-                                cwd=REPO_ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
-    base = f"http://127.0.0.1:{port}"
-    client = httpx.Client(base_url=base, timeout=30)
-    try:
-        def get(path):
-            if proc.poll() is not None:
-                raise RuntimeError(f"server exited with {proc.returncode}:\n{log.read_text()}")
-            return client.get(path)
-
-        wait_ready(get, timeout_s=90, interval_s=0.1, retry_on=(httpx.TransportError,))
+    with service_process(env, log, client_timeout_s=30) as (proc, client, base):
         yield proc, client, base, log
-    finally:
-        client.close()
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(10)
 
 
 def test_real_server_verify_then_clean_shutdown(server):
