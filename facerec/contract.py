@@ -16,6 +16,9 @@ from dataclasses import asdict, dataclass, field
 ARCFACE_TEMPLATE_112 = "arcface-5pt-112-v1"
 # dlib's 150 x 150 face chip (padding 0.25) located by the same 5 points (facerec.data.align).
 DLIB_CHIP_150 = "dlib-chip-5pt-150-v1"
+# A 192 x 192 canvas on that chip's geometry, holding the chip (an exact 150 x 150 window) and the
+# whole 112 ArcFace crop (facerec.data.align.CANVASES): a graph that runs a network of each alignment.
+DLIB_CHIP_CANVAS_192 = "dlib-chip-5pt-150-canvas-192-v1"
 
 
 def training_alignment(config: dict | None) -> str:

@@ -36,7 +36,25 @@ service cuts that chip itself. Trees for calibrate / fit-quality / fit-ood's --a
 be cut the same way: `facerec align ... --alignment dlib-chip-5pt-150-v1`. MODEL_CARD.md says the
 licence. No insightface graph is written: insightface cuts ArcFace crops only.
 
-An imported model has no quality head: `facerec fit-quality DIR ...` chooses its quality measure.
+An imported model has no quality head: `facerec fit-quality DIR ...` chooses its quality measure,
+or --quality-from gives it a facerec model's quality token (ViT-FIQA): one graph runs both networks
+on one input and gives `embedding` (the imported model's) and `quality` (the token). When the two
+take different crops (dlib's chip, ArcFace's crop) the input is a canvas holding both
+(dlib-chip-5pt-150-canvas-192-v1 for dlib + an ArcFace-aligned model): the recognizer reads an exact
+window of it, the quality model a fixed resampling. --store-fp16 stores the weights as float16 (half
+the file; computed in float32). The combined graph is checked against both parts before it is written.
+
+  facerec import --dlib --quality-from models/vit_fiqa --store-fp16 --out models/dlib_fiqa
+  facerec import w600k_r50.onnx --quality-from models/vit_fiqa --out models/w600k_r50_fiqa
+"""
+
+
+QUALITY_CARD = """
+## Quality (added by `facerec import --quality-from {quality_from}`)
+
+The graph's `quality` output is the quality token of {name} {version} (contract {contract}), run on
+its own crop ({alignment}, {size} px) taken from this model's input ({input}); the embedding is the
+imported model's. Weights: {weights}. Calibrate the quality mapping with `facerec calibrate`.
 """
 
 
@@ -55,9 +73,63 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--bgr", action="store_true", help="the graph takes BGR input (nothing in a graph says so)")
     parser.add_argument("--name", help="model name and file stem (default: the source's file name)")
     parser.add_argument("--version", help="model version in the contract (default: imported-<source hash>[-bgr])")
+    parser.add_argument("--quality-from", metavar="DIR",
+                        help="a facerec model folder with a quality output: its token goes into the imported graph")
+    parser.add_argument("--store-fp16", action="store_true",
+                        help="with --quality-from: store the weights as float16 (computed in float32)")
 
 
 def run(args) -> int:
+    if args.store_fp16 and not args.quality_from:
+        raise SystemExit("facerec import: --store-fp16 is for --quality-from")
+    if args.quality_from:
+        return _run_with_quality(args)
+    return _run_import(args)
+
+
+def _run_with_quality(args) -> int:
+    """Import into a scratch folder, then write the recognizer + quality graph into --out."""
+    import contextlib
+    import io
+    import tempfile
+    from pathlib import Path
+
+    from facerec.export.attach_quality import AttachQualityError, attach_quality
+    from facerec.export.parity import ParityError
+
+    quality_from = Path(args.quality_from)
+    if not quality_from.is_dir():
+        raise SystemExit(f"facerec import: --quality-from {quality_from}: no such model folder")
+    out, name, version = args.out, args.name, args.version
+    with tempfile.TemporaryDirectory(prefix="facerec-import-") as tmp:
+        args.out, args.name, args.version = str(Path(tmp) / "recognizer"), None, None
+        with contextlib.redirect_stdout(io.StringIO()):  # the scratch folder's lines would mislead
+            _run_import(args)
+        try:
+            report = attach_quality(args.out, quality_from, out, store_fp16=args.store_fp16, name=name,
+                                    version=version)
+        except (AttachQualityError, ParityError) as err:
+            raise SystemExit(f"facerec import: {err}") from None
+        card = Path(args.out) / "MODEL_CARD.md"
+        text = card.read_text() if card.is_file() else ""  # the recognizer's card (dlib: its licence)
+        q = report["combined_from"]["quality"]
+        Path(out, "MODEL_CARD.md").write_text(text + QUALITY_CARD.format(
+            quality_from=quality_from, name=q["model_name"], version=q["model_version"], contract=q["contract_id"],
+            alignment=q["alignment"], size=q["input_size"], input=report["contract"]["alignment"],
+            weights=report["storage"]["weights"]))
+    graph = report["onnx"][0]
+    parts, parity = report["combined_from"], graph["parity"]
+    print(f"wrote {graph['path']} ({graph['bytes'] / 1e6:.1f} MB, weights {report['storage']['weights']}): "
+          f"embedding of {parts['recognizer']['model_name']} (cosine vs it alone >= {parity['embedding_min_cosine']:.6f}), "
+          f"quality of {parts['quality']['model_name']} {parts['quality']['model_version']} "
+          f"(max abs diff {parity['quality_max_abs_diff']:.2g})")
+    if parts["canvas"] is not None:
+        print(f"input: the {parts['canvas']['size']} px canvas {parts['canvas']['id']}: align trees with "
+              f"`facerec align ... --alignment {parts['canvas']['id']} --size {parts['canvas']['size']}`")
+    return _written(report, out)
+
+
+def _run_import(args) -> int:
     from facerec.export.onnx_import import GraphImportError, import_onnx
     from facerec.export.parity import ParityError
 

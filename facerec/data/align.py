@@ -32,7 +32,7 @@ ARCFACE_TEMPLATE = np.array(
 #: Identifier stored in the embedding contract; change it whenever the template or the rule for
 #: other sizes changes, so artifacts made with different crops refuse to mix.
 from facerec.contract import ARCFACE_TEMPLATE_112 as TEMPLATE_ID  # noqa: E402
-from facerec.contract import DLIB_CHIP_150  # noqa: E402
+from facerec.contract import DLIB_CHIP_150, DLIB_CHIP_CANVAS_192  # noqa: E402
 
 #: Where facerec's MTCNN landmarks (same order as above) fall in dlib's 150 x 150 face chip
 #: (``dlib.get_face_chip``, padding 0.25), in pixels: the mean over the bundled LFW sample of each
@@ -134,6 +134,59 @@ def _fixed_size(alignment_id: str, template: np.ndarray, size: int) -> Callable[
     return points
 
 
+@dataclass(frozen=True)
+class Canvas:
+    """A crop that holds the crops of two alignments: the ``primary`` one as an exact window (no
+    resampling) at ``offset`` (x, y), the ``secondary`` one through a fixed similarity transform.
+
+    A graph fed the canvas runs a network of each alignment (``facerec.export.attach_quality``: a
+    recognizer and another model's quality token) on faces cut once from the photo."""
+
+    id: str
+    size: int
+    primary: str
+    primary_size: int
+    offset: tuple[int, int]
+    secondary: str
+    secondary_size: int
+
+    def template(self) -> np.ndarray:
+        """The canvas's 5 points: the primary template shifted by ``offset``."""
+        return alignment_template(self.primary, self.primary_size) + np.asarray(self.offset, np.float64)
+
+    def secondary_to_canvas(self) -> np.ndarray:
+        """2 x 3 matrix taking a pixel (x, y) of the secondary crop to the canvas: the similarity
+        fitted (least squares, as an alignment is) from the secondary template to the canvas's."""
+        src = alignment_template(self.secondary, self.secondary_size)
+        return umeyama(src, self.template())[:2]
+
+    def secondary_grid(self) -> np.ndarray:
+        """(S, S, 2) sampling grid for ``GridSample`` (``align_corners=False``): where each pixel
+        centre of the secondary crop falls in the canvas, in [-1, 1] (x then y)."""
+        s = self.secondary_size
+        v, u = np.mgrid[0:s, 0:s].astype(np.float64)
+        m = self.secondary_to_canvas()
+        x = m[0, 0] * u + m[0, 1] * v + m[0, 2]
+        y = m[1, 0] * u + m[1, 1] * v + m[1, 2]
+        return np.stack([(2 * x + 1) / self.size - 1, (2 * y + 1) / self.size - 1], axis=-1).astype(np.float32)
+
+
+#: canvas id -> its layout. dlib's chip (150) and the ArcFace crop (112, 1.51x larger in the photo;
+#: it spans x -10.6..158.5 and y -34.0..135.1 in chip pixels) both fit a 192 px canvas with the chip
+#: at (21, 38).
+CANVASES: dict[str, Canvas] = {
+    DLIB_CHIP_CANVAS_192: Canvas(DLIB_CHIP_CANVAS_192, 192, DLIB_CHIP_150, 150, (21, 38), TEMPLATE_ID, 112),
+}
+
+
+def find_canvas(primary: str, secondary: str) -> Canvas | None:
+    """The registered canvas of these two alignments, or None."""
+    for canvas in CANVASES.values():
+        if (canvas.primary, canvas.secondary) == (primary, secondary):
+            return canvas
+    return None
+
+
 #: alignment id (a contract's ``alignment``) -> how crops are cut for it.
 ALIGNMENTS: dict[str, Alignment] = {
     TEMPLATE_ID: Alignment(TEMPLATE_ID, 112, template_for_size),
@@ -155,6 +208,11 @@ def alignment_template(alignment_id: str = TEMPLATE_ID, size: int | None = None)
     """The template of ``alignment_id`` for a ``size`` crop (default: the alignment's own size)."""
     found = get_alignment(alignment_id)
     return found.points(found.size if size is None else int(size))
+
+
+# A canvas is an alignment too (its template: the primary one, shifted).
+for _canvas in CANVASES.values():
+    ALIGNMENTS[_canvas.id] = Alignment(_canvas.id, _canvas.size, _fixed_size(_canvas.id, _canvas.template(), _canvas.size))
 
 
 def estimate_norm(landmarks: np.ndarray, size: int = 112, alignment: str = TEMPLATE_ID) -> np.ndarray:
