@@ -17,6 +17,9 @@ compared with its output on damaged copies:
 - one kind of damage at a time on the crop (blur sigma 3, a 40 px face, JPEG 10, noise sigma 20,
   low light gain 0.25 gamma 1.5, a 30% occluder), to see which the score misses.
 
+A model whose crop is not the 112 px ArcFace crop (dlib's chip, the 192 px canvas of model 2.1) gets
+the same damage relative to the face: strengths are scaled by the crop pixels one ArcFace pixel spans.
+
 Reported per check: how often the clean face scores strictly higher (the target: >= 95% for the
 recipe), ties, and the median drop. Writes benchmarks/results/quality_damage_<tag>.{json,md}.
 """
@@ -33,20 +36,34 @@ from pathlib import Path
 import numpy as np
 
 from facerec.bundle import find_graph
+from facerec.contract import ARCFACE_TEMPLATE_112
 from facerec.data import degrade as D
 from facerec.data import protocol
 from facerec.data.image_io import load_image
 from facerec.runtime import FacePipeline, NoFaceError, load_backend
 
-# One kind of damage at a time, at a strength a person would call clearly damaged.
+# One kind of damage at a time, at a strength a person would call clearly damaged. Strengths are for
+# a 112 px ArcFace crop; ``k`` is how many of the model's crop pixels one ArcFace pixel spans (1 for
+# ArcFace-aligned models; 1.51 for dlib's chip and its canvas), so every model's crop gets the same
+# damage relative to the face.
 SINGLE = {
-    "blur_s3": lambda x, rng: D.gaussian_blur(x, 3.0),
-    "face_40px": lambda x, rng: D.resample(x, 40),
-    "jpeg_q10": lambda x, rng: D.jpeg(x, 10),
-    "noise_s20": lambda x, rng: D.gaussian_noise(x, 20.0, rng),
-    "low_light": lambda x, rng: D.low_light(x, 0.25, 1.5),
-    "occlusion_30": lambda x, rng: D.occlude(x, 0.3, rng),
+    "blur_s3": lambda x, rng, k: D.gaussian_blur(x, 3.0 * k),
+    "face_40px": lambda x, rng, k: D.resample(x, round(40 * x.shape[0] / (112 * k))),
+    "jpeg_q10": lambda x, rng, k: D.jpeg(x, 10),
+    "noise_s20": lambda x, rng, k: D.gaussian_noise(x, 20.0, rng),
+    "low_light": lambda x, rng, k: D.low_light(x, 0.25, 1.5),
+    "occlusion_30": lambda x, rng, k: D.occlude(x, 0.3, rng),
 }
+
+
+def arcface_pixel_scale(alignment: str, size: int) -> float:
+    """Crop pixels per ArcFace-112 pixel: the scale of the similarity between the two templates."""
+    from facerec.data.align import alignment_template, umeyama
+
+    if alignment == ARCFACE_TEMPLATE_112:
+        return size / 112.0
+    m = umeyama(alignment_template(ARCFACE_TEMPLATE_112, 112), alignment_template(alignment, size))
+    return float(np.sqrt(abs(np.linalg.det(m[:2, :2]))))
 
 
 def summarise(clean: np.ndarray, damaged: np.ndarray) -> dict:
@@ -86,6 +103,10 @@ def main(argv=None) -> int:
     step = max(1, len(items) // args.limit)
     items = items[::step][: args.limit]
     rng = np.random.default_rng(args.seed)
+    contract = backend.contract
+    k = arcface_pixel_scale(contract.alignment, contract.input_size)
+    # On the crop, the recipe's 112 px reference is the ArcFace crop's width in this model's pixels.
+    crop_recipe = D.DamageRecipe(reference_width=round(contract.input_size / k, 3))
     recipe = D.DamageRecipe()
 
     def quality_of(crops: list[np.ndarray]) -> np.ndarray:
@@ -102,8 +123,8 @@ def main(argv=None) -> int:
             no_face_clean += 1
             continue
         crop = face.crop
-        damaged = {"recipe/crop": recipe(crop)}
-        damaged.update({f"single/{k}": f(crop, rng) for k, f in SINGLE.items()})
+        damaged = {"recipe/crop": crop_recipe(crop)}
+        damaged.update({f"single/{name}": f(crop, rng, k) for name, f in SINGLE.items()})
         names = list(damaged)
         q = quality_of([crop] + [damaged[k] for k in names])
         for i, key in enumerate(names):
@@ -128,6 +149,8 @@ def main(argv=None) -> int:
         "no_face_after_photo_damage": no_face_damaged,
         "recipe": {"blur_sigma": recipe.blur_sigma, "shrink_to": recipe.shrink_to,
                    "jpeg_quality": recipe.jpeg_quality, "reference_width": recipe.reference_width},
+        "crop": {"alignment": contract.alignment, "size": contract.input_size, "pixels_per_arcface_pixel": round(k, 4),
+                 "recipe_reference_width": crop_recipe.reference_width},
         "results": results,
         "seconds": round(time.time() - t0, 1),
     }

@@ -136,7 +136,7 @@ class DamageRecipe:
     blur_sigma: float = 3.0
     shrink_to: int = 60
     jpeg_quality: int = 10
-    reference_width: int = 112
+    reference_width: float = 112  # the face crop's width the strengths are given for
 
     def __call__(self, image: np.ndarray) -> np.ndarray:
         _check(image)
