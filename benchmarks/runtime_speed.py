@@ -2,6 +2,10 @@
 
     python benchmarks/runtime_speed.py                         # CPU: onnxruntime and torch, both models
     python benchmarks/runtime_speed.py --device cuda --backends torch --amp fp16 --tag gpu
+    python benchmarks/runtime_speed.py --folder models/default --backends onnxruntime --tag default
+
+``--folder DIR`` (repeatable) times a model folder as shipped (its fp32 graph; its torch artefact when
+it has one) instead of the random registry models, on crops of its own input size.
 
 Models are randomly initialised (speed does not depend on the weights) and exported through the
 normal export path (parity-checked). Each (backend, model, batch) is warmed up, then run for at least
@@ -79,6 +83,22 @@ def build_backends(name: str, kinds: list[str], args, tmp: Path) -> dict:
     return backends
 
 
+def folder_backends(folder: str, kinds: list[str], args) -> dict:
+    """The shipped files of a model folder: its fp32 graph, and its torch artefact if it has one."""
+    from facerec.bundle import ModelBundle
+    from facerec.runtime import OnnxRuntimeBackend, TorchBackend
+
+    model = ModelBundle(folder)
+    backends = {}
+    if "onnxruntime" in kinds:
+        backends["onnxruntime"] = OnnxRuntimeBackend(model.graph(), device=args.device, threads=args.threads)
+    artefacts = sorted(model.folder.glob("*.pt"))
+    if "torch" in kinds and len(artefacts) == 1:
+        backends["torch"] = TorchBackend(artefacts[0], device=args.device, amp=args.amp, compile=args.compile,
+                                         threads=args.threads)
+    return backends
+
+
 def to_markdown(report: dict) -> str:
     env = report["environment"]
     threads = report["options"]["threads"] or "library default"
@@ -90,15 +110,16 @@ def to_markdown(report: dict) -> str:
             f"load average at start {env['load_average']}; torch {env['torch']}, onnxruntime "
             f"{env['onnxruntime']}, threads per backend: {threads}, "
             f"{report['seconds']} s per cell. Input: aligned uint8 crops "
-            "(normalisation included). Random weights."
+            "(normalisation included). Registry models: random weights; folders: as shipped."
         ),
         "",
-        "| backend | provider | model | batch | images/s | ms / batch (median) |",
-        "|---|---|---|---:|---:|---:|",
+        "| backend | provider | model | input | batch | images/s | ms / batch (median) |",
+        "|---|---|---|---:|---:|---:|---:|",
     ]
     for r in report["results"]:
         lines.append(
-            f"| {r['backend']} | {r['provider']} | {r['model']} | {r['batch']} | {r['images_per_s']} "
+            f"| {r['backend']} | {r['provider']} | {r['model']} | {r.get('input_size', 112)} | {r['batch']} "
+            f"| {r['images_per_s']} "
             f"| {r['ms_per_batch_median']} |"
         )
     return "\n".join(lines) + "\n"
@@ -106,7 +127,9 @@ def to_markdown(report: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--models", nargs="+", default=["mobilefacenet", "vit_tiny_fiqa"])
+    parser.add_argument("--models", nargs="+", help="registry models, randomly initialised "
+                        "(default: mobilefacenet vit_tiny_fiqa, unless --folder is given)")
+    parser.add_argument("--folder", action="append", default=[], help="a model folder to time as shipped")
     parser.add_argument(
         "--backends", nargs="+", default=["onnxruntime", "torch"], choices=["onnxruntime", "torch"]
     )
@@ -139,16 +162,19 @@ def main(argv: list[str] | None = None) -> int:
         "options": {"amp": args.amp, "compile": args.compile, "threads": args.threads},
         "results": [],
     }
+    models = args.models if args.models is not None else ([] if args.folder else ["mobilefacenet", "vit_tiny_fiqa"])
     with tempfile.TemporaryDirectory() as tmp:
-        for name in args.models:
-            backends = build_backends(name, args.backends, args, Path(tmp))
+        runs = [(name, build_backends(name, args.backends, args, Path(tmp))) for name in models]
+        runs += [(folder, folder_backends(folder, args.backends, args)) for folder in args.folder]
+        for name, backends in runs:
             for kind, backend in backends.items():
                 for batch in args.batches:
                     row = {
                         "backend": kind,
                         "provider": backend.provider,
                         "model": name,
-                        **time_backend(backend, batch, args.seconds),
+                        "input_size": backend.contract.input_size,
+                        **time_backend(backend, batch, args.seconds, backend.contract.input_size),
                     }
                     report["results"].append(row)
                     print(json.dumps(row), flush=True)

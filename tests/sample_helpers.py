@@ -16,8 +16,10 @@ def sample_people() -> list[str]:
     return sorted(p.name for p in SAMPLE.iterdir() if p.is_dir())
 
 
-def align_sample(tmp: Path, people: Sequence[str]) -> tuple[Path, Path]:
-    """(aligned tree ``tmp/aligned/<name>/<file>``, detection cache ``tmp/meta.npz``) of ``people``."""
+def align_sample(tmp: Path, people: Sequence[str], alignment: str = "arcface-5pt-112-v1",
+                 size: int = 112) -> tuple[Path, Path]:
+    """(aligned tree ``tmp/aligned/<name>/<file>``, detection cache ``tmp/meta.npz``) of ``people``,
+    cut to ``alignment`` at ``size`` (a model's contract: ``alignment``, ``input_size``)."""
     from facerec.data.align import norm_crop
     from facerec.data.datasets import read_rgb
     from facerec.eval import face_meta
@@ -29,7 +31,7 @@ def align_sample(tmp: Path, people: Sequence[str]) -> tuple[Path, Path]:
     aligned = tmp / "aligned"
     for key, ok, lm in zip(meta.keys, meta.found, meta.landmarks, strict=True):
         assert ok, key
-        crop = norm_crop(read_rgb(SAMPLE / key), lm, 112)
+        crop = norm_crop(read_rgb(SAMPLE / key), lm, size, alignment)
         out = aligned / key
         out.parent.mkdir(parents=True, exist_ok=True)
         cv2.imwrite(str(out), cv2.cvtColor(crop, cv2.COLOR_RGB2BGR))

@@ -306,15 +306,19 @@ def test_aligned_crop_embeds_like_the_full_photo(app, fr):
     needs(app, "/v1/embed", "aligned")
     from facerec.data.align import norm_crop
 
+    from facerec.bundle import ModelBundle
+
+    contract = ModelBundle(DEFAULT_MODEL_DIR).contract()  # the model's own crop (2.1: a 192 px canvas)
     full = fr.embed(A1)
     image = cv2.imdecode(np.frombuffer(A1, np.uint8), cv2.IMREAD_COLOR)
-    crop = jpeg(norm_crop(image, np.asarray(full.face.landmarks, np.float32)))
+    crop = jpeg(norm_crop(image, np.asarray(full.face.landmarks, np.float32), contract.input_size,
+                          contract.alignment))
     aligned = fr.embed(crop, aligned=True)
     assert float(np.dot(aligned.embedding, full.embedding)) >= 0.99
     assert aligned.face.score is None and aligned.faces_found == 1
     assert fr.quality(crop, aligned=True).quality is not None
     with pytest.raises(FacerecError) as err:
-        fr.embed(A1, aligned=True)  # 250x250: not a 112x112 crop
+        fr.embed(A1, aligned=True)  # 250x250: not the model's crop
     assert (err.value.status, err.value.code) == (422, "not_aligned")
 
 

@@ -16,7 +16,6 @@ import os
 import re
 import shlex
 import shutil
-import socket
 import subprocess
 import sys
 import threading
@@ -27,6 +26,7 @@ from pathlib import Path
 import pytest
 import tomllib
 import yaml
+from service.testing import free_port
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -396,12 +396,6 @@ def test_entrypoint_default_command_is_the_server(tmp_path):
     result = subprocess.run(["sh", str(ENTRYPOINT)], env={"PATH": f"{fake_bin}:{os.environ['PATH']}"},
                             check=False, capture_output=True, text=True, timeout=30)
     assert result.stdout.strip() == "started with 0 arguments"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_cuda_image_without_gpu_fails_loudly(dockerfile, monkeypatch, capsys):

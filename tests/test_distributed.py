@@ -5,7 +5,6 @@ target's cross-shard max and ElasticFace+ ranks over the global batch.
 """
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -17,14 +16,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 from ddp_worker import CONFIG, distill_inputs, distill_losses, global_inputs  # noqa: E402
 
 from facerec.losses import FaceRecognitionLoss  # noqa: E402
+from service.testing import free_port  # noqa: E402
 
 pytestmark = pytest.mark.timeout(240)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run_two_ranks(tmp_path, *mode):

@@ -32,7 +32,10 @@ def sample(tmp_path_factory):
 
     tmp = tmp_path_factory.mktemp("eval_cli")
     people = sample_people()[:12]
-    aligned, _ = align_sample(tmp, people)
+    from facerec.bundle import ModelBundle
+
+    contract = ModelBundle(MODEL).contract()  # the shipped model's own crops (2.1: the 192 px canvas)
+    aligned, _ = align_sample(tmp, people, contract.alignment, contract.input_size)
     pairs = write_sample_pairs(tmp / "pairs.txt", people)
     blobs = []
     for p in pairs:

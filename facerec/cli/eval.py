@@ -25,15 +25,16 @@ data sets:
                                (fold 5) or 'lfw-h2' (folds 6-10, final reports only)
   --bin FILE                   an insightface verification .bin (pairs of aligned images; 10 folds)
 
-examples:
-  facerec eval verify models/default --images /data/lfw112 --protocol lfw-h2 \\
-      --meta lfw_meta.npz --flip --out reports/verify
-  facerec eval verify models/default --bin /data/lfw112/validation.bin --detect-pose --out reports/bin
-  facerec eval quality models/default --images /data/lfw112 --protocol lfw-h2 --meta lfw_meta.npz \\
-      --pool /data/pool112 --out reports/quality
-  facerec eval ood models/default --images /data/lfw112 --protocol lfw-h2 \\
+examples (the trees are cut to the model's own alignment: for models/default, model 2.1,
+`facerec align --preset lfw --alignment dlib-chip-5pt-150-canvas-192-v1 --out /data/lfw192`):
+  facerec eval verify models/default --images /data/lfw192 --protocol lfw-h2 \\
+      --meta lfw_meta.npz --out reports/verify
+  facerec eval verify models/default --bin /data/lfw192/validation.bin --detect-pose --out reports/bin
+  facerec eval quality models/default --images /data/lfw192 --protocol lfw-h2 --meta lfw_meta.npz \\
+      --out reports/quality
+  facerec eval ood models/default --images /data/lfw192 --protocol lfw-h2 \\
       --ood ../shared/data/cifar10_ood --out reports/ood
-  facerec eval openset models/default --images /data/lfw112 --protocol lfw-h2 --out reports/openset
+  facerec eval openset models/default --images /data/lfw192 --protocol lfw-h2 --out reports/openset
 
 --meta is a detection cache made by `python -m facerec.eval.face_meta ORIGINALS --out FILE` on the
 original (unaligned) photos, keyed identity/file: it gives the yaw (pose bins), the detector
@@ -244,7 +245,8 @@ def run_ood(args) -> int:
         if not files:
             raise SystemExit(f"facerec eval ood: no images under {d}")
         chosen = [files[i] for i in sorted(rng.permutation(len(files))[: args.limit])]
-        crops = np.stack([cv2.resize(read_rgb(f), (112, 112), interpolation=cv2.INTER_LINEAR)
+        size = model.contract().input_size
+        crops = np.stack([cv2.resize(read_rgb(f), (size, size), interpolation=cv2.INTER_LINEAR)
                           for f in chosen])
         sets[Path(d).name] = normalise_images(crops)
     if not sets:
@@ -264,7 +266,8 @@ def run_ood(args) -> int:
     report = {"command": _command(), "model": str(model.folder), "faces": len(faces), "threshold": det.threshold,
               "tpr_at_shipped_threshold": tpr_in, "families": rows,
               "faces_source": args.protocol or str(root),
-              "inputs": ("aligned 112x112 face crops; --ood images resized to 112x112 as if the face "
+              "inputs": (f"aligned {model.contract().input_size}x{model.contract().input_size} face crops; --ood images "
+                         "resized to that size as if the face "
                          "detector had let them through; corruptions of the face crops rounded to 8 bits"
                          + ("; no face detector runs here, so the detector's confidence column is at "
                             "its neutral value for every input (the feature layers alone)"

@@ -119,18 +119,30 @@ def _load_bin(args) -> DataSet:
         blobs, issame = load_bin(args.bin)
     except (OSError, ValueError, EOFError) as e:
         raise SystemExit(f"facerec eval: cannot read {args.bin}: {e}") from None
+    size = _model_input_size(args.model)
     images = []
     for i, blob in enumerate(blobs):
         img = cv2.imdecode(np.frombuffer(blob, np.uint8), cv2.IMREAD_COLOR)
         if img is None:
             raise SystemExit(f"facerec eval: image {i} of {args.bin} does not decode")
-        if img.shape[:2] != (112, 112):
-            img = cv2.resize(img, (112, 112), interpolation=cv2.INTER_AREA)
+        if img.shape[0] == img.shape[1] and img.shape[0] != size and img.shape[0] % 112 == 0 and size == 112:
+            # insightface's .bin of larger ArcFace crops (224, ...) for a 112 model: the same template
+            img = cv2.resize(img, (size, size), interpolation=cv2.INTER_AREA)
         images.append(cv2.cvtColor(img, cv2.COLOR_BGR2RGB))
     n = len(issame)
     pairs = PairList(np.arange(n) * 2, np.arange(n) * 2 + 1, issame, args.folds, name=Path(args.bin).name)
     keys = [f"{i:06d}" for i in range(2 * n)]
     return DataSet(np.stack(images), keys, None, pairs, f"{args.bin} ({n} pairs)")
+
+
+def _model_input_size(model) -> int:
+    """The crop size a model folder's contract names; 112 for a bare graph or a checkpoint."""
+    path = Path(model)
+    if path.is_dir() and (path / "contract.json").exists():
+        from facerec.bundle import ModelBundle
+
+        return ModelBundle(path).contract().input_size
+    return 112
 
 
 def _meta(args, ds: DataSet, detect: bool):

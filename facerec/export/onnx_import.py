@@ -177,7 +177,21 @@ def import_onnx(src: str | Path, out_dir: str | Path, *, bgr: bool = False, name
     # The source's hash and how it is fed name the model: the same file read as BGR is another model.
     version = version or f"imported-{digest[:12]}" + ("-bgr" if found.colour_order == "BGR" else "")
     return write_imported(model, found, src, out_dir, name=name or src.stem, version=version,
-                          origin=src.name, digest=digest)
+                          origin=src.name, digest=digest, alignment=source_alignment(model, found))
+
+
+def source_alignment(model, found: Detected) -> str:
+    """The crop the source was made for: a facerec graph's own contract says it (its alignment, e.g.
+    model 2.1's 192 px canvas); any other graph is taken as insightface's ArcFace template."""
+    meta = {p.key: p.value for p in model.metadata_props}
+    text = meta.get(bundle.METADATA_PREFIX + "contract")
+    if text is None:
+        return ARCFACE_TEMPLATE_112
+    contract = EmbeddingContract.from_json(text)
+    if contract.input_size != found.input_size:
+        raise GraphImportError(f"the graph's facerec contract says input {contract.input_size}, its input is "
+                               f"{found.input_size}")
+    return contract.alignment
 
 
 def write_imported(model, found: Detected, src: Path, out_dir: str | Path, *, name: str, version: str,
