@@ -71,7 +71,7 @@ def quality_model(tmp_path_factory):
     model = create_model("vit_tiny_fiqa", depth=2).eval()
     out = tmp_path_factory.mktemp("quality") / "vit"
     export_bundle(model, out, model_name="vit_tiny_fiqa", overrides={"depth": 2}, version="q1", fp16=False,
-                  torch_artifact=False, interop=False)
+                  torch_artifact=True, interop=False)  # its .pt: the quality weights of `--torch`
     return out
 
 
@@ -215,3 +215,65 @@ def test_refusals_say_what_is_wrong(tmp_path, weights, quality_model, combined):
     arcface, canvas = ModelBundle(quality_model).contract(), ModelBundle(combined["fp32"]).contract()
     with pytest.raises(AttachQualityError, match="no canvas holds both crops.*registered: dlib-chip-5pt-150-v1 150"):
         layout(arcface, canvas)  # an ArcFace recognizer and a quality model fed the canvas
+
+
+# ------------------------------------------------------------------ the torch twin
+def test_torch_artefact_serves_what_the_graph_serves(weights, quality_model, faces, tmp_path):
+    from facerec.runtime import OnnxRuntimeBackend, TorchBackend
+
+    out = tmp_path / "with_torch"
+    assert _run_import("--dlib", "--weights", weights, "--quality-from", quality_model, "--store-fp16", "--torch",
+                       "--out", out) == 0
+    model = ModelBundle(out)
+    pt, backend = model.serving_file("torch")
+    assert backend == "torch" and pt.name == "dlib_resnet_v1.pt"
+    canvases = np.stack([norm_crop(p, lm, 192, DLIB_CHIP_CANVAS_192) for p, lm in faces])
+    graph = OnnxRuntimeBackend(model.graph(), device="cpu", threads=1).run(canvases)
+    torch_out = TorchBackend(pt, device="cpu", threads=1).run(canvases)
+    assert sorted(torch_out) == ["embedding", "quality"] == sorted(graph)
+    a, b = graph["embedding"].astype(np.float64), torch_out["embedding"].astype(np.float64)
+    assert ((a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)).min() > 0.9999
+    np.testing.assert_allclose(torch_out["quality"].reshape(-1), graph["quality"].reshape(-1), atol=5e-3)
+    import json
+
+    report = json.loads((out / "export_report.json").read_text())["torch"]
+    assert report["parity"]["embedding_min_cosine"] >= 0.9999 and report["model_name"] == "canvas_pair"
+
+
+def test_torch_artefact_refusals(weights, quality_model, combined, tmp_path):
+    import shutil
+
+    from facerec.export import export_bundle
+    from facerec.models import create_model
+
+    with pytest.raises(SystemExit, match="--torch is for --dlib --quality-from"):
+        _run_import("--dlib", "--weights", weights, "--torch", "--out", tmp_path / "a")
+    with pytest.raises(SystemExit, match="--quality-weights is for --torch"):
+        _run_import("--dlib", "--weights", weights, "--quality-from", quality_model, "--quality-weights", "x.pt",
+                    "--out", tmp_path / "b")
+    no_pt = tmp_path / "no_pt"
+    shutil.copytree(quality_model, no_pt, ignore=shutil.ignore_patterns("*.pt"))
+    with pytest.raises(SystemExit, match="needs the quality model's torch weights.*--quality-weights"):
+        _run_import("--dlib", "--weights", weights, "--quality-from", no_pt, "--torch", "--out", tmp_path / "c")
+    torch.manual_seed(5)  # another model's weights: the artefact would not be the graph
+    other = tmp_path / "other"
+    export_bundle(create_model("vit_tiny_fiqa", depth=2).eval(), other, model_name="vit_tiny_fiqa",
+                  overrides={"depth": 2}, version="q2", fp16=False, torch_artifact=True, interop=False)
+    with pytest.raises(SystemExit, match="torch artefact differs"):
+        _run_import("--dlib", "--weights", weights, "--quality-from", quality_model, "--torch", "--quality-weights",
+                    next(other.glob("*.pt")), "--out", tmp_path / "d")
+    assert not list((tmp_path / "d").glob("*.pt"))  # nothing half-made is left to be served
+
+
+def test_photo_attacks_warp_to_the_canvas(faces):
+    """fit-ood's photo attacks go through a differentiable twin of the model's own alignment: for
+    the canvas it cuts what norm_crop cuts."""
+    from facerec.data.align import estimate_norm
+    from facerec.ood.attacks import AlignmentWarp
+
+    photo, lm = faces[0]
+    m = estimate_norm(lm, 192, DLIB_CHIP_CANVAS_192)
+    x = torch.from_numpy(photo[None]).permute(0, 3, 1, 2).double() / 127.5 - 1
+    got = (AlignmentWarp(m[None], photo.shape[:2], 192)(x)[0].permute(1, 2, 0).numpy() + 1) * 127.5
+    want = norm_crop(photo, lm, 192, DLIB_CHIP_CANVAS_192).astype(np.float64)
+    assert got.shape == (192, 192, 3) and np.abs(got - want).max() <= 0.51

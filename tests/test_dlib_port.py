@@ -98,6 +98,37 @@ def test_port_architecture(port):
     assert port.blocks[3].pad_short == (0, 0, 0, 0, 0, 32) and port.blocks[3].pad_body == (0,) * 6
 
 
+def test_registry_model_is_the_port_without_the_file(weights, port):
+    """``dlib_resnet_v1`` is built from the fixed layout alone (a torch artefact needs no .dat): the
+    port's weights load into it key for key, and it computes the port's descriptor behind facerec's
+    (x - 127.5) / 127.5 input."""
+    from facerec.models import create_model, list_models, trainable_models
+
+    model = create_model("dlib_resnet_v1").eval()
+    assert {"net." + k for k in port.state_dict()} == set(model.state_dict())
+    model.load_state_dict({"net." + k: v for k, v in port.state_dict().items()})
+    x = torch.rand(2, 3, 150, 150) * 255
+    with torch.no_grad():
+        out = model((x - 127.5) / 127.5, return_features=True)
+        want = port(x)
+    assert torch.allclose(out.embedding, want, atol=1e-5) and out.quality is None and out.features == []
+    assert "dlib_resnet_v1" in list_models() and "dlib_resnet_v1" not in trainable_models()
+
+
+def test_a_file_of_another_layout_is_refused(weights):
+    from facerec.models.dlib_resnet import DlibResNet
+    from facerec.teachers.dlib_port import fill_dlib_resnet
+
+    meta, layers = read_dlib_net(weights)
+    with pytest.raises(DlibFormatError, match="residual block|stem"):
+        fill_dlib_resnet(DlibResNet(), meta, layers[:4] + layers[11:])  # one block short
+    wider = list(layers)
+    wider[4] = type(layers[4])("con", {"weight": np.zeros((48, 32, 3, 3), np.float32),
+                                       "bias": np.zeros(48, np.float32)}, dict(layers[4].info))
+    with pytest.raises(DlibFormatError, match="con layer"):
+        fill_dlib_resnet(DlibResNet(), meta, wider)
+
+
 def test_truncated_or_foreign_files_fail_with_one_clear_error(weights, tmp_path):
     cut = tmp_path / "cut.dat"
     cut.write_bytes(weights.read_bytes()[:1_000_000])

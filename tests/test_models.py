@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-from facerec.models import FaceOutput, create_model, list_models
+from facerec.models import FaceOutput, create_model, list_models, trainable_models
 from facerec.models.export_wrapper import ExportWrapper, export_onnx
 
 pytestmark = pytest.mark.timeout(300)
@@ -20,9 +20,9 @@ pytestmark = pytest.mark.timeout(300)
 HEAVY = {"iresnet100", "vit_b", "vit_b_fiqa"}
 
 
-def _x(batch: int = 2, seed: int = 0) -> torch.Tensor:
+def _x(batch: int = 2, seed: int = 0, size: int = 112) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
-    return torch.rand(batch, 3, 112, 112, generator=g) * 2 - 1  # the (x/255 - 0.5)/0.5 range
+    return torch.rand(batch, 3, size, size, generator=g) * 2 - 1  # the (x/255 - 0.5)/0.5 range
 
 
 def _param_count(name: str, **overrides) -> int:
@@ -43,12 +43,15 @@ def test_registry_lists_every_variant():
 def test_forward_contract(name):
     torch.manual_seed(0)
     model = create_model(name)
-    assert model.input_size == 112
+    # 112 px ArcFace crops; the serving-only models take their own crop (dlib's 150 px chip, the
+    # 192 px canvas holding it and an ArcFace crop)
+    assert model.input_size == (112 if name in trainable_models() else {"dlib_resnet_v1": 150, "canvas_pair": 192}[name])
     assert isinstance(model.has_quality, bool)
+    x = _x(size=model.input_size)
     for training in (True, False):
         model.train(training)
         with torch.no_grad():
-            out = model(_x(), return_features=True)
+            out = model(x, return_features=True)
         assert isinstance(out, FaceOutput)
         assert out.embedding.shape == (2, model.embedding_size)
         assert out.embedding.dtype == torch.float32
@@ -61,7 +64,39 @@ def test_forward_contract(name):
         assert [f.shape for f in out.features] == [(2, c) for c in model.feature_dims]
         assert all(torch.isfinite(f).all() for f in out.features)
     with torch.no_grad():
-        assert model(_x()).features is None
+        assert model(x).features is None
+
+
+def test_serving_only_models_are_not_offered_for_training():
+    from training.config import Config
+
+    assert {"dlib_resnet_v1", "canvas_pair"} <= set(list_models()) - set(trainable_models())
+    assert "vit_tiny_fiqa" in trainable_models()
+    base = {"model": {"name": "dlib_resnet_v1"}}
+    with pytest.raises(ValueError, match="not trained here; train one of .*vit_tiny_fiqa"):
+        Config.model_validate(base)
+
+
+def test_canvas_pair_is_each_network_on_its_own_crop():
+    """The recognizer reads the canvas's exact window, the quality model the crop of the fixed grid:
+    re-derived here with a slice and torch's grid_sample on the canvas."""
+    from facerec.data.align import CANVASES
+
+    torch.manual_seed(0)
+    pair = create_model("canvas_pair", quality_overrides={"depth": 1}).eval()
+    layout = CANVASES["dlib-chip-5pt-150-canvas-192-v1"]
+    x = _x(2, 3, 192)
+    (ox, oy), s = layout.offset, layout.primary_size
+    grid = torch.from_numpy(layout.secondary_grid()[None]).expand(2, -1, -1, -1)
+    with torch.no_grad():
+        out = pair(x)
+        emb = pair.recognizer(x[:, :, oy:oy + s, ox:ox + s]).embedding
+        q = pair.quality_model(F.grid_sample(x, grid, mode="bilinear", align_corners=False)).quality
+        shifted = pair(torch.roll(x, 3, dims=3))
+    assert torch.equal(out.embedding, emb) and torch.allclose(out.quality, q, atol=1e-6)
+    assert not torch.allclose(shifted.embedding, out.embedding, atol=1e-3)  # the window moves with the input
+    with pytest.raises(ValueError, match="no quality output"):
+        create_model("canvas_pair", quality="mobilefacenet")
 
 
 def test_parameter_counts():

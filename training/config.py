@@ -220,7 +220,7 @@ def _check_registered(model: ModelConfig, margin: str) -> None:
     import importlib
 
     from facerec.heads import list_margins
-    from facerec.models import list_models
+    from facerec.models import list_models, trainable_models
     from facerec.registry import unknown_name
 
     for module in model.imports:
@@ -230,6 +230,9 @@ def _check_registered(model: ModelConfig, margin: str) -> None:
             raise ValueError(f"model.imports: cannot import {module!r} ({err})") from None
     if model.name not in list_models():
         raise ValueError(f"model.name: {unknown_name('model', model.name, list_models())}")
+    if model.name not in trainable_models():
+        raise ValueError(f"model.name: {model.name!r} serves imported weights on its own crop and is not "
+                         f"trained here; train one of {', '.join(trainable_models())}")
     if margin not in list_margins():
         raise ValueError(f"loss.margin: {unknown_name('margin', margin, list_margins())}")
 

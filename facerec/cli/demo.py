@@ -13,9 +13,9 @@ import time
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from facerec.heads import list_margins
-    from facerec.models import list_models
+    from facerec.models import trainable_models
 
-    parser.add_argument("--model", default="vit_tiny_fiqa", choices=list_models(),
+    parser.add_argument("--model", default="vit_tiny_fiqa", choices=trainable_models(),
                         help="backbone (default: %(default)s, which has a quality token)")
     parser.add_argument("--margin", default="elastic_arcface_plus", choices=list_margins(),
                         help="margin (default: %(default)s)")

@@ -73,7 +73,7 @@ def attack_model(args: argparse.Namespace, model_dir: ModelBundle, onnx_run, nam
             f"--checkpoint gives {len(source.model.feature_dims)} feature layers, the graph {len(names)}: "
             "export the graph from these weights with this version of facerec"
         )
-    x = normalise(random_faces(2, seed=11))
+    x = normalise(random_faces(2, size=model_dir.contract().input_size, seed=11))  # the model's own crop size
     want = driver.torch_runner(source.model)(x)[1]
     got = onnx_run(x)[1].astype(np.float64)
     cos = np.sum(want * got, 1) / np.linalg.norm(want, axis=1) / np.linalg.norm(got, axis=1)

@@ -43,8 +43,11 @@ take different crops (dlib's chip, ArcFace's crop) the input is a canvas holding
 (dlib-chip-5pt-150-canvas-192-v1 for dlib + an ArcFace-aligned model): the recognizer reads an exact
 window of it, the quality model a fixed resampling. --store-fp16 stores the weights as float16 (half
 the file; computed in float32). The combined graph is checked against both parts before it is written.
+--torch (dlib only) also writes the torch artefact of both networks, which the GPU serving backend and
+`facerec fit-ood`'s attacks need; it is checked against the graph.
 
   facerec import --dlib --quality-from models/vit_fiqa --store-fp16 --out models/dlib_fiqa
+  facerec import --dlib --quality-from models/vit_fiqa --torch --quality-weights ckpt/model.pt --out models/dlib_fiqa
   facerec import w600k_r50.onnx --quality-from models/vit_fiqa --out models/w600k_r50_fiqa
 """
 
@@ -77,11 +80,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="a facerec model folder with a quality output: its token goes into the imported graph")
     parser.add_argument("--store-fp16", action="store_true",
                         help="with --quality-from: store the weights as float16 (computed in float32)")
+    parser.add_argument("--torch", action="store_true",
+                        help="with --dlib --quality-from: also write the torch artefact <stem>.pt (both networks; "
+                             "the GPU torch backend and fit-ood's attacks use it)")
+    parser.add_argument("--quality-weights", metavar="PATH",
+                        help="with --torch: the quality model's torch weights (training checkpoint or artefact; "
+                             "default: the --quality-from folder's one .pt)")
 
 
 def run(args) -> int:
     if args.store_fp16 and not args.quality_from:
         raise SystemExit("facerec import: --store-fp16 is for --quality-from")
+    if args.torch and not (args.dlib and args.quality_from):
+        raise SystemExit("facerec import: --torch is for --dlib --quality-from (the torch port of dlib's network)")
+    if args.quality_weights and not args.torch:
+        raise SystemExit("facerec import: --quality-weights is for --torch")
     if args.quality_from:
         return _run_with_quality(args)
     return _run_import(args)
@@ -110,6 +123,7 @@ def _run_with_quality(args) -> int:
                                     version=version)
         except (AttachQualityError, ParityError) as err:
             raise SystemExit(f"facerec import: {err}") from None
+        torch_report = _write_torch(args, quality_from, out) if args.torch else None
         card = Path(args.out) / "MODEL_CARD.md"
         text = card.read_text() if card.is_file() else ""  # the recognizer's card (dlib: its licence)
         q = report["combined_from"]["quality"]
@@ -123,10 +137,46 @@ def _run_with_quality(args) -> int:
           f"embedding of {parts['recognizer']['model_name']} (cosine vs it alone >= {parity['embedding_min_cosine']:.6f}), "
           f"quality of {parts['quality']['model_name']} {parts['quality']['model_version']} "
           f"(max abs diff {parity['quality_max_abs_diff']:.2g})")
+    if torch_report is not None:
+        p = torch_report["parity"]
+        print(f"wrote {torch_report['path']} ({torch_report['bytes'] / 1e6:.1f} MB, torch artefact; embedding cosine vs "
+              f"the graph >= {p['embedding_min_cosine']:.6f}, quality max abs diff {p['quality_max_abs_diff']:.2g})")
     if parts["canvas"] is not None:
         print(f"input: the {parts['canvas']['size']} px canvas {parts['canvas']['id']}: align trees with "
               f"`facerec align ... --alignment {parts['canvas']['id']} --size {parts['canvas']['size']}`")
     return _written(report, out)
+
+
+def _write_torch(args, quality_from, out) -> dict:
+    """The combined folder's torch artefact: dlib's port and the quality model's torch weights."""
+    from pathlib import Path
+
+    from facerec.export.attach_quality import write_torch_artifact
+    from facerec.export.parity import ParityError
+    from facerec.export.torch_artifact import ModelSource, load_model_file
+    from facerec.models import create_model
+    from facerec.teachers.dlib_port import load_dlib_resnet
+    from facerec.teachers.dlib_teacher import WEIGHTS, default_models_dir
+
+    found = sorted(Path(quality_from).glob("*.pt"))
+    weights = args.quality_weights or (str(found[0]) if len(found) == 1 else None)
+    if weights is None:
+        raise SystemExit(f"facerec import: --torch needs the quality model's torch weights: {quality_from} has "
+                         f"{len(found)} .pt files; give --quality-weights (a checkpoint, or `python -m "
+                         "training.from_onnx` rebuilds one from its graph)")
+    try:
+        quality = load_model_file(weights)
+    except (OSError, ValueError, KeyError) as err:
+        raise SystemExit(f"facerec import: --quality-weights {weights}: {err}") from None
+    recognizer = create_model("dlib_resnet_v1")
+    dat = Path(args.weights) if args.weights else default_models_dir() / WEIGHTS
+    recognizer.net = load_dlib_resnet(dat)
+    source = ModelSource(recognizer, "dlib_resnet_v1", {}, "dlib", f"dlib:{dat.name}")
+    try:
+        return write_torch_artifact(out, source, quality)
+    except ParityError as err:
+        raise SystemExit(f"facerec import: {err} (are --quality-weights the weights of {quality_from}'s graph?)") \
+            from None
 
 
 def _run_import(args) -> int:

@@ -20,6 +20,11 @@ float32; the parity check bounds what the rounding of the weights costs.
 Before the folder is written the graph is checked against its parts on faces: the embedding against
 the recognizer's graph fed the window, the quality against the quality graph fed a crop resampled in
 numpy (:func:`bilinear_crop`, the re-derivation of the ``GridSample``).
+
+:func:`write_torch_artifact` adds the torch twin (``<stem>.pt``, the registry's ``canvas_pair`` with
+both networks' weights) when both parts have torch weights (dlib's port; the quality model's
+checkpoint): the GPU serving backend and ``facerec fit-ood``'s attacks (gradients) need it. It is
+checked against the folder's graph before it is kept.
 """
 
 from __future__ import annotations
@@ -292,3 +297,57 @@ def attach_quality(recognizer_dir: str | Path, quality_dir: str | Path, out_dir:
     (out / bundle.CONTRACT_FILE).write_text(contract.to_json() + "\n")
     (out / bundle.EXPORT_REPORT_FILE).write_text(json.dumps(report, indent=1) + "\n")
     return report
+
+
+def write_torch_artifact(out_dir: str | Path, recognizer, quality, *, store_fp16: bool | None = None) -> dict:
+    """Write ``<stem>.pt`` into the combined folder ``out_dir`` from the torch weights of its two parts
+    (``facerec.export.torch_artifact.ModelSource`` each: registry name, overrides, module), check it
+    against the folder's graph on random canvases and record it in export_report.json."""
+    import torch
+
+    from facerec.export.parity import ParityError
+    from facerec.export.torch_artifact import ModelSource, load_torch_artifact, save_torch_artifact
+    from facerec.models import create_model
+
+    out = Path(out_dir)
+    model_dir = bundle.ModelBundle(out)
+    contract = model_dir.contract()
+    report = json.loads((out / bundle.EXPORT_REPORT_FILE).read_text())
+    canvas = (report["combined_from"].get("canvas") or {}).get("id")
+    overrides = {"recognizer": recognizer.name, "recognizer_overrides": dict(recognizer.overrides),
+                 "quality": quality.name, "quality_overrides": dict(quality.overrides), "canvas": canvas}
+    model = create_model("canvas_pair", **overrides).eval()
+    model.recognizer.load_state_dict(recognizer.model.state_dict())
+    model.quality_model.load_state_dict(quality.model.state_dict())
+    graph = model_dir.graph()
+    outputs = _outputs(graph)
+    path = out / bundle.torch_artifact_name(graph.stem)
+    tmp = path.with_name(path.stem + ".partial.pt")
+    source = ModelSource(model, "canvas_pair", overrides, contract.model_version,
+                         f"{recognizer.origin} + {quality.origin}", alignment=contract.alignment)
+    save_torch_artifact(source, tmp, contract, outputs)
+    precision = "fp16" if (store_fp16 if store_fp16 is not None else report["storage"]["weights"] != "fp32") else "fp32"
+    try:
+        reloaded = load_torch_artifact(tmp).model
+        session = _session(graph)
+        worst_cos, worst_q = 1.0, 0.0
+        for n in (1, 3):
+            x = normalise(random_faces(n, size=contract.input_size, seed=400 + n))
+            emb, q = session.run(["embedding", "quality"], {INPUT_NAME: x})
+            with torch.no_grad():
+                got = reloaded(torch.from_numpy(x))
+            worst_cos = min(worst_cos, row_cosine(emb, got.embedding.numpy()))
+            worst_q = max(worst_q, float(np.max(np.abs(got.quality.numpy().reshape(-1) - q.reshape(-1)))))
+        parity = {"embedding_min_cosine": round(worst_cos, 8), "embedding_limit": EMBEDDING_COSINE,
+                  "quality_max_abs_diff": float(f"{worst_q:.3g}"), "quality_limit": QUALITY_ABS[precision],
+                  "against": graph.name}
+        if not (worst_cos >= EMBEDDING_COSINE and worst_q <= QUALITY_ABS[precision]):
+            raise ParityError(f"the torch artefact differs from {graph.name}: {parity}")
+    except Exception:
+        tmp.unlink(missing_ok=True)
+        raise
+    os.replace(tmp, path)
+    report["torch"] = {"path": str(path), "bytes": path.stat().st_size, "model_name": "canvas_pair",
+                       "overrides": overrides, "parity": parity}
+    (out / bundle.EXPORT_REPORT_FILE).write_text(json.dumps(report, indent=1) + "\n")
+    return report["torch"]

@@ -18,3 +18,9 @@ def create_model(name: str, **overrides) -> nn.Module:
 
 def list_models() -> list[str]:
     return _MODELS.names()
+
+
+def trainable_models() -> list[str]:
+    """The models the trainer can train on 112 px ArcFace crops: all but those registered with
+    ``trainable=False`` (imported weights on their own crop, e.g. dlib's ResNet)."""
+    return [n for n in _MODELS.names() if _MODELS.traits(n).get("trainable", True)]

@@ -1,7 +1,8 @@
 """dlib's ResNet face descriptor (``dlib_face_recognition_resnet_model_v1.dat``) in PyTorch.
 
 A faithful port, without dlib: :func:`read_dlib_net` parses dlib's own serialisation of the network
-into numpy arrays, and :class:`DlibResNet` computes, from a 150 x 150 RGB face chip cut as dlib's
+into numpy arrays, and :class:`facerec.models.dlib_resnet.DlibResNet` (the fixed layout, filled by
+:func:`fill_dlib_resnet`) computes, from a 150 x 150 RGB face chip cut as dlib's
 ``get_face_chip`` cuts it, the 128-d descriptor ``dlib.face_recognition_model_v1`` returns (not
 normalised; its length is about 1). The weights are dlib's (CC0); the code follows dlib's sources:
 
@@ -200,112 +201,65 @@ def read_dlib_net(path: str | Path) -> tuple[dict, list[Layer]]:
     return {"loss": loss, "input_means": means, "input_size": size}, layers
 
 
-def _out_size(size: int, layer: Layer) -> int:
-    """Rows (= columns) out of a square conv or pool: dlib's 1 + (n + 2 pad - k) // stride."""
-    return 1 + (size + 2 * layer.info["padding"][0] - layer.info["kernel"][0]) // layer.info["stride"][0]
-
-
-def _torch_modules():
-    """The nn.Module classes, built on first use so that parsing needs numpy only."""
+def fill_dlib_resnet(model, meta: dict, layers: list[Layer]):
+    """Copy the parsed weights into :class:`facerec.models.dlib_resnet.DlibResNet` (the fixed
+    layout), checking every layer against it: another network's file fails in one line."""
     import torch
-    from torch import nn
-    from torch.nn import functional as F
 
-    def pad_to(t: torch.Tensor, pads: tuple[int, ...]) -> torch.Tensor:
-        return F.pad(t, pads) if any(pads) else t
+    from facerec.models.dlib_resnet import BLOCKS, INPUT_MEANS, STEM_CHANNELS
 
-    def conv(layer: Layer) -> nn.Conv2d:
+    seq = list(layers)
+    kinds = [layer.kind for layer in seq]
+    if kinds[:4] != ["con", "affine", "relu", "max_pool"] or kinds[-2:] != ["avg_pool", "fc"]:
+        raise DlibFormatError(f"unexpected stem/head: {kinds[:4]} ... {kinds[-2:]}")
+    if not np.allclose(meta["input_means"], INPUT_MEANS):
+        raise DlibFormatError(f"input means {meta['input_means']}, expected {INPUT_MEANS}")
+
+    def conv(dst, layer: Layer, out_channels: int, kernel: int, stride: int, pad: int) -> None:
         w = layer.arrays["weight"]
-        c = nn.Conv2d(w.shape[1], w.shape[0], layer.info["kernel"], layer.info["stride"],
-                      layer.info["padding"], bias=True)
-        c.weight.data = torch.from_numpy(w.copy())
-        c.bias.data = torch.from_numpy(layer.arrays["bias"].copy())
-        return c
+        found = (w.shape[0], layer.info["kernel"], layer.info["stride"], layer.info["padding"])
+        _expect(found, (out_channels, (kernel, kernel), (stride, stride), (pad, pad)), "con layer")
+        _expect(tuple(dst.weight.shape), w.shape, "con weight")
+        dst.weight.data = torch.from_numpy(w.copy())
+        dst.bias.data = torch.from_numpy(layer.arrays["bias"].copy())
 
-    class Affine(nn.Module):
-        """dlib's inference-time batch norm: ``gamma * x + beta`` per channel."""
+    def affine(dst, layer: Layer) -> None:
+        _expect(layer.kind, "affine", "layer")
+        dst.gamma.data = torch.from_numpy(layer.arrays["gamma"].copy()).view(1, -1, 1, 1)
+        dst.beta.data = torch.from_numpy(layer.arrays["beta"].copy()).view(1, -1, 1, 1)
 
-        def __init__(self, layer: Layer):
-            super().__init__()
-            self.gamma = nn.Parameter(torch.from_numpy(layer.arrays["gamma"].copy()).view(1, -1, 1, 1))
-            self.beta = nn.Parameter(torch.from_numpy(layer.arrays["beta"].copy()).view(1, -1, 1, 1))
-
-        def forward(self, x):
-            return x * self.gamma + self.beta
-
-    class Block(nn.Module):
-        """relu(BN(con(relu(BN(con(x))))) + shortcut), shortcut = x or its 2x2 average."""
-
-        def __init__(self, con1: Layer, aff1: Layer, con2: Layer, aff2: Layer, down: bool,
-                     in_shape: tuple[int, int]):
-            super().__init__()
-            self.conv1, self.bn1 = conv(con1), Affine(aff1)
-            self.conv2, self.bn2 = conv(con2), Affine(aff2)
-            self.down = down
-            # dlib's add_prev sums over the larger shape, the smaller operand zero-padded at the
-            # end of each axis (channels, rows, columns). Shapes are fixed by the 150 x 150 input,
-            # so the pads are constants (and the ONNX graph has no shape arithmetic).
-            channels, size = in_shape
-            body = (con2.arrays["weight"].shape[0], _out_size(_out_size(size, con1), con2))
-            short = (channels, (size - 2) // 2 + 1 if down else size)
-            self.out_shape = (max(body[0], short[0]), max(body[1], short[1]))
-            c, n = self.out_shape
-            self.pad_body = (0, n - body[1], 0, n - body[1], 0, c - body[0])
-            self.pad_short = (0, n - short[1], 0, n - short[1], 0, c - short[0])
-
-        def forward(self, x):
-            y = self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x)))))
-            shortcut = F.avg_pool2d(x, 2, 2) if self.down else x
-            return F.relu(pad_to(y, self.pad_body) + pad_to(shortcut, self.pad_short))
-
-    class DlibResNet(nn.Module):
-        """dlib's face-recognition ResNet: (N, 3, 150, 150) RGB in 0..255 -> (N, 128) descriptor."""
-
-        def __init__(self, meta: dict, layers: list[Layer]):
-            super().__init__()
-            seq = list(layers)
-            kinds = [layer.kind for layer in seq]
-            if kinds[:4] != ["con", "affine", "relu", "max_pool"] or kinds[-2:] != ["avg_pool", "fc"]:
-                raise DlibFormatError(f"unexpected stem/head: {kinds[:4]} ... {kinds[-2:]}")
-            self.register_buffer("mean", torch.tensor(meta["input_means"], dtype=torch.float32).view(1, 3, 1, 1))
-            self.stem, self.stem_bn = conv(seq[0]), Affine(seq[1])
-            mp = seq[3].info
-            self.pool = nn.MaxPool2d(mp["kernel"], mp["stride"], mp["padding"])
-            size = _out_size(_out_size(meta["input_size"][0], seq[0]), seq[3])
-            shape = (seq[0].arrays["weight"].shape[0], size)  # (channels, rows = columns)
-            blocks, i = [], 4
-            while kinds[i] == "con":
-                body = kinds[i:i + 5]
-                down = kinds[i + 5] == "avg_pool"
-                tail = kinds[i + 5:i + 8] if down else kinds[i + 5:i + 7]
-                if body != ["con", "affine", "relu", "con", "affine"] or tail[-2:] != ["add_prev", "relu"]:
-                    raise DlibFormatError(f"unexpected residual block at layer {i}: {kinds[i:i + 8]}")
-                blocks.append(Block(seq[i], seq[i + 1], seq[i + 3], seq[i + 4], down, shape))
-                shape = blocks[-1].out_shape
-                i += 5 + len(tail)
-            if i != len(seq) - 2 or seq[i].info["kernel"] != (0, 0):
-                raise DlibFormatError(f"unexpected layers after the residual stages: {kinds[i:]}")
-            self.blocks = nn.Sequential(*blocks)
-            w = seq[-1].arrays["weight"]  # (inputs, outputs): dlib's fc computes x @ W
-            bias = seq[-1].arrays.get("bias")
-            self.fc = nn.Linear(w.shape[0], w.shape[1], bias=bias is not None)
-            self.fc.weight.data = torch.from_numpy(np.ascontiguousarray(w.T))
-            if bias is not None:
-                self.fc.bias.data = torch.from_numpy(bias.copy())
-
-        def forward(self, x):
-            x = (x - self.mean) / 256.0
-            x = self.pool(F.relu(self.stem_bn(self.stem(x))))
-            x = self.blocks(x)
-            return self.fc(x.mean(dim=(2, 3)))
-
-    return DlibResNet
+    conv(model.stem, seq[0], STEM_CHANNELS, 7, 2, 0)
+    affine(model.stem_bn, seq[1])
+    _expect((seq[3].info["kernel"], seq[3].info["stride"]), ((3, 3), (2, 2)), "max pool")
+    i = 4
+    for block, (out_channels, down) in zip(model.blocks, BLOCKS, strict=True):
+        body = kinds[i:i + 5]
+        tail = kinds[i + 5:i + 8] if down else kinds[i + 5:i + 7]
+        if body != ["con", "affine", "relu", "con", "affine"] or tail[-2:] != ["add_prev", "relu"] \
+                or (tail[0] == "avg_pool") != down:
+            raise DlibFormatError(f"unexpected residual block at layer {i}: {kinds[i:i + 8]}")
+        conv(block.conv1, seq[i], out_channels, 3, 2 if down else 1, 0 if down else 1)
+        affine(block.bn1, seq[i + 1])
+        conv(block.conv2, seq[i + 3], out_channels, 3, 1, 1)
+        affine(block.bn2, seq[i + 4])
+        i += 5 + len(tail)
+    if i != len(seq) - 2 or seq[i].info["kernel"] != (0, 0):
+        raise DlibFormatError(f"unexpected layers after the residual stages: {kinds[i:]}")
+    w = seq[-1].arrays["weight"]  # (inputs, outputs): dlib's fc computes x @ W
+    if "bias" in seq[-1].arrays:
+        raise DlibFormatError("the descriptor's linear map has a bias; dlib's model v1 has none")
+    _expect(tuple(model.fc.weight.shape), w.T.shape, "fc weight")
+    model.fc.weight.data = torch.from_numpy(np.ascontiguousarray(w.T))
+    return model
 
 
 def load_dlib_resnet(path: str | Path):
-    """The torch port of a dlib face-recognition network file, in eval mode, float32, CPU."""
+    """The torch port of a dlib face-recognition network file, in eval mode, float32, CPU: a
+    :class:`facerec.models.dlib_resnet.DlibResNet` (RGB 150 x 150 chip in 0..255 -> descriptor)."""
+    from facerec.models.dlib_resnet import DlibResNet
+
     meta, layers = read_dlib_net(path)
-    return _torch_modules()(meta, layers).eval()
+    return fill_dlib_resnet(DlibResNet(), meta, layers).eval()
 
 
 def embed_chips(model, chips: np.ndarray, batch: int = 16) -> np.ndarray:

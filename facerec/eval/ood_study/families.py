@@ -250,14 +250,20 @@ def attack_photos(
     seed: int = 0,
     batch: int = 25,
     reference: torch.Tensor | None = None,
+    alignment: str | None = None,
+    size: int = 112,
 ) -> np.ndarray:
     """Attack whole photos (same size) through the alignment warp with the given landmarks;
     ``kind`` is 'fgsm' or 'pgd'; ε in [0, 1] pixel units; ``target``: impersonation, else dodging
-    away from ``reference`` (the gallery embeddings). Returns perturbed uint8 photos."""
-    from facerec.data.align import estimate_norm
+    away from ``reference`` (the gallery embeddings). ``alignment``/``size``: the model's crop (its
+    contract; default the ArcFace 112 template). Returns perturbed uint8 photos."""
+    from facerec.data.align import TEMPLATE_ID, estimate_norm
+
+    alignment = alignment or TEMPLATE_ID
 
     def warp_of(s: slice):
-        return attacks.AlignmentWarp(np.stack([estimate_norm(lm) for lm in landmarks[s]]), photos.shape[1:3])
+        matrices = np.stack([estimate_norm(lm, size, alignment) for lm in landmarks[s]])
+        return attacks.AlignmentWarp(matrices, photos.shape[1:3], size)
 
     return _attack_batches(model, photos, kind, epsilon, steps, target, detector_score, detector_weight,
                            seed, batch, reference, f"{kind} on photos", warp_of)

@@ -167,8 +167,10 @@ def attack_set(
     ``det_score``: the face detector's confidence of each clean photo, which a crop attack keeps (it
     perturbs the crop after detection); a photo attack is detected again."""
     if domain == "photo":
+        contract = locator.pipeline.contract  # the model's crop: the warp cuts what the service cuts
         adv = ev.attack_photos(
-            model, photos, lms, kind, eps, steps, target, detector_score, weight, seed, reference=reference
+            model, photos, lms, kind, eps, steps, target, detector_score, weight, seed, reference=reference,
+            alignment=contract.alignment, size=contract.input_size,
         )
         return as_set(locator.crops(adv))
     adv = ev.attack_crops(
