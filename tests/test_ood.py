@@ -364,6 +364,34 @@ def test_adaptive_pgd_also_raises_the_detector_score(tiny_model):
     assert s_adaptive.mean() > s_plain.mean() + 0.2 * s_plain.abs().mean(), (s_adaptive, s_plain)
 
 
+def test_adaptive_pgd_on_a_model_without_feature_taps_reads_the_embedding(tiny_model):
+    """An imported recognizer (model 2.1's dlib ResNet) has no feature taps: its detector is fitted on
+    the raw embedding, and the adaptive attack's detector term must read that embedding too."""
+    from facerec.models import FaceOutput
+
+    class EmbeddingOnly(torch.nn.Module):
+        def forward(self, x, return_features=False):
+            out = tiny_model(x)
+            return FaceOutput(out.embedding, None, [] if return_features else None)
+
+    model = EmbeddingOnly()
+    with torch.no_grad():
+        det = MahalanobisFitter().fit([[model(_faces(48, seed=1)).embedding]]).finalize("global")
+    x = _faces(4, seed=4)
+
+    def detector_score(feats):
+        assert len(feats) == 1 and feats[0].shape == (4, tiny_model.embedding_size)
+        return det.layer_scores(feats)[:, 0]
+
+    g = torch.Generator
+    plain = pgd(model, x, 8 / 255, steps=8, generator=g().manual_seed(0))
+    adaptive = pgd(model, x, 8 / 255, steps=8, generator=g().manual_seed(0), detector_score=detector_score,
+                   detector_weight=1.0)
+    with torch.no_grad():
+        s_plain, s_adaptive = (det.layer_scores([model(a).embedding])[:, 0] for a in (plain, adaptive))
+    assert s_adaptive.mean() > s_plain.mean()
+
+
 # --- pixel statistics, one-sided layers, attacks through the alignment, service-path inputs -------
 
 

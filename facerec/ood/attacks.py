@@ -44,7 +44,9 @@ def _embedding_objective(model, x: torch.Tensor, reference: torch.Tensor, target
     # Ascend this objective: away from the clean embedding, or toward the target one.
     objective = cos if target else -cos
     if detector_score is not None:
-        objective = objective + detector_weight * detector_score(out.features)
+        # The detector's layers: the model's feature taps, or (a model without any, e.g. an imported
+        # recognizer) its raw embedding, as facerec.bundle.ood_layer_outputs reads a graph.
+        objective = objective + detector_weight * detector_score(out.features or [out.embedding])
     return objective.sum()
 
 
