@@ -300,7 +300,10 @@ def test_search_by_embedding_equals_search_by_image(client):
 
 
 def test_batch_enrollment_reports_per_image(client):
-    gid = _gallery(client)
+    # The OOD gate is off here: at TPR 95% the shipped detector flags about one genuine face in
+    # twenty (2.1's flags Al_Sharpton_0002), and this test is about the per-image report; the gate
+    # has its own tests below.
+    gid = _gallery(client, policy={"reject_ood": False})
     r = client.post(
         f"/v1/galleries/{gid}/persons",
         data={"name": "Al"},
