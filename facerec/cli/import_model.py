@@ -113,18 +113,20 @@ def _run_with_quality(args) -> int:
     quality_from = Path(args.quality_from)
     if not quality_from.is_dir():
         raise SystemExit(f"facerec import: --quality-from {quality_from}: no such model folder")
-    out, name, version = args.out, args.name, args.version
+    out = args.out
     with tempfile.TemporaryDirectory(prefix="facerec-import-") as tmp:
-        args.out, args.name, args.version = str(Path(tmp) / "recognizer"), None, None
+        # The recognizer alone, under its own name and version: --name/--version are the combined model's.
+        scratch = argparse.Namespace(**{**vars(args), "out": str(Path(tmp) / "recognizer"), "name": None,
+                                        "version": None})
         with contextlib.redirect_stdout(io.StringIO()):  # the scratch folder's lines would mislead
-            _run_import(args)
+            _run_import(scratch)
         try:
-            report = attach_quality(args.out, quality_from, out, store_fp16=args.store_fp16, name=name,
-                                    version=version)
+            report = attach_quality(scratch.out, quality_from, out, store_fp16=args.store_fp16, name=args.name,
+                                    version=args.version)
         except (AttachQualityError, ParityError) as err:
             raise SystemExit(f"facerec import: {err}") from None
         torch_report = _write_torch(args, quality_from, out) if args.torch else None
-        card = Path(args.out) / "MODEL_CARD.md"
+        card = Path(scratch.out) / "MODEL_CARD.md"
         text = card.read_text() if card.is_file() else ""  # the recognizer's card (dlib: its licence)
         q = report["combined_from"]["quality"]
         Path(out, "MODEL_CARD.md").write_text(text + QUALITY_CARD.format(
@@ -156,7 +158,6 @@ def _write_torch(args, quality_from, out) -> dict:
     from facerec.export.torch_artifact import ModelSource, load_model_file
     from facerec.models import create_model
     from facerec.teachers.dlib_port import load_dlib_resnet
-    from facerec.teachers.dlib_teacher import WEIGHTS, default_models_dir
 
     found = sorted(Path(quality_from).glob("*.pt"))
     weights = args.quality_weights or (str(found[0]) if len(found) == 1 else None)
@@ -169,7 +170,7 @@ def _write_torch(args, quality_from, out) -> dict:
     except (OSError, ValueError, KeyError) as err:
         raise SystemExit(f"facerec import: --quality-weights {weights}: {err}") from None
     recognizer = create_model("dlib_resnet_v1")
-    dat = Path(args.weights) if args.weights else default_models_dir() / WEIGHTS
+    dat = _dlib_weights(args)  # parsed again: the import above kept its graph, not the torch module
     recognizer.net = load_dlib_resnet(dat)
     source = ModelSource(recognizer, "dlib_resnet_v1", {}, "dlib", f"dlib:{dat.name}")
     try:
@@ -230,16 +231,10 @@ def _run_dlib(args) -> int:
     from facerec.export.onnx_import import GraphImportError
     from facerec.export.parity import ParityError
     from facerec.teachers.dlib_port import DlibFormatError, export_dlib_onnx, load_dlib_resnet
-    from facerec.teachers.dlib_teacher import WEIGHTS, MissingExtraError, default_models_dir
 
     if args.source is not None or args.arch or args.bgr:
         raise SystemExit("facerec import: --dlib takes no source, --arch or --bgr (give the .dat as --weights)")
-    try:
-        weights = Path(args.weights) if args.weights else default_models_dir() / WEIGHTS
-    except MissingExtraError as err:
-        raise SystemExit(f"facerec import: no --weights given and {err}") from None
-    if not weights.is_file():
-        raise SystemExit(f"facerec import: {weights}: no such dlib weights file")
+    weights = _dlib_weights(args)
     try:
         port = load_dlib_resnet(weights)
     except DlibFormatError as err:
@@ -256,6 +251,21 @@ def _run_dlib(args) -> int:
     print(f"wrote {graph['path']} (embedding cosine vs the port's graph >= {graph['embedding_cosine_vs_source']:.6f})")
     print(f"wrote {report['model_card']}")
     return _written(report, args.out, f" (dlib ResNet, alignment {report['contract']['alignment']})")
+
+
+def _dlib_weights(args):
+    """dlib's weights file: --weights, or face_recognition_models' copy; one line when missing."""
+    from pathlib import Path
+
+    from facerec.teachers.dlib_teacher import WEIGHTS, MissingExtraError, default_models_dir
+
+    try:
+        weights = Path(args.weights) if args.weights else default_models_dir() / WEIGHTS
+    except MissingExtraError as err:
+        raise SystemExit(f"facerec import: no --weights given and {err}") from None
+    if not weights.is_file():
+        raise SystemExit(f"facerec import: {weights}: no such dlib weights file")
+    return weights
 
 
 def _written(report: dict, out: str, origin: str = "") -> int:

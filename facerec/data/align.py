@@ -38,8 +38,9 @@ from facerec.contract import DLIB_CHIP_150, DLIB_CHIP_CANVAS_192  # noqa: E402
 #: (``dlib.get_face_chip``, padding 0.25), in pixels: the mean over the bundled LFW sample of each
 #: face's MTCNN points mapped into dlib's own chip. Measured by ``benchmarks/dlib_port_lfw.py``
 #: (``benchmarks/results/dlib_port_lfw_template.json``); dlib's ResNet on chips cut with it scores
-#: 98.33% on 300 LFW validation pairs, as on dlib's own chips. The chip reaches 34 px above the
-#: 112 ArcFace crop, so it must be cut from the photo, not from that crop.
+#: 98.33% on 300 LFW validation pairs, as on dlib's own chips. The chip reaches 15 px below the
+#: 112 ArcFace crop (which reaches 34 chip px above the chip) and holds the face at 1.51x its
+#: resolution, so it must be cut from the photo, not from that crop.
 DLIB_CHIP_TEMPLATE_150 = np.array(
     [
         [47.2656, 45.322],
@@ -160,14 +161,18 @@ class Canvas:
         src = alignment_template(self.secondary, self.secondary_size)
         return umeyama(src, self.template())[:2]
 
-    def secondary_grid(self) -> np.ndarray:
-        """(S, S, 2) sampling grid for ``GridSample`` (``align_corners=False``): where each pixel
-        centre of the secondary crop falls in the canvas, in [-1, 1] (x then y)."""
+    def secondary_pixels(self) -> tuple[np.ndarray, np.ndarray]:
+        """(x, y), each (S, S) float64: where each pixel of the secondary crop falls in the canvas, in
+        canvas pixels (pixel centres at integer coordinates, as ``cv2.warpAffine`` counts them)."""
         s = self.secondary_size
         v, u = np.mgrid[0:s, 0:s].astype(np.float64)
         m = self.secondary_to_canvas()
-        x = m[0, 0] * u + m[0, 1] * v + m[0, 2]
-        y = m[1, 0] * u + m[1, 1] * v + m[1, 2]
+        return m[0, 0] * u + m[0, 1] * v + m[0, 2], m[1, 0] * u + m[1, 1] * v + m[1, 2]
+
+    def secondary_grid(self) -> np.ndarray:
+        """(S, S, 2) sampling grid for ``GridSample`` (``align_corners=False``): :meth:`secondary_pixels`
+        in [-1, 1] (x then y)."""
+        x, y = self.secondary_pixels()
         return np.stack([(2 * x + 1) / self.size - 1, (2 * y + 1) / self.size - 1], axis=-1).astype(np.float32)
 
 

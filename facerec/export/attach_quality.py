@@ -40,6 +40,7 @@ from facerec import bundle
 from facerec.contract import EmbeddingContract
 from facerec.data.align import Canvas, find_canvas
 from facerec.export.onnx import INPUT_NAME, input_convention
+from facerec.export.onnx_import import _session
 from facerec.export.parity import normalise, random_faces, row_cosine
 
 EMBEDDING_COSINE = 0.9999  # combined graph vs the recognizer alone (fp16-stored weights included)
@@ -53,13 +54,10 @@ class AttachQualityError(ValueError):
 
 
 def bilinear_crop(canvas: np.ndarray, canvas_layout: Canvas) -> np.ndarray:
-    """The secondary crop of normalised canvases (N, 3, C, C): bilinear sampling at the pixel centres
-    of :meth:`Canvas.secondary_to_canvas`, zeros outside: what the graph's ``GridSample`` computes."""
-    m = canvas_layout.secondary_to_canvas()
+    """The secondary crop of normalised canvases (N, 3, C, C): bilinear sampling at
+    :meth:`Canvas.secondary_pixels`, zeros outside: what the graph's ``GridSample`` computes."""
+    x, y = canvas_layout.secondary_pixels()
     s, c = canvas_layout.secondary_size, canvas_layout.size
-    v, u = np.mgrid[0:s, 0:s].astype(np.float64)
-    x = m[0, 0] * u + m[0, 1] * v + m[0, 2]
-    y = m[1, 0] * u + m[1, 1] * v + m[1, 2]
     x0, y0 = np.floor(x).astype(int), np.floor(y).astype(int)
     fx, fy = x - x0, y - y0
     out = np.zeros(canvas.shape[:2] + (s, s), np.float64)
@@ -194,23 +192,29 @@ def combine(rec_graph: Path, qual_graph: Path, canvas: Canvas | None, input_size
     return model, storage
 
 
-def _session(path):
-    import onnxruntime as ort
+def _parity(outputs, precision: str, what: str, **facts) -> dict:
+    """The report of (reference embedding, embedding, reference quality, quality) batches: worst
+    embedding cosine and quality difference against the limits of ``precision``; ParityError beyond."""
+    from facerec.export.parity import ParityError
 
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    worst_cos, worst_q = 1.0, 0.0
+    for ref_emb, emb, ref_q, q in outputs:
+        worst_cos = min(worst_cos, row_cosine(ref_emb, emb))
+        worst_q = max(worst_q, float(np.max(np.abs(np.reshape(ref_q, -1) - np.reshape(q, -1)))))
+    report = {"embedding_min_cosine": round(worst_cos, 8), "embedding_limit": EMBEDDING_COSINE,
+              "quality_max_abs_diff": float(f"{worst_q:.3g}"), "quality_limit": QUALITY_ABS[precision], **facts}
+    if not (worst_cos >= EMBEDDING_COSINE and worst_q <= QUALITY_ABS[precision]):
+        raise ParityError(f"{what}: {report}")
+    return report
 
 
 def check_combined(combined: Path, rec_graph: Path, qual_graph: Path, canvas: Canvas | None, input_size: int,
                    precision: str, faces: np.ndarray | None = None) -> dict:
     """The combined graph against its two parts on ``faces`` (uint8 crops of the combined input;
     default: random faces at batch 1 and 3). Raises ParityError beyond the limits."""
-    from facerec.export.parity import ParityError
-
     both, rec, qual = _session(combined), _session(rec_graph), _session(qual_graph)
     batches = [faces] if faces is not None else [random_faces(n, size=input_size, seed=300 + n) for n in (1, 3)]
-    worst_cos, worst_q = 1.0, 0.0
+    outputs = []
     for batch in batches:
         x = normalise(batch)
         emb, quality = both.run(["embedding", "quality"], {INPUT_NAME: x})
@@ -219,16 +223,10 @@ def check_combined(combined: Path, rec_graph: Path, qual_graph: Path, canvas: Ca
         else:
             (ox, oy), s = canvas.offset, canvas.primary_size
             rec_in, qual_in = np.ascontiguousarray(x[:, :, oy:oy + s, ox:ox + s]), bilinear_crop(x, canvas)
-        ref_emb = rec.run(["embedding"], {INPUT_NAME: rec_in})[0]
-        ref_q = qual.run(["quality"], {INPUT_NAME: qual_in})[0]
-        worst_cos = min(worst_cos, row_cosine(ref_emb, emb))
-        worst_q = max(worst_q, float(np.max(np.abs(np.reshape(ref_q, -1) - np.reshape(quality, -1)))))
-    report = {"embedding_min_cosine": round(worst_cos, 8), "embedding_limit": EMBEDDING_COSINE,
-              "quality_max_abs_diff": float(f"{worst_q:.3g}"), "quality_limit": QUALITY_ABS[precision],
-              "faces": int(sum(len(b) for b in batches))}
-    if not (worst_cos >= EMBEDDING_COSINE and worst_q <= QUALITY_ABS[precision]):
-        raise ParityError(f"the combined graph differs from its parts: {report}")
-    return report
+        outputs.append((rec.run(["embedding"], {INPUT_NAME: rec_in})[0], emb,
+                        qual.run(["quality"], {INPUT_NAME: qual_in})[0], quality))
+    return _parity(outputs, precision, "the combined graph differs from its parts",
+                   faces=int(sum(len(b) for b in batches)))
 
 
 def attach_quality(recognizer_dir: str | Path, quality_dir: str | Path, out_dir: str | Path, *,
@@ -299,13 +297,12 @@ def attach_quality(recognizer_dir: str | Path, quality_dir: str | Path, out_dir:
     return report
 
 
-def write_torch_artifact(out_dir: str | Path, recognizer, quality, *, store_fp16: bool | None = None) -> dict:
+def write_torch_artifact(out_dir: str | Path, recognizer, quality) -> dict:
     """Write ``<stem>.pt`` into the combined folder ``out_dir`` from the torch weights of its two parts
     (``facerec.export.torch_artifact.ModelSource`` each: registry name, overrides, module), check it
     against the folder's graph on random canvases and record it in export_report.json."""
     import torch
 
-    from facerec.export.parity import ParityError
     from facerec.export.torch_artifact import ModelSource, load_torch_artifact, save_torch_artifact
     from facerec.models import create_model
 
@@ -320,29 +317,23 @@ def write_torch_artifact(out_dir: str | Path, recognizer, quality, *, store_fp16
     model.recognizer.load_state_dict(recognizer.model.state_dict())
     model.quality_model.load_state_dict(quality.model.state_dict())
     graph = model_dir.graph()
-    outputs = _outputs(graph)
     path = out / bundle.torch_artifact_name(graph.stem)
     tmp = path.with_name(path.stem + ".partial.pt")
     source = ModelSource(model, "canvas_pair", overrides, contract.model_version,
                          f"{recognizer.origin} + {quality.origin}", alignment=contract.alignment)
-    save_torch_artifact(source, tmp, contract, outputs)
-    precision = "fp16" if (store_fp16 if store_fp16 is not None else report["storage"]["weights"] != "fp32") else "fp32"
+    save_torch_artifact(source, tmp, contract, _outputs(graph))
+    precision = "fp32" if report["storage"]["weights"] == "fp32" else "fp16"  # the graph's, not the artefact's
     try:
         reloaded = load_torch_artifact(tmp).model
         session = _session(graph)
-        worst_cos, worst_q = 1.0, 0.0
+        outputs = []
         for n in (1, 3):
             x = normalise(random_faces(n, size=contract.input_size, seed=400 + n))
             emb, q = session.run(["embedding", "quality"], {INPUT_NAME: x})
             with torch.no_grad():
                 got = reloaded(torch.from_numpy(x))
-            worst_cos = min(worst_cos, row_cosine(emb, got.embedding.numpy()))
-            worst_q = max(worst_q, float(np.max(np.abs(got.quality.numpy().reshape(-1) - q.reshape(-1)))))
-        parity = {"embedding_min_cosine": round(worst_cos, 8), "embedding_limit": EMBEDDING_COSINE,
-                  "quality_max_abs_diff": float(f"{worst_q:.3g}"), "quality_limit": QUALITY_ABS[precision],
-                  "against": graph.name}
-        if not (worst_cos >= EMBEDDING_COSINE and worst_q <= QUALITY_ABS[precision]):
-            raise ParityError(f"the torch artefact differs from {graph.name}: {parity}")
+            outputs.append((emb, got.embedding.numpy(), q, got.quality.numpy()))
+        parity = _parity(outputs, precision, f"the torch artefact differs from {graph.name}", against=graph.name)
     except Exception:
         tmp.unlink(missing_ok=True)
         raise

@@ -184,10 +184,9 @@ def source_alignment(model, found: Detected) -> str:
     """The crop the source was made for: a facerec graph's own contract says it (its alignment, e.g.
     model 2.1's 192 px canvas); any other graph is taken as insightface's ArcFace template."""
     meta = {p.key: p.value for p in model.metadata_props}
-    text = meta.get(bundle.METADATA_PREFIX + "contract")
-    if text is None:
+    if bundle.METADATA_PREFIX + "contract" not in meta:
         return ARCFACE_TEMPLATE_112
-    contract = EmbeddingContract.from_json(text)
+    contract = bundle.contract_from_metadata(meta)
     if contract.input_size != found.input_size:
         raise GraphImportError(f"the graph's facerec contract says input {contract.input_size}, its input is "
                                f"{found.input_size}")
